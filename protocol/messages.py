@@ -1,0 +1,608 @@
+"""Typed message bodies, one per frame kind, with validation from the wire.
+
+Bodies are msgpack maps with short string keys. Keys a body does not know are
+ignored, so a sender may add optional fields without breaking older receivers;
+a missing or mistyped known field is a ``SchemaViolation`` that names the field.
+Samples travel as columns (``{"entity": [...], "attribute": [...], "value": [...],
+"ts_ms": [...], "quality": [...]}``): data frames carry many of them, and columns are
+both the cheapest to validate and what batched database inserts want.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeAlias
+
+from fieldtwin.protocol.errors import SchemaViolation
+
+Value: TypeAlias = bool | int | float | str | None
+"""A point value on the wire. ``None`` means "no value" (a bad-quality read)."""
+
+MAX_NAME_LEN = 128
+MAX_TEXT_LEN = 4096
+MAX_SAMPLES_PER_FRAME = 10_000
+MAX_POINTS_PER_BIRTH = 100_000
+MAX_RANGES = 10_000
+MAX_INT = 2**63 - 1
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""Sender, gateway and operator ids: safe inside an MQTT topic level and a file name."""
+
+DTYPES = frozenset(
+    {
+        "bool",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float32",
+        "float64",
+        "string",
+    }
+)
+
+
+class Quality(IntEnum):
+    """OPC-style quality of a sample. A stale sample keeps its original timestamp."""
+
+    GOOD = 0
+    UNCERTAIN = 1
+    BAD = 2
+    STALE = 3
+
+
+_QUALITY_BY_CODE: tuple[Quality, ...] = tuple(Quality)
+
+
+class Sample(NamedTuple):
+    """One reading of one attribute, stamped by its source."""
+
+    entity: str
+    attribute: str
+    value: Value
+    ts_ms: int
+    quality: Quality
+
+
+class Body(Protocol):
+    KIND: ClassVar[str]
+
+    def to_wire(self) -> dict[str, Any]: ...
+
+
+# -- validation helpers -------------------------------------------------------------
+
+
+def _fail(path: str, expected: str, got: object) -> SchemaViolation:
+    shown = repr(got)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return SchemaViolation(f"{path}: expected {expected}, got {shown}")
+
+
+def _map(obj: object, path: str) -> Mapping[str, Any]:
+    if type(obj) is not dict:
+        raise _fail(path, "a map", obj)
+    return obj
+
+
+def _get(obj: Mapping[str, Any], key: str, path: str) -> Any:
+    try:
+        return obj[key]
+    except KeyError:
+        raise SchemaViolation(f"{path}.{key}: required field is missing") from None
+
+
+def _str(
+    obj: Mapping[str, Any], key: str, path: str, *, max_len: int = MAX_NAME_LEN, empty: bool = False
+) -> str:
+    value = _get(obj, key, path)
+    if type(value) is not str or len(value) > max_len or (not empty and not value):
+        size = "" if empty else "non-empty "
+        raise _fail(f"{path}.{key}", f"a {size}string of at most {max_len} characters", value)
+    return value
+
+
+def _id(obj: Mapping[str, Any], key: str, path: str) -> str:
+    value = _get(obj, key, path)
+    if type(value) is not str or ID_PATTERN.fullmatch(value) is None:
+        raise _fail(f"{path}.{key}", "an id matching [A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value)
+    return value
+
+
+def _int(obj: Mapping[str, Any], key: str, path: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    value = _get(obj, key, path)
+    if type(value) is not int or not lo <= value <= hi:
+        raise _fail(f"{path}.{key}", f"an integer in [{lo}, {hi}]", value)
+    return value
+
+
+def _opt_int(obj: Mapping[str, Any], key: str, path: str) -> int | None:
+    if obj.get(key) is None:
+        return None
+    return _int(obj, key, path)
+
+
+def _bool(obj: Mapping[str, Any], key: str, path: str) -> bool:
+    value = _get(obj, key, path)
+    if type(value) is not bool:
+        raise _fail(f"{path}.{key}", "true or false", value)
+    return value
+
+
+def _opt_number(obj: Mapping[str, Any], key: str, path: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise _fail(f"{path}.{key}", "a finite number or nil", value)
+    return float(value)
+
+
+def _list(obj: Mapping[str, Any], key: str, path: str, max_len: int) -> list[Any]:
+    value = _get(obj, key, path)
+    if type(value) is not list or len(value) > max_len:
+        raise _fail(f"{path}.{key}", f"an array of at most {max_len} items", value)
+    return value
+
+
+def check_value(value: object, path: str) -> Value:
+    """A point value must be nil, a bool, an int that fits 64 bits, a finite float or text."""
+    kind = type(value)
+    if kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise _fail(path, "a finite number", value)
+    elif kind is int:
+        if not -(2**63) <= value < 2**64:  # type: ignore[operator]
+            raise _fail(path, "a 64-bit integer", value)
+    elif kind is str:
+        if len(value) > MAX_TEXT_LEN:  # type: ignore[arg-type]
+            raise _fail(path, f"text of at most {MAX_TEXT_LEN} characters", value)
+    elif value is not None and kind is not bool:
+        raise _fail(path, "nil, bool, int, float or string", value)
+    return value  # type: ignore[return-value]
+
+
+_VALUE_TYPES = frozenset({bool, int, float, str, type(None)})
+_INT = frozenset({int})
+_STR = frozenset({str})
+_QUALITY_CODES = frozenset({0, 1, 2, 3})
+SAMPLE_COLUMNS = ("entity", "attribute", "value", "ts_ms", "quality")
+
+
+def _check_columns(m: Mapping[str, Any], path: str, max_len: int) -> tuple[list[Any], ...]:
+    """Validate a columnar sample block; every column is checked in C-speed passes.
+
+    Ingest throughput is bounded by this function, so no Python-level loop runs per
+    sample unless the block holds ints or text (range and length checks), and the
+    slow, precise diagnosis runs only once something is already known to be wrong.
+    """
+    columns = tuple(_list(m, name, path, max_len) for name in SAMPLE_COLUMNS)
+    entities, attributes, values, stamps, qualities = columns
+    count = len(entities)
+    if any(len(column) != count for column in columns):
+        lengths = ", ".join(f"{n}={len(c)}" for n, c in zip(SAMPLE_COLUMNS, columns, strict=True))
+        raise SchemaViolation(f"{path}: sample columns differ in length ({lengths})")
+    if not count:
+        return columns
+    for name, column in (("entity", entities), ("attribute", attributes)):
+        if not set(map(type, column)) <= _STR:
+            raise _diagnose(
+                column, f"{path}.{name}", "a non-empty string", lambda v: type(v) is str
+            )
+        lengths_seen = set(map(len, column))
+        if min(lengths_seen) < 1 or max(lengths_seen) > MAX_NAME_LEN:
+            raise _diagnose(
+                column,
+                f"{path}.{name}",
+                f"a non-empty string of at most {MAX_NAME_LEN}",
+                lambda v: 0 < len(v) <= MAX_NAME_LEN,
+            )
+    if not set(map(type, stamps)) <= _INT or min(stamps) < 0 or max(stamps) > MAX_INT:
+        raise _diagnose(
+            stamps,
+            f"{path}.ts_ms",
+            "a non-negative integer (ms since 1970)",
+            lambda v: type(v) is int and 0 <= v <= MAX_INT,
+        )
+    if not set(map(type, qualities)) <= _INT or not set(qualities) <= _QUALITY_CODES:
+        raise _diagnose(
+            qualities,
+            f"{path}.quality",
+            "0 (good), 1 (uncertain), 2 (bad) or 3 (stale)",
+            lambda v: type(v) is int and 0 <= v <= 3,
+        )
+    kinds = set(map(type, values))
+    if not kinds <= _VALUE_TYPES:
+        raise _diagnose(
+            values,
+            f"{path}.value",
+            "nil, bool, int, float or string",
+            lambda v: type(v) in _VALUE_TYPES,
+        )
+    if float in kinds:
+        floats = [v for v in values if type(v) is float]
+        if not all(map(math.isfinite, floats)):
+            raise _diagnose(
+                values,
+                f"{path}.value",
+                "a finite number",
+                lambda v: type(v) is not float or math.isfinite(v),
+            )
+    if int in kinds or str in kinds:
+        for index, value in enumerate(values):
+            if type(value) is int or type(value) is str:
+                check_value(value, f"{path}.value[{index}]")
+    return columns
+
+
+def _diagnose(column: list[Any], path: str, expected: str, valid: Any) -> SchemaViolation:
+    for index, value in enumerate(column):
+        if not valid(value):
+            return _fail(f"{path}[{index}]", expected, value)
+    return _fail(path, expected, column)  # pragma: no cover - caller saw an invalid value
+
+
+def _columns_to_wire(samples: Sequence[Sample]) -> dict[str, list[Any]]:
+    return {
+        "entity": [s.entity for s in samples],
+        "attribute": [s.attribute for s in samples],
+        "value": [s.value for s in samples],
+        "ts_ms": [s.ts_ms for s in samples],
+        "quality": [int(s.quality) for s in samples],
+    }
+
+
+def _samples_from_columns(columns: tuple[list[Any], ...]) -> tuple[Sample, ...]:
+    qualities = _QUALITY_BY_CODE
+    return tuple(
+        Sample(entity, attribute, value, ts_ms, qualities[quality])
+        for entity, attribute, value, ts_ms, quality in zip(*columns, strict=True)
+    )
+
+
+def make_sample(
+    entity: str, attribute: str, value: Value, ts_ms: int, quality: Quality = Quality.GOOD
+) -> Sample:
+    """Build a sample, validating it exactly as a receiver would."""
+    columns = _check_columns(
+        _columns_to_wire([Sample(entity, attribute, value, ts_ms, quality)]), "sample", 1
+    )
+    return _samples_from_columns(columns)[0]
+
+
+# -- bodies ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PointMeta:
+    """What a birth declares about one point, so the hub can check it against its model."""
+
+    entity: str
+    attribute: str
+    dtype: str
+    unit: str = ""
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+    interval_ms: int = 1000
+    source: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "entity": self.entity,
+            "attribute": self.attribute,
+            "dtype": self.dtype,
+            "unit": self.unit,
+            "writable": self.writable,
+            "min": self.min,
+            "max": self.max,
+            "interval_ms": self.interval_ms,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object, path: str) -> PointMeta:
+        m = _map(obj, path)
+        dtype = _str(m, "dtype", path)
+        if dtype not in DTYPES:
+            raise _fail(f"{path}.dtype", "one of " + ", ".join(sorted(DTYPES)), dtype)
+        return cls(
+            entity=_str(m, "entity", path),
+            attribute=_str(m, "attribute", path),
+            dtype=dtype,
+            unit=_str(m, "unit", path, max_len=32, empty=True),
+            writable=_bool(m, "writable", path),
+            min=_opt_number(m, "min", path),
+            max=_opt_number(m, "max", path),
+            interval_ms=_int(m, "interval_ms", path, 0, 86_400_000),
+            source=_str(m, "source", path, max_len=512, empty=True),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Birth:
+    """Full state and point metadata, sent on every (re)connect and on request.
+
+    ``low_water`` is the lowest seq of this epoch the sender still holds unacknowledged;
+    everything below it was acknowledged or dropped by the overflow policy, so the
+    receiver can stop waiting for it.
+    """
+
+    KIND: ClassVar[str] = "birth"
+    points: tuple[PointMeta, ...]
+    state: tuple[Sample, ...]
+    low_water: int = 1
+    info: Mapping[str, str] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "points": [p.to_wire() for p in self.points],
+            "state": _columns_to_wire(self.state),
+            "low_water": self.low_water,
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Birth:
+        m = _map(obj, "body")
+        points = _list(m, "points", "body", MAX_POINTS_PER_BIRTH)
+        info = _map(_get(m, "info", "body"), "body.info")
+        for key, value in info.items():
+            if type(value) is not str or len(value) > MAX_TEXT_LEN:
+                raise _fail(f"body.info.{key}", "a string", value)
+        return cls(
+            points=tuple(PointMeta.from_wire(p, f"body.points[{i}]") for i, p in enumerate(points)),
+            state=_samples_from_columns(
+                _check_columns(
+                    _map(_get(m, "state", "body"), "body.state"), "body.state", MAX_POINTS_PER_BIRTH
+                )
+            ),
+            low_water=_int(m, "low_water", "body", 1),
+            info=dict(info),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """A batch of samples: the unit the outbox commits, publishes and gets acknowledged.
+
+    Held and sent as columns (one list per field), which is both the cheapest form to
+    validate and the form batched database inserts take (``INSERT ... SELECT unnest(?)``).
+    ``samples`` gives the row view when one is wanted.
+    """
+
+    KIND: ClassVar[str] = "data"
+    entities: tuple[str, ...] = ()
+    attributes: tuple[str, ...] = ()
+    values: tuple[Value, ...] = ()
+    ts_ms: tuple[int, ...] = ()
+    qualities: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, samples: Iterable[Sample]) -> Data:
+        rows = list(samples)
+        return cls(
+            entities=tuple(s.entity for s in rows),
+            attributes=tuple(s.attribute for s in rows),
+            values=tuple(s.value for s in rows),
+            ts_ms=tuple(s.ts_ms for s in rows),
+            qualities=tuple(int(s.quality) for s in rows),
+        )
+
+    @property
+    def samples(self) -> tuple[Sample, ...]:
+        return _samples_from_columns(
+            (
+                list(self.entities),
+                list(self.attributes),
+                list(self.values),
+                list(self.ts_ms),
+                list(self.qualities),
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self.entities)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "entity": list(self.entities),
+            "attribute": list(self.attributes),
+            "value": list(self.values),
+            "ts_ms": list(self.ts_ms),
+            "quality": list(self.qualities),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Data:
+        entities, attributes, values, stamps, qualities = _check_columns(
+            _map(obj, "body"), "body", MAX_SAMPLES_PER_FRAME
+        )
+        return cls(
+            tuple(entities), tuple(attributes), tuple(values), tuple(stamps), tuple(qualities)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    """The MQTT will. It cannot carry a fresh seq (it is signed at connect time), so it
+    names the seq of the birth it ends; a replayed death names an older birth and is ignored.
+    """
+
+    KIND: ClassVar[str] = "death"
+    birth_seq: int
+    reason: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"birth_seq": self.birth_seq, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Death:
+        m = _map(obj, "body")
+        return cls(
+            birth_seq=_int(m, "birth_seq", "body", 1),
+            reason=_str(m, "reason", "body", max_len=MAX_TEXT_LEN, empty=True),
+        )
+
+
+def _ranges(items: list[Any], path: str) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for index, item in enumerate(items):
+        if (
+            type(item) is not list
+            or len(item) != 2
+            or type(item[0]) is not int
+            or type(item[1]) is not int
+            or not 1 <= item[0] <= item[1] <= MAX_INT
+        ):
+            raise _fail(f"{path}[{index}]", "[first, last] with 1 <= first <= last", item)
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Hub → agent: the seq ranges of ``epoch`` that are durably stored at the hub."""
+
+    KIND: ClassVar[str] = "ack"
+    to: str
+    epoch: int
+    ranges: tuple[tuple[int, int], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"to": self.to, "epoch": self.epoch, "ranges": [list(r) for r in self.ranges]}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Ack:
+        m = _map(obj, "body")
+        return cls(
+            to=_id(m, "to", "body"),
+            epoch=_int(m, "epoch", "body"),
+            ranges=_ranges(_list(m, "ranges", "body", MAX_RANGES), "body.ranges"),
+        )
+
+    def covers(self, seq: int) -> bool:
+        return any(first <= seq <= last for first, last in self.ranges)
+
+
+@dataclass(frozen=True, slots=True)
+class Rebirth:
+    """Hub → agent: send a full birth (gap detected, unknown state, resync)."""
+
+    KIND: ClassVar[str] = "rebirth"
+    to: str
+    reason: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"to": self.to, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Rebirth:
+        m = _map(obj, "body")
+        return cls(
+            to=_id(m, "to", "body"),
+            reason=_str(m, "reason", "body", max_len=MAX_TEXT_LEN, empty=True),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Hub → agent: write one attribute. The agent still applies its own allow-list."""
+
+    KIND: ClassVar[str] = "cmd"
+    to: str
+    cmd_id: str
+    entity: str
+    attribute: str
+    value: Value
+    expires_at_ms: int
+    approved_by: tuple[str, ...] = ()
+    reason: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "to": self.to,
+            "cmd_id": self.cmd_id,
+            "entity": self.entity,
+            "attribute": self.attribute,
+            "value": self.value,
+            "expires_at_ms": self.expires_at_ms,
+            "approved_by": list(self.approved_by),
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Command:
+        m = _map(obj, "body")
+        approvers = _list(m, "approved_by", "body", 16)
+        for index, approver in enumerate(approvers):
+            if type(approver) is not str or ID_PATTERN.fullmatch(approver) is None:
+                raise _fail(f"body.approved_by[{index}]", "an operator id", approver)
+        return cls(
+            to=_id(m, "to", "body"),
+            cmd_id=_str(m, "cmd_id", "body", max_len=64),
+            entity=_str(m, "entity", "body"),
+            attribute=_str(m, "attribute", "body"),
+            value=check_value(_get(m, "value", "body"), "body.value"),
+            expires_at_ms=_int(m, "expires_at_ms", "body"),
+            approved_by=tuple(approvers),
+            reason=_str(m, "reason", "body", max_len=MAX_TEXT_LEN, empty=True),
+        )
+
+
+CMD_STATUSES = frozenset({"ok", "rejected", "failed", "expired", "duplicate"})
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """Agent → hub: what happened to a command, with the value read back afterwards."""
+
+    KIND: ClassVar[str] = "cmd_result"
+    cmd_id: str
+    status: str
+    detail: str = ""
+    readback: Value = None
+    readback_ts_ms: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "cmd_id": self.cmd_id,
+            "status": self.status,
+            "detail": self.detail,
+            "readback": self.readback,
+            "readback_ts_ms": self.readback_ts_ms,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> CommandResult:
+        m = _map(obj, "body")
+        status = _str(m, "status", "body", max_len=16)
+        if status not in CMD_STATUSES:
+            raise _fail("body.status", "one of " + ", ".join(sorted(CMD_STATUSES)), status)
+        return cls(
+            cmd_id=_str(m, "cmd_id", "body", max_len=64),
+            status=status,
+            detail=_str(m, "detail", "body", max_len=MAX_TEXT_LEN, empty=True),
+            readback=check_value(m.get("readback"), "body.readback"),
+            readback_ts_ms=_opt_int(m, "readback_ts_ms", "body"),
+        )
+
+
+AnyBody: TypeAlias = Birth | Data | Death | Ack | Rebirth | Command | CommandResult
+
+BODY_TYPES: dict[str, Any] = {
+    cls.KIND: cls for cls in (Birth, Data, Death, Ack, Rebirth, Command, CommandResult)
+}
+"""Frame kind → body class (each has ``from_wire``)."""
+
+KINDS: tuple[str, ...] = tuple(BODY_TYPES)
+
+UPLINK_KINDS = frozenset({"birth", "data", "death", "cmd_result"})
+DOWNLINK_KINDS = frozenset({"ack", "rebirth", "cmd"})

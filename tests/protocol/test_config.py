@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fieldtwin.protocol.config import ConfigError, load_toml
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.toml"
+    path.write_text(text)
+    return path
+
+
+def test_typed_reads_and_relative_paths(tmp_path: Path) -> None:
+    root = load_toml(
+        _write(
+            tmp_path,
+            'name = "gw"\nport = 502\nrate = 1\nkey = "k/gw.key"\n[[devices]]\nid = "d1"\n',
+        )
+    )
+    assert root.text("name") == "gw"
+    assert root.integer("port", min=1, max=65535) == 502
+    assert root.number("rate") == 1.0
+    assert root.path("key") == tmp_path / "k" / "gw.key"
+    assert root.flag("tls", False) is False
+    [device] = root.sections("devices")
+    assert device.text("id") == "d1"
+    device.finish()
+    root.finish()
+
+
+def test_errors_name_file_key_and_fix(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'port = "x"\n[[devices]]\nprot = 1\n')
+    root = load_toml(path)
+    with pytest.raises(ConfigError) as caught:
+        root.integer("port")
+    assert str(caught.value) == f"{path}: port: expected an integer, got 'x'"
+    device = root.sections("devices")[0]
+    device.integer("port", 502)
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.prot: unknown key; did you mean 'port'"):
+        device.finish()
+
+
+def test_range_choices_and_missing(tmp_path: Path) -> None:
+    root = load_toml(_write(tmp_path, 'port = 70000\nmode = "fast"\n'))
+    with pytest.raises(ConfigError, match="between 1 and 65535"):
+        root.integer("port", min=1, max=65535)
+    with pytest.raises(ConfigError, match="'fast' is not one of: drop_oldest, refuse_new"):
+        root.text("mode", choices=["drop_oldest", "refuse_new"])
+    with pytest.raises(ConfigError, match="gateway: required key is missing"):
+        root.text("gateway")
+
+
+def test_syntax_errors_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(_write(tmp_path, "a = [1,\n"))
+    with pytest.raises(ConfigError, match="file does not exist"):
+        load_toml(tmp_path / "none.toml")

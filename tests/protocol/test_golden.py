@@ -1,0 +1,159 @@
+"""Committed wire vectors: an accidental change to the encoding fails here.
+
+Ed25519 signatures are deterministic, so a fixed key and fixed inputs give fixed bytes.
+If a wire change is intended, bump the protocol version and regenerate with
+``PYTHONPATH=tests python tests/protocol/test_golden.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from support.keys import GATEWAY_SEED, HUB_SEED, gateway_key, hub_key, registry
+
+from fieldtwin.protocol.frames import decode_frame, encode_frame
+from fieldtwin.protocol.messages import (
+    Ack,
+    AnyBody,
+    Birth,
+    Command,
+    CommandResult,
+    Data,
+    Death,
+    PointMeta,
+    Quality,
+    Rebirth,
+    Sample,
+)
+
+GOLDEN_FILE = Path(__file__).with_name("golden_frames.json")
+EPOCH = 1_763_700_000_000
+SENT_AT = 1_763_700_001_234
+
+VECTORS: dict[str, tuple[str, int, AnyBody]] = {
+    "birth": (
+        "gw-01",
+        1,
+        Birth(
+            points=(
+                PointMeta(
+                    "tank-1",
+                    "level",
+                    "float32",
+                    "m",
+                    False,
+                    0.0,
+                    5.0,
+                    1000,
+                    "modbus-tcp://10.0.0.5:502/1/hr/0",
+                ),
+                PointMeta(
+                    "pump-1",
+                    "speed_sp",
+                    "uint16",
+                    "rpm",
+                    True,
+                    0.0,
+                    1800.0,
+                    1000,
+                    "modbus-tcp://10.0.0.5:502/1/hr/10",
+                ),
+            ),
+            state=(Sample("tank-1", "level", 2.5, SENT_AT - 10, Quality.GOOD),),
+            low_water=1,
+            info={"agent": "fieldtwin 0.1.0"},
+        ),
+    ),
+    "data": (
+        "gw-01",
+        2,
+        Data.of(
+            (
+                Sample("tank-1", "level", 2.625, SENT_AT - 5, Quality.GOOD),
+                Sample("pump-1", "running", True, SENT_AT - 5, Quality.GOOD),
+                Sample("pump-1", "speed", 1450, SENT_AT - 4, Quality.UNCERTAIN),
+                Sample("meter-1", "flow", None, SENT_AT - 3, Quality.BAD),
+                Sample("ambient", "label", "north", SENT_AT - 2, Quality.STALE),
+            )
+        ),
+    ),
+    "death": ("gw-01", 0, Death(birth_seq=1, reason="connection lost")),
+    "cmd_result": (
+        "gw-01",
+        3,
+        CommandResult("cmd-0001", "ok", "written and read back", 1200, SENT_AT),
+    ),
+    "ack": ("hub", 10, Ack(to="gw-01", epoch=EPOCH, ranges=((1, 2), (4, 9)))),
+    "rebirth": ("hub", 11, Rebirth(to="gw-01", reason="gap 3-3")),
+    "cmd": (
+        "hub",
+        12,
+        Command(
+            "gw-01",
+            "cmd-0001",
+            "pump-1",
+            "speed_sp",
+            1200,
+            SENT_AT + 30_000,
+            ("alice", "bob"),
+            "raise inflow",
+        ),
+    ),
+}
+
+
+def _encode(name: str) -> bytes:
+    sender, seq, body = VECTORS[name]
+    key = hub_key if sender == "hub" else gateway_key
+    return encode_frame(key, sender, EPOCH, seq, SENT_AT, body)
+
+
+def _load() -> dict[str, str]:
+    data = json.loads(GOLDEN_FILE.read_text())
+    assert data["gateway_seed"] == GATEWAY_SEED.hex()
+    assert data["hub_seed"] == HUB_SEED.hex()
+    frames: dict[str, str] = data["frames"]
+    return frames
+
+
+def regenerate() -> None:
+    GOLDEN_FILE.write_text(
+        json.dumps(
+            {
+                "comment": "fieldtwin wire v1 test vectors; the key seeds are public",
+                "gateway_seed": GATEWAY_SEED.hex(),
+                "hub_seed": HUB_SEED.hex(),
+                "epoch": EPOCH,
+                "sent_at_ms": SENT_AT,
+                "frames": {name: _encode(name).hex() for name in VECTORS},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_encoding_matches_the_committed_bytes(name: str) -> None:
+    assert _encode(name).hex() == _load()[name]
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_committed_bytes_decode_to_the_same_message(name: str) -> None:
+    sender, seq, body = VECTORS[name]
+    frame = decode_frame(bytes.fromhex(_load()[name]), registry())
+    assert (frame.sender, frame.seq, frame.epoch, frame.sent_at_ms) == (sender, seq, EPOCH, SENT_AT)
+    assert frame.body == body
+
+
+def test_every_kind_has_a_vector() -> None:
+    from fieldtwin.protocol.messages import KINDS
+
+    assert set(_load()) == set(KINDS)
+
+
+if __name__ == "__main__":
+    regenerate()
+    print(f"wrote {GOLDEN_FILE}")

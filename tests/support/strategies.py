@@ -1,0 +1,86 @@
+"""Hypothesis strategies for protocol values, shared by every package's tests."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from fieldtwin.protocol.messages import (
+    CMD_STATUSES,
+    DTYPES,
+    ID_PATTERN,
+    MAX_NAME_LEN,
+    Ack,
+    Birth,
+    Command,
+    CommandResult,
+    Data,
+    Death,
+    PointMeta,
+    Quality,
+    Rebirth,
+    Sample,
+)
+
+# msgpack encodes str as UTF-8, so lone surrogates cannot exist on the wire.
+_text_chars = st.characters(exclude_categories=("Cs",))
+ids = st.from_regex(ID_PATTERN, fullmatch=True)
+names = st.text(_text_chars, min_size=1, max_size=MAX_NAME_LEN)
+texts = st.text(_text_chars, max_size=200)
+ts_ms = st.integers(0, 2**63 - 1)
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(_text_chars, max_size=64),
+)
+qualities = st.sampled_from(list(Quality))
+samples = st.builds(Sample, names, names, values, ts_ms, qualities)
+numbers_or_none = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False))
+
+point_metas = st.builds(
+    PointMeta,
+    entity=names,
+    attribute=names,
+    dtype=st.sampled_from(sorted(DTYPES)),
+    unit=st.text(_text_chars, max_size=32),
+    writable=st.booleans(),
+    min=numbers_or_none,
+    max=numbers_or_none,
+    interval_ms=st.integers(0, 86_400_000),
+    source=texts,
+)
+births = st.builds(
+    Birth,
+    points=st.lists(point_metas, max_size=5).map(tuple),
+    state=st.lists(samples, max_size=5).map(tuple),
+    low_water=st.integers(1, 2**63 - 1),
+    info=st.dictionaries(st.text(_text_chars, max_size=20), texts, max_size=4),
+)
+datas = st.lists(samples, max_size=20).map(Data.of)
+deaths = st.builds(Death, birth_seq=st.integers(1, 2**63 - 1), reason=texts)
+ranges = st.tuples(st.integers(1, 2**40), st.integers(0, 2**20)).map(lambda r: (r[0], r[0] + r[1]))
+acks = st.builds(
+    Ack, to=ids, epoch=st.integers(0, 2**63 - 1), ranges=st.lists(ranges, max_size=8).map(tuple)
+)
+rebirths = st.builds(Rebirth, to=ids, reason=texts)
+commands = st.builds(
+    Command,
+    to=ids,
+    cmd_id=st.text(_text_chars, min_size=1, max_size=64),
+    entity=names,
+    attribute=names,
+    value=values,
+    expires_at_ms=ts_ms,
+    approved_by=st.lists(ids, max_size=3).map(tuple),
+    reason=texts,
+)
+command_results = st.builds(
+    CommandResult,
+    cmd_id=st.text(_text_chars, min_size=1, max_size=64),
+    status=st.sampled_from(sorted(CMD_STATUSES)),
+    detail=texts,
+    readback=values,
+    readback_ts_ms=st.one_of(st.none(), ts_ms),
+)
+bodies = st.one_of(births, datas, deaths, acks, rebirths, commands, command_results)
