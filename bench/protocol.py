@@ -12,9 +12,9 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from fieldtwin.protocol.frames import decode_frame, encode_frame
+from fieldtwin.protocol.frames import Frame, decode_frame, encode_frame
 from fieldtwin.protocol.keys import KeyPair, KeyRegistry
 from fieldtwin.protocol.messages import Data, Quality, Sample
 
@@ -62,14 +62,17 @@ def main() -> None:
     rows = []
     for points in POINTS_PER_FRAME:
         body = _frame_body(points, now_ms)
-        seq = iter(range(1, 1 << 62))
-        encode_rate = _rate(
-            lambda body=body, seq=seq: encode_frame(key, "gw-bench", 1, next(seq), now_ms, body),
-            args.seconds,
-            args.rounds,
-        )
+        seqs = iter(range(1, 1 << 62))
         raw = encode_frame(key, "gw-bench", 1, 1, now_ms, body)
-        decode_rate = _rate(lambda raw=raw: decode_frame(raw, registry), args.seconds, args.rounds)
+
+        def encode(body: Data = body, seqs: Iterator[int] = seqs) -> bytes:
+            return encode_frame(key, "gw-bench", 1, next(seqs), now_ms, body)
+
+        def decode(raw: bytes = raw) -> Frame:
+            return decode_frame(raw, registry)
+
+        encode_rate = _rate(encode, args.seconds, args.rounds)
+        decode_rate = _rate(decode, args.seconds, args.rounds)
         results[f"sign_encode_frames_per_s_{points}"] = round(encode_rate)
         results[f"sign_encode_points_per_s_{points}"] = round(encode_rate * points)
         results[f"verify_decode_frames_per_s_{points}"] = round(decode_rate)

@@ -1,0 +1,1 @@
+"""fieldtwin edge agent: drivers, sampler, outbox, uplink, command executor."""

@@ -1,0 +1,1 @@
+"""fieldtwin hardware simulator: plant physics served over real device protocols."""

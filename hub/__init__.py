@@ -1,0 +1,1 @@
+"""fieldtwin hub: ingest, twin store, drift engine, alarms, commands, audit."""
