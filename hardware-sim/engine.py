@@ -1,0 +1,236 @@
+"""The simulation core: process, sensors and faults stepped tick by tick (sans-I/O).
+
+Determinism is the point of this module. A run is fully described by the scenario, the
+seed, and the list of client writes and runtime faults *with the tick at which they
+took effect*; ``Simulation`` replays such a list exactly (see ``replay``). Nothing in
+here reads a clock or touches a socket: the runner decides when a tick happens.
+
+Per tick, in order: pending client writes are applied to the process, the process
+steps by ``dt``, fault windows open and close, and every point's reported value is
+computed: ``true value + measurement noise`` followed by the point's active value
+faults in id order. A client reading twice within one tick sees the same value, like a
+transmitter that updates its output once per cycle.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fieldtwin.sim.errors import WriteRejected
+from fieldtwin.sim.faults import Fault, FaultBook, FaultRequest, check_request
+from fieldtwin.sim.scenario import PointSpec, Scenario
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedWrite:
+    """A client write as it took effect: the tick it was applied at, and who sent it."""
+
+    tick: int
+    point: str
+    variable: str
+    value: float
+    device: str = ""
+    protocol: str = ""
+    wall_ms: int = 0
+
+
+@dataclass(slots=True)
+class TickResult:
+    tick: int
+    sim_s: float
+    writes: list[AppliedWrite] = field(default_factory=list)
+    started: list[Fault] = field(default_factory=list)
+    ended: list[Fault] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class FaultEvent:
+    """A runtime fault as it happened, for replay: injected for ticks [start, end)."""
+
+    request: FaultRequest
+    start_tick: int
+    end_tick: int | None
+
+
+class Simulation:
+    def __init__(self, scenario: Scenario, seed: int | None = None) -> None:
+        self.scenario = scenario
+        self.seed = scenario.seed if seed is None else seed
+        self.dt = scenario.tick
+        self.plant = scenario.build_plant(self.seed)
+        # Mirrors (same_as) come after the points they repeat, so they see this tick's value.
+        ordered = sorted(scenario.points.values(), key=lambda p: p.same_as is not None)
+        self.points: dict[str, PointSpec] = {p.name: p for p in ordered}
+        self.topology = scenario.topology()
+        self._rngs = {name: random.Random(f"{self.seed}:point:{name}") for name in self.points}
+        self.faults = FaultBook(self.seed)
+        self.tick = 0
+        self.reported: dict[str, float] = {}
+        self._pending: list[AppliedWrite] = []
+        self._shadow: dict[str, float] = {}
+        for scheduled in scenario.faults:
+            start = max(1, round(scheduled.at / self.dt))
+            end = self._end_tick(start, scheduled.duration, scheduled.request.kind)
+            self.faults.add(scheduled.request, start, end, "scenario")
+        self._measure()
+
+    # -- time --------------------------------------------------------------------------
+
+    @property
+    def sim_s(self) -> float:
+        return self.tick * self.dt
+
+    def ticks_for(self, seconds: float) -> int:
+        return max(1, round(seconds / self.dt))
+
+    def _end_tick(self, start: int, duration: float | None, kind: str) -> int | None:
+        if duration is None:
+            return start + 1 if kind == "spike" else None
+        return start + self.ticks_for(duration)
+
+    def step(self) -> TickResult:
+        """Advance one tick and return what happened in it."""
+        self.tick += 1
+        result = TickResult(self.tick, self.sim_s)
+        for write in self._pending:
+            self.plant.set(write.variable, write.value)
+            applied = AppliedWrite(
+                self.tick,
+                write.point,
+                write.variable,
+                write.value,
+                write.device,
+                write.protocol,
+                write.wall_ms,
+            )
+            result.writes.append(applied)
+        self._pending.clear()
+        self._shadow.clear()
+        self.plant.step(self.dt)
+        started, ended = self.faults.advance(self.tick)
+        for fault in started:
+            if fault.kind == "stuck" and fault.request.point is not None:
+                given = fault.request.params.get("value")
+                fault.frozen = (
+                    float(given) if given is not None else self.reported[fault.request.point]
+                )
+        result.started = started
+        result.ended = ended
+        self._measure()
+        return result
+
+    def _measure(self) -> None:
+        state = self.plant.state
+        t = self.sim_s
+        active = bool(self.faults.active)
+        for name, point in self.points.items():
+            value = self.reported[point.same_as] if point.same_as else state[point.source]
+            if point.noise > 0.0:
+                value += self._rngs[name].gauss(0.0, point.noise)
+            if active:
+                for fault in self.faults.value_faults(name):
+                    value = fault.apply(value, t, self.dt)
+            self.reported[name] = value
+
+    # -- values ------------------------------------------------------------------------
+
+    def true_value(self, point: str) -> float:
+        return self.plant.state[self.points[point].source]
+
+    def value(self, point: str) -> float:
+        """What the device reports for ``point`` now (a pending write shows at once)."""
+        spec = self.points[point]
+        if spec.writable and spec.source in self._shadow:
+            return self._shadow[spec.source]
+        return self.reported[point]
+
+    def truth_rows(self) -> Iterable[tuple[str, float]]:
+        state = self.plant.state
+        return ((name, state[p.source]) for name, p in self.points.items())
+
+    # -- writes ------------------------------------------------------------------------
+
+    def check_write(self, point: str, value: float) -> float:
+        """The value a write would set, or ``WriteRejected`` saying why it cannot."""
+        spec = self.points.get(point)
+        if spec is None:
+            raise WriteRejected(point, "no such point")
+        if not spec.writable:
+            raise WriteRejected(point, "read-only")
+        if not math.isfinite(value):
+            raise WriteRejected(point, f"{value} is not a finite number")
+        if spec.boolean:
+            return 1.0 if value >= 0.5 else 0.0
+        if spec.low is not None and spec.high is not None and not spec.low <= value <= spec.high:
+            raise WriteRejected(point, f"{value:g} is outside {spec.low:g}..{spec.high:g}")
+        return value
+
+    def request_write(
+        self, point: str, value: float, *, device: str = "", protocol: str = "", wall_ms: int = 0
+    ) -> AppliedWrite:
+        """Queue a client write for the next tick; raises ``WriteRejected`` if not allowed."""
+        value = self.check_write(point, value)
+        spec = self.points[point]
+        write = AppliedWrite(self.tick + 1, point, spec.source, value, device, protocol, wall_ms)
+        self._pending.append(write)
+        self._shadow[spec.source] = value
+        return write
+
+    # -- faults ------------------------------------------------------------------------
+
+    def inject(
+        self,
+        request: FaultRequest,
+        duration: float | None = None,
+        *,
+        start_tick: int | None = None,
+        end_tick: int | None = None,
+    ) -> Fault:
+        """Add a runtime fault from the next tick on (or at explicit ticks, for replay)."""
+        request = check_request(request, self.topology)
+        start = self.tick + 1 if start_tick is None else start_tick
+        end = self._end_tick(start, duration, request.kind) if end_tick is None else end_tick
+        return self.faults.add(request, start, end, "runtime")
+
+    def clear(self, fault_id: int) -> Fault:
+        """End a fault at the next tick boundary."""
+        return self.faults.end(fault_id, self.tick + 1)
+
+    def state_json(self) -> dict[str, Any]:
+        return {
+            "tick": self.tick,
+            "sim_s": round(self.sim_s, 6),
+            "points": {
+                name: {"true": self.true_value(name), "reported": self.value(name)}
+                for name in self.points
+            },
+        }
+
+
+def replay(
+    scenario: Scenario,
+    ticks: int,
+    *,
+    seed: int | None = None,
+    writes: Iterable[AppliedWrite] = (),
+    faults: Iterable[FaultEvent] = (),
+) -> list[tuple[int, str, float]]:
+    """Run the model alone for ``ticks`` ticks with writes and faults at their recorded
+    ticks; returns the ground truth as (tick, point, true value) rows."""
+    sim = Simulation(scenario, seed)
+    by_tick: dict[int, list[AppliedWrite]] = {}
+    for write in writes:
+        by_tick.setdefault(write.tick, []).append(write)
+    for event in faults:
+        sim.inject(event.request, start_tick=event.start_tick, end_tick=event.end_tick)
+    rows = [(0, name, value) for name, value in sim.truth_rows()]
+    for _ in range(ticks):
+        for write in by_tick.get(sim.tick + 1, []):
+            sim.request_write(write.point, write.value)
+        sim.step()
+        rows.extend((sim.tick, name, value) for name, value in sim.truth_rows())
+    return rows

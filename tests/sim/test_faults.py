@@ -1,0 +1,87 @@
+"""The fault book as a state machine: windows open and close exactly at tick boundaries."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fieldtwin.sim.faults import FaultBook, FaultRequest, LinkFaults
+
+windows = st.lists(
+    st.tuples(
+        st.integers(1, 40),  # start tick
+        st.one_of(st.none(), st.integers(0, 30)),  # length (None: until cleared)
+        st.one_of(st.none(), st.integers(1, 60)),  # tick at which it is cleared
+    ),
+    max_size=8,
+)
+
+
+@given(windows=windows)
+def test_each_fault_is_active_exactly_on_its_window(
+    windows: list[tuple[int, int | None, int | None]],
+) -> None:
+    book = FaultBook(seed=1)
+    faults = [
+        book.add(
+            FaultRequest("dropout", "plc"),
+            start,
+            None if length is None else start + length,
+            "runtime",
+        )
+        for start, length, _ in windows
+    ]
+    seen: dict[int, list[int]] = {f.id: [] for f in faults}
+    started: dict[int, int] = {}
+    ended: dict[int, int] = {}
+    for tick in range(1, 80):
+        for fault, (_, _, clear_at) in zip(faults, windows, strict=True):
+            if clear_at == tick:
+                book.end(fault.id, tick)
+        now_started, now_ended = book.advance(tick)
+        for fault in now_started:
+            started[fault.id] = tick
+        for fault in now_ended:
+            ended[fault.id] = tick
+        for fault in book.active:
+            seen[fault.id].append(tick)
+        assert (book.link("plc").dropout) == bool(book.active)
+    for fault, (start, length, clear_at) in zip(faults, windows, strict=True):
+        end = None if length is None else start + length
+        if clear_at is not None:
+            end = max(clear_at, start) if end is None else max(min(end, clear_at), start)
+        expected = list(range(start, min(end, 80) if end is not None else 80))
+        assert seen[fault.id] == expected
+        if expected:
+            assert started[fault.id] == start
+            assert fault.status == ("ended" if end is not None and end < 80 else "active")
+        else:
+            assert fault.status == "cancelled"
+        if fault.status == "ended":
+            assert ended[fault.id] == end
+
+
+def test_link_view_scopes_and_combines() -> None:
+    book = FaultBook(seed=1)
+    book.add(FaultRequest("slow", "bus", unit_id=2, params={"delay_ms": 500.0}), 1, None, "runtime")
+    book.add(FaultRequest("slow", "bus", params={"delay_ms": 200.0}), 1, None, "runtime")
+    book.add(
+        FaultRequest("exception", "bus", point="pt-1.pressure", params={"code": 4}),
+        1,
+        None,
+        "runtime",
+    )
+    book.add(
+        FaultRequest("bad_status", "boiler", params={"status": "BadNoCommunication"}),
+        1,
+        None,
+        "runtime",
+    )
+    book.advance(1)
+    assert book.link("bus", 2) == LinkFaults(delay_ms=500.0)
+    assert book.link("bus", 1) == LinkFaults(delay_ms=200.0)
+    assert book.link("bus") == LinkFaults(delay_ms=200.0)
+    assert book.link("other").healthy
+    assert book.point_exception("pt-1.pressure") == 4
+    assert book.point_status("boiler", "boiler-1.pressure") == "BadNoCommunication"
+    assert book.point_status("bus", "pt-1.pressure") is None
