@@ -1,0 +1,598 @@
+"""The agent's TOML configuration, validated up front.
+
+Every error names the file, the key (``devices[1].points[3].word_order``) and what
+would be valid (``fieldtwin.protocol.config``), and unknown keys are refused, so a typo
+on a gateway fails at start-up instead of silently doing nothing. The reference with
+every key and its default is docs/agent.md.
+
+Paths: key files and ``password_file`` are relative to the config file's folder; the
+buffer and status files live in the state directory. ``$VARS`` in paths are expanded,
+so a systemd unit can point at ``$CREDENTIALS_DIRECTORY/gateway.key``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from fieldtwin.agent.blocks import BIT_TABLES, MAX_REGISTERS_PER_READ, REGISTER_TABLES, TABLES
+from fieldtwin.agent.codec import (
+    FLOAT_DTYPES,
+    INTEGER_DTYPES,
+    ORDERS,
+    REGISTER_DTYPES,
+    RegisterCodec,
+)
+from fieldtwin.agent.errors import CodecError
+from fieldtwin.agent.outbox import OVERFLOW_POLICIES
+from fieldtwin.protocol.config import ConfigError, Section, load_toml
+from fieldtwin.protocol.errors import BadTopic
+from fieldtwin.protocol.messages import DTYPES, MAX_NAME_LEN
+from fieldtwin.protocol.topics import check_gateway_id
+
+PROTOCOLS = ("modbus-tcp", "modbus-rtu", "opcua", "serial-line")
+NUMERIC_DTYPES = INTEGER_DTYPES | FLOAT_DTYPES
+ENTITY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+ATTRIBUTE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
+NODE_ID_PATTERN = re.compile(r"(?:(?:ns=\d+|nsu=[^;]+);)?(?:s=.+|i=\d+|g=[0-9a-fA-F-]{36}|b=.+)")
+PARITIES = ("N", "E", "O")
+
+
+@dataclass(frozen=True, slots=True)
+class PointConfig:
+    """One attribute of one entity, and where the agent finds it."""
+
+    entity: str
+    attribute: str
+    dtype: str
+    unit: str = ""
+    interval_ms: int = 1000
+    deadband: float = 0.0
+    max_silence_ms: int = 60_000
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+    # Modbus
+    unit_id: int = 1
+    table: str = ""
+    address: int = 0
+    byte_order: str = "big"
+    word_order: str = "big"
+    scale: float = 1.0
+    offset: float = 0.0
+    length: int = 1
+    # OPC-UA
+    node: str = ""
+    # Serial line
+    field_index: int = -1
+    source: str = ""
+    """Human-readable origin for births and the check table (``ir 0-1 @ unit 1``)."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.entity, self.attribute)
+
+    @property
+    def name(self) -> str:
+        return f"{self.entity}.{self.attribute}"
+
+    def codec(self) -> RegisterCodec:
+        return RegisterCodec(
+            self.dtype, self.byte_order, self.word_order, self.scale, self.offset, self.length
+        )
+
+    @property
+    def register_count(self) -> int:
+        return 1 if self.table in BIT_TABLES else self.codec().count
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    id: str
+    protocol: str
+    points: tuple[PointConfig, ...]
+    timeout_s: float = 1.0
+    # TCP (Modbus TCP)
+    host: str = ""
+    port: int = 0
+    # Serial (Modbus RTU, serial line)
+    path: str = ""
+    baudrate: int = 9600
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: int = 1
+    # Modbus
+    max_gap: int = 8
+    max_block: int = MAX_REGISTERS_PER_READ
+    breaker_threshold: int = 3
+    breaker_cooldown_s: float = 1.0
+    breaker_max_cooldown_s: float = 60.0
+    # OPC-UA
+    url: str = ""
+    mode: str = "subscribe"
+    publishing_interval_ms: int = 500
+    username: str = ""
+    password: str = ""
+    # Serial line
+    sentence: str = ""
+    checksum: bool = True
+    request: str = ""
+    seq_field: int = -1
+
+    @property
+    def endpoint(self) -> str:
+        if self.protocol == "modbus-tcp":
+            return f"{self.host}:{self.port}"
+        if self.protocol == "opcua":
+            return self.url
+        return self.path
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    username: str = ""
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    publish_timeout_s: float = 15.0
+    live_window: int = 32
+    backlog_window: int = 8
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class BufferConfig:
+    path: Path
+    max_samples: int = 5_000_000
+    max_mb: float = 512.0
+    overflow: str = "drop_oldest"
+    batch_max_samples: int = 2000
+    flush_ms: int = 100
+    backlog_samples_per_s: float = 50_000.0
+    ack_timeout_s: float = 60.0
+    memory_limit_mb: int = 64
+    checkpoint_mb: int = 4
+    threads: int = 1
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    file: Path
+    gateway: str
+    state_dir: Path
+    private_key: Path
+    hub_public_key: Path
+    broker: BrokerConfig
+    buffer: BufferConfig
+    devices: tuple[DeviceConfig, ...]
+    status_file: Path
+    status_interval_s: float = 5.0
+    info: dict[str, str] = field(default_factory=dict)
+
+    def points(self) -> list[tuple[DeviceConfig, PointConfig]]:
+        return [(device, point) for device in self.devices for point in device.points]
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+def _expand(section: Section, key: str, default: Any = None) -> Path | None:
+    if not section.has(key):
+        section.raw(key, None)
+        return default  # type: ignore[no-any-return]
+    raw = section.text(key)
+    expanded = os.path.expandvars(raw)
+    if "$" in expanded:
+        raise section.error(
+            key, f"{raw!r} uses an environment variable that is not set (expanded: {expanded!r})"
+        )
+    path = Path(expanded).expanduser()
+    return path if path.is_absolute() else section.file.parent / path
+
+
+def _required_path(section: Section, key: str) -> Path:
+    path = _expand(section, key)
+    if path is None:
+        raise section.error(key, "required key is missing")
+    return path
+
+
+def default_state_dir(gateway: str) -> Path:
+    """systemd's ``$STATE_DIRECTORY`` when set, else ``$XDG_STATE_HOME/fieldtwin/GATEWAY``."""
+    systemd = os.environ.get("STATE_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fieldtwin" / gateway
+
+
+def load_config(path: Path | str, *, state_dir: Path | None = None) -> AgentConfig:
+    """Read and validate an agent config; ``state_dir`` overrides the file's choice."""
+    root = load_toml(path)
+    gateway = root.text("gateway")
+    try:
+        check_gateway_id(gateway)
+    except BadTopic as exc:
+        raise root.error("gateway", str(exc)) from None
+    chosen_state = state_dir or _expand(root, "state_dir") or default_state_dir(gateway)
+
+    keys = root.section("keys", required=True)
+    private_key = _required_path(keys, "private")
+    hub_public_key = _required_path(keys, "hub_public")
+    keys.finish()
+
+    broker = _broker(root.section("broker"), gateway)
+    buffer = _buffer(root.section("buffer"), chosen_state)
+
+    status = root.section("status")
+    status_file = _expand(status, "file") or (chosen_state / "status.json")
+    status_interval = status.number("interval_s", 5.0, min=0.5, max=3600)
+    status.finish()
+
+    info_section = root.section("info")
+    info = {k: info_section.text(k) for k in list(info_section.data)}
+    info_section.finish()
+
+    devices = tuple(
+        _device(section, index) for index, section in enumerate(root.sections("devices"))
+    )
+    if not devices:
+        raise root.error("devices", "at least one [[devices]] table is required")
+    _check_unique(root, devices)
+    root.finish()
+    return AgentConfig(
+        file=Path(path),
+        gateway=gateway,
+        state_dir=chosen_state,
+        private_key=private_key,
+        hub_public_key=hub_public_key,
+        broker=broker,
+        buffer=buffer,
+        devices=devices,
+        status_file=status_file,
+        status_interval_s=status_interval,
+        info=info,
+    )
+
+
+def _broker(section: Section, gateway: str) -> BrokerConfig:
+    url = section.text("url", "mqtt://127.0.0.1:1883")
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise section.error(
+            "url", f"{url!r} is not a broker URL; use mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)"
+        )
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise section.error("url", f"{url!r} has an invalid port") from None
+    username = section.text("username", gateway)
+    if username != gateway:
+        raise section.error(
+            "username",
+            f"must be the gateway id {gateway!r}: the broker ACL gives each gateway its own "
+            "topics by MQTT username (leave the key out to use the gateway id)",
+        )
+    password: str | None = None
+    if section.has("password") and section.has("password_file"):
+        raise section.error("password", "give either password or password_file, not both")
+    if section.has("password"):
+        password = section.text("password")
+    password_file = _expand(section, "password_file")
+    if password_file is not None:
+        try:
+            password = password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise section.error(
+                "password_file", f"cannot read {password_file}: {exc.strerror}"
+            ) from None
+        if not password:
+            raise section.error("password_file", f"{password_file} is empty")
+    ca_file = _expand(section, "ca_file")
+    cert_file = _expand(section, "cert_file")
+    key_file = _expand(section, "key_file")
+    if (ca_file or cert_file or key_file) and not tls:
+        raise section.error("url", "TLS files are set but the URL is mqtt://; use mqtts://")
+    if (cert_file is None) != (key_file is None):
+        raise section.error("cert_file", "a client certificate needs both cert_file and key_file")
+    for key, tls_path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+        if tls_path is not None and not tls_path.is_file():
+            raise section.error(key, f"{tls_path} does not exist")
+    config = BrokerConfig(
+        url=url,
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=username,
+        password=password,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        keepalive_s=section.integer("keepalive_s", 30, min=5, max=3600),
+        connect_timeout_s=section.number("connect_timeout_s", 10.0, min=0.5, max=300),
+        publish_timeout_s=section.number("publish_timeout_s", 15.0, min=0.5, max=300),
+        live_window=section.integer("live_window", 32, min=1, max=1000),
+        backlog_window=section.integer("backlog_window", 8, min=1, max=1000),
+        reconnect_min_s=section.number("reconnect_min_s", 0.5, min=0.05, max=60),
+        reconnect_max_s=section.number("reconnect_max_s", 30.0, min=0.1, max=3600),
+    )
+    if config.reconnect_max_s < config.reconnect_min_s:
+        raise section.error("reconnect_max_s", "must be at least reconnect_min_s")
+    section.finish()
+    return config
+
+
+def _buffer(section: Section, state_dir: Path) -> BufferConfig:
+    file = _expand(section, "file") or Path("outbox.duckdb")
+    path = file if file.is_absolute() else state_dir / file
+    config = BufferConfig(
+        path=path,
+        max_samples=section.integer("max_samples", 5_000_000, min=100),
+        max_mb=section.number("max_mb", 512.0, min=1),
+        overflow=section.text("overflow", "drop_oldest", choices=OVERFLOW_POLICIES),
+        batch_max_samples=section.integer("batch_max_samples", 2000, min=1, max=10_000),
+        flush_ms=section.integer("flush_ms", 100, min=1, max=60_000),
+        backlog_samples_per_s=section.number("backlog_samples_per_s", 50_000.0, min=1),
+        ack_timeout_s=section.number("ack_timeout_s", 60.0, min=1, max=86_400),
+        memory_limit_mb=section.integer("memory_limit_mb", 64, min=16, max=65_536),
+        checkpoint_mb=section.integer("checkpoint_mb", 4, min=1, max=1024),
+        threads=section.integer("threads", 1, min=1, max=64),
+    )
+    section.finish()
+    return config
+
+
+_DEVICE_DEFAULT_KEYS = ("interval_ms", "max_silence_s", "deadband")
+
+
+def _device(section: Section, index: int) -> DeviceConfig:
+    device_id = section.text("id")
+    if ENTITY_PATTERN.fullmatch(device_id) is None:
+        raise section.error("id", "use letters, digits, '-', '_', '.' (e.g. 'pump-station')")
+    protocol = section.text("protocol", choices=PROTOCOLS)
+    kwargs: dict[str, Any] = {
+        "id": device_id,
+        "protocol": protocol,
+        "timeout_s": section.number("timeout_s", 1.0, min=0.05, max=60),
+    }
+    defaults = {
+        "interval_ms": section.integer("interval_ms", 1000, min=10, max=86_400_000),
+        "max_silence_s": section.number("max_silence_s", 60.0, min=0, max=86_400),
+        "deadband": section.number("deadband", 0.0, min=0),
+        "unit_id": 1,
+        "byte_order": "big",
+        "word_order": "big",
+    }
+    if protocol in ("modbus-tcp", "modbus-rtu"):
+        defaults["unit_id"] = section.integer("unit_id", 1, min=0, max=247)
+        defaults["byte_order"] = section.text("byte_order", "big", choices=("big", "little"))
+        defaults["word_order"] = section.text("word_order", "big", choices=("big", "little"))
+        kwargs.update(
+            max_gap=section.integer("max_gap", 8, min=0, max=MAX_REGISTERS_PER_READ),
+            max_block=section.integer("max_block", MAX_REGISTERS_PER_READ, min=1, max=125),
+            breaker_threshold=section.integer("breaker_threshold", 3, min=1, max=1000),
+            breaker_cooldown_s=section.number("breaker_cooldown_s", 1.0, min=0.01, max=3600),
+            breaker_max_cooldown_s=section.number(
+                "breaker_max_cooldown_s", 60.0, min=0.01, max=86_400
+            ),
+        )
+        if kwargs["breaker_max_cooldown_s"] < kwargs["breaker_cooldown_s"]:
+            raise section.error("breaker_max_cooldown_s", "must be at least breaker_cooldown_s")
+    if protocol == "modbus-tcp":
+        kwargs.update(
+            host=section.text("host"), port=section.integer("port", 502, min=1, max=65535)
+        )
+    if protocol in ("modbus-rtu", "serial-line"):
+        kwargs.update(
+            path=str(_required_path(section, "path")),
+            baudrate=section.integer(
+                "baudrate", 19200 if protocol == "modbus-rtu" else 9600, min=50, max=4_000_000
+            ),
+            bytesize=section.integer("bytesize", 8, min=5, max=8),
+            parity=section.text("parity", "N", choices=PARITIES),
+            stopbits=section.integer("stopbits", 1, min=1, max=2),
+        )
+    if protocol == "opcua":
+        url = section.text("url")
+        if not url.startswith("opc.tcp://"):
+            raise section.error("url", f"{url!r} is not an OPC-UA URL (opc.tcp://HOST:PORT/PATH)")
+        password = ""
+        password_file = _expand(section, "password_file")
+        if password_file is not None:
+            try:
+                password = password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise section.error(
+                    "password_file", f"cannot read {password_file}: {exc.strerror}"
+                ) from None
+        kwargs.update(
+            url=url,
+            mode=section.text("mode", "subscribe", choices=("subscribe", "poll")),
+            publishing_interval_ms=section.integer(
+                "publishing_interval_ms", 500, min=10, max=3_600_000
+            ),
+            username=section.text("username", ""),
+            password=password,
+        )
+        if kwargs["username"] and not password:
+            raise section.error("password_file", "an OPC-UA username needs a password_file")
+    if protocol == "serial-line":
+        sentence = section.text("sentence")
+        if not sentence.isalnum():
+            raise section.error("sentence", "the sentence tag is letters and digits, e.g. 'AMB'")
+        request = section.text("request", "", allow_empty=True)
+        kwargs.update(
+            sentence=sentence,
+            checksum=section.flag("checksum", True),
+            request=request,
+            seq_field=section.integer("seq_field", -1, min=-1, max=64),
+        )
+    points = tuple(
+        _point(p, protocol, defaults, device_id) for p in section.sections("points", required=True)
+    )
+    section.finish()
+    return DeviceConfig(points=points, **kwargs)
+
+
+def _point(section: Section, protocol: str, defaults: dict[str, Any], device: str) -> PointConfig:
+    entity = section.text("entity")
+    if ENTITY_PATTERN.fullmatch(entity) is None:
+        raise section.error("entity", "an entity id is letters, digits, '-', '_', '.', ':'")
+    attribute = section.text("attribute")
+    if ATTRIBUTE_PATTERN.fullmatch(attribute) is None or len(attribute) > MAX_NAME_LEN:
+        raise section.error(
+            "attribute", "an attribute starts with a letter or '_' (e.g. 'level', 'speed_sp')"
+        )
+    modbus = protocol in ("modbus-tcp", "modbus-rtu")
+    default_dtype = "float64" if protocol in ("opcua", "serial-line") else None
+    table = section.text("table", choices=sorted(TABLES)) if modbus else ""
+    if modbus and table in BIT_TABLES:
+        dtype = section.text("type", "bool", choices=["bool"])
+    elif default_dtype is None:
+        dtype = section.text("type", choices=sorted(REGISTER_DTYPES))
+    else:
+        dtype = section.text("type", default_dtype, choices=sorted(DTYPES - {"int64", "uint64"}))
+    values: dict[str, Any] = {
+        "entity": entity,
+        "attribute": attribute,
+        "dtype": dtype,
+        "unit": section.text("unit", "", allow_empty=True),
+        "interval_ms": section.integer("interval_ms", defaults["interval_ms"], min=10),
+        "deadband": section.number("deadband", defaults["deadband"], min=0),
+        "max_silence_ms": int(
+            1000 * section.number("max_silence_s", defaults["max_silence_s"], min=0, max=86_400)
+        ),
+        "writable": section.flag("writable", False),
+    }
+    if len(values["unit"]) > 32:
+        raise section.error("unit", "a unit is at most 32 characters")
+    if values["interval_ms"] > 86_400_000:
+        raise section.error("interval_ms", "at most one day (86400000)")
+    if values["deadband"] and dtype not in NUMERIC_DTYPES:
+        raise section.error("deadband", f"a deadband applies to numbers, not to {dtype} points")
+    lo = section.number("min", None)
+    hi = section.number("max", None)
+    if (lo is not None or hi is not None) and dtype not in NUMERIC_DTYPES:
+        raise section.error("min", f"limits apply to numbers, not to {dtype} points")
+    if lo is not None and hi is not None and lo > hi:
+        raise section.error("max", f"max ({hi}) is below min ({lo})")
+    values.update(min=lo, max=hi)
+    if modbus:
+        values.update(_modbus_point(section, table, dtype, defaults))
+        where = f"{_TABLE_SHORT[table]} {values['address']}"
+        count = values.pop("_count")
+        if count > 1:
+            where += f"-{values['address'] + count - 1}"
+        values["source"] = f"{device} unit {values['unit_id']} {where}"
+    elif protocol == "opcua":
+        node = section.text("node")
+        if NODE_ID_PATTERN.fullmatch(node) is None:
+            raise section.error(
+                "node",
+                f"{node!r} is not a node id; use 'nsu=URI;s=NAME', 'ns=2;s=NAME' or 'ns=2;i=42'",
+            )
+        values.update(node=node, source=f"{device} {node}")
+    else:
+        field_index = section.integer("field", min=0, max=64)
+        values.update(field_index=field_index, source=f"{device} field {field_index}")
+        if values["writable"]:
+            raise section.error("writable", "serial line sensors are read-only")
+    section.finish()
+    return PointConfig(**values)
+
+
+_TABLE_SHORT = {"holding": "hr", "input": "ir", "coil": "co", "discrete": "di"}
+
+
+def _modbus_point(
+    section: Section, table: str, dtype: str, defaults: dict[str, Any]
+) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "table": table,
+        "unit_id": section.integer("unit_id", defaults["unit_id"], min=0, max=247),
+        "address": section.integer("address", min=0, max=65535),
+    }
+    if table in REGISTER_TABLES:
+        values.update(
+            byte_order=section.text("byte_order", defaults["byte_order"], choices=ORDERS),
+            word_order=section.text("word_order", defaults["word_order"], choices=ORDERS),
+            scale=section.number("scale", 1.0),
+            offset=section.number("offset", 0.0),
+            length=section.integer("length", 1, min=1, max=MAX_REGISTERS_PER_READ)
+            if dtype == "string"
+            else (section.raw("length", None) or 1),
+        )
+        if values["scale"] == 0:
+            raise section.error("scale", "scale must not be 0 (raw * scale + offset)")
+        if dtype != "string" and section.has("length"):
+            raise section.error("length", "length is only for string points (registers)")
+        try:
+            count = RegisterCodec(
+                dtype,
+                values["byte_order"],
+                values["word_order"],
+                values["scale"],
+                values["offset"],
+                values["length"],
+            ).count
+        except CodecError as exc:
+            raise section.error("type", str(exc)) from None
+    else:
+        count = 1
+    if values["address"] + count > 65536:
+        raise section.error("address", f"the point's {count} items run past address 65535")
+    if section.flag("writable", False) and table not in ("holding", "coil"):
+        raise section.error(
+            "writable",
+            f"{table} is a read-only table; only holding registers and coils are writable",
+        )
+    values["_count"] = count
+    return values
+
+
+def _check_unique(root: Section, devices: tuple[DeviceConfig, ...]) -> None:
+    seen_ids: dict[str, int] = {}
+    seen_endpoints: dict[str, str] = {}
+    seen_points: dict[tuple[str, str], str] = {}
+    for index, device in enumerate(devices):
+        if device.id in seen_ids:
+            raise ConfigError(
+                root.file,
+                f"devices[{index}].id",
+                f"device id {device.id!r} is already used by devices[{seen_ids[device.id]}]",
+            )
+        seen_ids[device.id] = index
+        if device.endpoint in seen_endpoints:
+            raise ConfigError(
+                root.file,
+                f"devices[{index}]",
+                f"{device.endpoint} is also used by device {seen_endpoints[device.endpoint]!r}; "
+                "one endpoint is one device (list all unit ids' points under it)",
+            )
+        seen_endpoints[device.endpoint] = device.id
+        for point_index, point in enumerate(device.points):
+            if point.key in seen_points:
+                raise ConfigError(
+                    root.file,
+                    f"devices[{index}].points[{point_index}]",
+                    f"{point.name} is already read by {seen_points[point.key]}; "
+                    "each entity attribute has exactly one source",
+                )
+            seen_points[point.key] = device.id

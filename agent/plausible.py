@@ -1,0 +1,46 @@
+"""Is a decoded value believable? (sans-I/O; used by ``fieldtwin agent check``).
+
+A wrong byte or word order rarely fails loudly: it turns 2.5 m into 4.6e-41 or 1.3e+27.
+The check decodes the raw registers under every order and flags values that no plant
+would report, so a technician sees at a glance which order the device really uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from fieldtwin.agent.config import PointConfig
+from fieldtwin.protocol.messages import Value
+
+HUGE = 1e9
+TINY = 1e-6
+FLOAT32_HUGE = 1e7
+"""float32 carries 7 significant digits; a reading beyond 1e7 is almost always a
+wrong order (or the wrong type for a counter)."""
+
+
+def plausible(point: PointConfig, value: Value) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, (bool, str)):
+        return True
+    if isinstance(value, float) and (not math.isfinite(value)):
+        return False
+    magnitude = abs(value)
+    huge = FLOAT32_HUGE if point.dtype == "float32" else HUGE
+    if isinstance(value, float) and (magnitude > huge or 0 < magnitude < TINY):
+        return False
+    if point.min is not None and value < point.min:
+        return False
+    return not (point.max is not None and value > point.max)
+
+
+def implausible_orders(
+    point: PointConfig, configured: str, value: Value, alternatives: Mapping[str, Value]
+) -> list[str]:
+    """Names of the orders (configured one included) whose value looks implausible."""
+    bad = [name for name, candidate in alternatives.items() if not plausible(point, candidate)]
+    if configured not in alternatives and not plausible(point, value):
+        bad.append(configured)
+    return bad

@@ -1,0 +1,468 @@
+"""The running agent: drivers → sampler → batcher → outbox → uplink, and cmd → driver.
+
+One event loop; DuckDB work runs on the outbox's single worker thread. Shutdown order
+(SIGTERM/SIGINT, or ``Agent.stop()``): stop the drivers, commit every sample still in
+memory, let the uplink drain its live lane briefly and publish a ``death``, close the
+buffer, tell systemd ``STOPPING=1``. Nothing read from a device is dropped on a clean
+stop; on a crash or SIGKILL, at most the samples of the open batch (``flush_ms``) are
+lost, since every committed batch is in the buffer and is sent again after restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict
+from importlib import metadata
+from typing import Any
+
+from fieldtwin.agent.commands import CommandExecutor, WriteOutcome
+from fieldtwin.agent.config import AgentConfig, PointConfig
+from fieldtwin.agent.drivers import Driver, make_driver
+from fieldtwin.agent.errors import AgentError, OutboxError
+from fieldtwin.agent.outbox import AsyncOutbox, Committed, Outbox
+from fieldtwin.agent.sampler import FilterSpec, Sampler
+from fieldtwin.agent.sdnotify import Notifier
+from fieldtwin.agent.status import STATUS_FORMAT, write_status
+from fieldtwin.agent.uplink import Uplink
+from fieldtwin.agent.util import Backoff, Throttle, cancel_and_wait, now_ms, within
+from fieldtwin.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameSigner
+from fieldtwin.protocol.keys import KeyRegistry, load_private_key, load_public_key
+from fieldtwin.protocol.logfmt import fields
+from fieldtwin.protocol.messages import Birth, PointMeta, Quality, Sample, Value
+
+log = logging.getLogger("fieldtwin.agent")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fieldtwin")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class SamplerSink:
+    """The drivers' ``Sink``: stamps ``now`` and hands readings to the sampler."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+
+    def offer(self, index: int, value: Value, ts_ms: int, quality: Quality) -> None:
+        self.sampler.offer(index, value, ts_ms, quality, now_ms())
+
+    def fail(self, index: int) -> None:
+        self.sampler.fail(index, now_ms())
+
+
+class Batcher:
+    """Collects samples into batches and commits them (group commit) before publishing.
+
+    A batch closes when it reaches ``max_samples`` or ``flush_ms`` after its first
+    sample. If the buffer cannot be written (disk full, I/O error) the samples stay in
+    memory and the commit is retried with backoff; beyond ``max_pending`` samples in
+    memory the oldest are dropped and counted, so a dead disk cannot exhaust RAM.
+    """
+
+    def __init__(
+        self,
+        outbox: AsyncOutbox,
+        deliver: Any,
+        *,
+        max_samples: int,
+        flush_ms: int,
+        max_pending: int = 1_000_000,
+    ) -> None:
+        self.outbox = outbox
+        self.deliver = deliver
+        self.max_samples = max_samples
+        self.flush_s = flush_ms / 1000
+        self.max_pending = max(max_pending, max_samples)
+        self.pending: list[Sample] = []
+        self.dropped_in_memory = 0
+        self.commit_errors = 0
+        self.last_commit_ms: int | None = None
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._error_log = Throttle(30.0)
+
+    def add(self, sample: Sample) -> None:
+        pending = self.pending
+        pending.append(sample)
+        if len(pending) == 1:
+            self._idle.clear()
+            self._wake.set()
+        elif len(pending) >= self.max_samples:
+            self._full.set()
+        if len(pending) > self.max_pending:
+            excess = len(pending) - self.max_pending
+            del pending[:excess]
+            self.dropped_in_memory += excess
+
+    async def run(self) -> None:
+        backoff = Backoff(0.2, 10.0)
+        while True:
+            if not self.pending:
+                self._idle.set()
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self.pending) < self.max_samples and not self._stopping:
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await within(self.flush_s, self._full.wait())
+            taken, self.pending = self.pending, []
+            chunks = [
+                taken[i : i + self.max_samples] for i in range(0, len(taken), self.max_samples)
+            ]
+            try:
+                committed = await self.outbox.call(self.outbox.sync.commit_data, chunks)
+            except OutboxError as exc:
+                self.commit_errors += 1
+                self.pending[:0] = taken
+                if len(self.pending) > self.max_pending:
+                    excess = len(self.pending) - self.max_pending
+                    del self.pending[:excess]
+                    self.dropped_in_memory += excess
+                if self._error_log.ready():
+                    log.error(
+                        "cannot write the buffer; samples kept in memory",
+                        extra=fields(
+                            alarm="outbox_write_failed",
+                            error=str(exc),
+                            pending=len(self.pending),
+                            dropped_in_memory=self.dropped_in_memory,
+                        ),
+                    )
+                if self._stopping and backoff.attempts >= 3:
+                    log.error(
+                        "stopping with samples that could not be stored",
+                        extra=fields(alarm="samples_lost", samples=len(self.pending)),
+                    )
+                    self.pending = []
+                    continue
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            self.last_commit_ms = now_ms()
+            if committed:
+                self.deliver(committed)
+
+    async def drain(self) -> None:
+        """Commit everything pending, then let ``run`` return."""
+        self._stopping = True
+        self._wake.set()
+        self._full.set()
+        await self._idle.wait()
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.started_at_ms = now_ms()
+        self._stop = asyncio.Event()
+        self.point_list: list[tuple[str, PointConfig]] = [
+            (device.id, point) for device, point in config.points()
+        ]
+        self.points = {point.key: point for _, point in self.point_list}
+        key = load_private_key(config.private_key)
+        hub_key = load_public_key(config.hub_public_key)
+        self.signer = FrameSigner(config.gateway, key)
+        self.hub_keys = KeyRegistry.of({"hub": hub_key})
+        buffer = config.buffer
+        self.outbox = AsyncOutbox(
+            Outbox(
+                buffer.path,
+                self.signer,
+                max_samples=buffer.max_samples,
+                max_bytes=buffer.max_bytes,
+                overflow=buffer.overflow,
+                memory_limit_mb=buffer.memory_limit_mb,
+                checkpoint_mb=buffer.checkpoint_mb,
+                threads=buffer.threads,
+            )
+        )
+        self.batcher = Batcher(
+            self.outbox,
+            self._deliver,
+            max_samples=buffer.batch_max_samples,
+            flush_ms=buffer.flush_ms,
+        )
+        self.sampler = Sampler(
+            [
+                FilterSpec(p.entity, p.attribute, p.deadband, p.max_silence_ms)
+                for _, p in self.point_list
+            ],
+            self.batcher.add,
+        )
+        self.sink = SamplerSink(self.sampler)
+        self.drivers: list[Driver] = []
+        self._driver_of: dict[tuple[str, str], Driver] = {}
+        index = 0
+        for device in config.devices:
+            indexed = []
+            for point in device.points:
+                indexed.append((index, point))
+                index += 1
+            driver = make_driver(device, indexed)
+            self.drivers.append(driver)
+            for _, point in indexed:
+                self._driver_of[point.key] = driver
+        self.uplink = Uplink(
+            gateway=config.gateway,
+            broker=config.broker,
+            outbox=self.outbox,
+            hub_keys=self.hub_keys,
+            birth_factory=self.birth,
+            on_command=self._on_command,
+            backlog_samples_per_s=buffer.backlog_samples_per_s,
+            ack_timeout_s=buffer.ack_timeout_s,
+        )
+        self.executor = CommandExecutor(
+            gateway=config.gateway,
+            points=self.points,
+            outbox=self.outbox,
+            writer=self._write,
+            deliver=self._deliver,
+        )
+        self._metas = tuple(
+            PointMeta(
+                entity=p.entity,
+                attribute=p.attribute,
+                dtype=p.dtype,
+                unit=p.unit,
+                writable=p.writable,
+                min=p.min,
+                max=p.max,
+                interval_ms=p.interval_ms,
+                source=p.source[:512],
+            )
+            for _, p in self.point_list
+        )
+        self._info = {
+            "agent": "fieldtwin-agent",
+            "version": _version(),
+            "host": socket.gethostname(),
+            "started_at_ms": str(self.started_at_ms),
+            **config.info,
+        }
+        self._command_tasks: set[asyncio.Task[None]] = set()
+        self._state = "running"
+        self._check_birth_size()
+
+    # -- wiring -----------------------------------------------------------------------
+
+    def _check_birth_size(self) -> None:
+        worst = Birth(
+            self._metas,
+            tuple(
+                Sample(
+                    p.entity,
+                    p.attribute,
+                    "x" * 32 if p.dtype == "string" else 0.0,
+                    2**62,
+                    Quality.GOOD,
+                )
+                for _, p in self.point_list
+            ),
+            1,
+            self._info,
+        )
+        size = len(self.signer.encode(2**62, 2**62, 2**62, worst))
+        if size > DEFAULT_MAX_FRAME_BYTES * 0.9:
+            raise AgentError(
+                f"{self.config.file}: {len(self._metas)} points make a birth of {size} bytes, "
+                f"over the {DEFAULT_MAX_FRAME_BYTES}-byte frame limit; split the devices "
+                "over two gateways"
+            )
+
+    def birth(self, low_water: int) -> Birth:
+        return Birth(self._metas, tuple(self.sampler.state()), low_water, self._info)
+
+    def _deliver(self, committed: list[Committed]) -> None:
+        self.uplink.committed(committed)
+
+    async def _write(self, point: PointConfig, value: Value) -> WriteOutcome:
+        return await self._driver_of[point.key].write(point, value)
+
+    async def _on_command(self, frame: Any) -> None:
+        task = asyncio.create_task(self.executor.handle(frame), name="command")
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        try:
+            await self.outbox.open()
+        except BaseException:
+            await self.outbox.close()
+            raise
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.stop)
+        sync = self.outbox.sync
+        log.info(
+            "agent starting",
+            extra=fields(
+                gateway=self.config.gateway,
+                epoch=sync.epoch,
+                next_seq=sync.next_seq,
+                held_frames=len(sync.unacked()),
+                devices=len(self.drivers),
+                points=len(self.point_list),
+                buffer=sync.path,
+            ),
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                uplink_task = group.create_task(self.uplink.run(), name="uplink")
+                batcher_task = group.create_task(self.batcher.run(), name="batcher")
+                helpers = [
+                    group.create_task(self._tick_loop(), name="sampler-tick"),
+                    group.create_task(self._status_loop(), name="status"),
+                    group.create_task(
+                        self._watchdog_loop(uplink_task, batcher_task), name="watchdog"
+                    ),
+                ]
+                drivers = [
+                    group.create_task(self._supervise(driver), name=f"driver:{driver.id}")
+                    for driver in self.drivers
+                ]
+                self.notifier.ready(f"running: {len(self.point_list)} points")
+                await self._stop.wait()
+                log.info("agent stopping")
+                self.notifier.stopping()
+                await self._settle(drivers, "driver")
+                if self._command_tasks:
+                    await asyncio.wait(list(self._command_tasks), timeout=5)
+                await self.batcher.drain()
+                self.uplink.stop()
+                await asyncio.wait([uplink_task], timeout=10)
+                await self._settle([uplink_task, *helpers], "task")
+                self._state = "stopped"
+                await self._write_status()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            await self.outbox.close()
+        log.info("agent stopped", extra=fields(gateway=self.config.gateway))
+        return 0
+
+    async def _settle(self, tasks: list[asyncio.Task[Any]], what: str) -> None:
+        left = await cancel_and_wait(tasks, 15.0)
+        for task in left:
+            log.error(
+                "did not stop; exiting without it", extra=fields(kind=what, task=task.get_name())
+            )
+
+    async def _supervise(self, driver: Driver) -> None:
+        """Drivers handle device trouble themselves; this catches their bugs."""
+        backoff = Backoff(1.0, 60.0)
+        while True:
+            started = time.monotonic()
+            try:
+                await driver.run(self.sink)
+            except Exception:
+                log.exception("driver crashed; restarting it", extra=fields(device=driver.id))
+            if time.monotonic() - started > 60:
+                backoff.reset()
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.sampler.tick(now_ms())
+
+    async def _watchdog_loop(self, *critical: asyncio.Task[Any]) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        unhealthy = Throttle(30.0)
+        while True:
+            await asyncio.sleep(interval)
+            problem = ""
+            if any(task.done() for task in critical):
+                problem = "a core task has stopped"
+            else:
+                try:
+                    await within(interval, self.outbox.call(lambda: None))
+                except TimeoutError:
+                    problem = "the buffer worker is not responding"
+            if problem:
+                if unhealthy.ready():
+                    log.error(
+                        "unhealthy: not feeding the systemd watchdog", extra=fields(problem=problem)
+                    )
+                continue
+            self.notifier.watchdog()
+
+    def status(self, buffer: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": STATUS_FORMAT,
+            "state": self._state,
+            "gateway": self.config.gateway,
+            "pid": os.getpid(),
+            "started_at_ms": self.started_at_ms,
+            "written_at_ms": now_ms(),
+            "interval_s": self.config.status_interval_s,
+            "epoch": self.outbox.sync.epoch,
+            "broker_url": self.config.broker.url,
+            "buffer": {
+                **buffer,
+                "pending_in_memory": len(self.batcher.pending),
+                "dropped_in_memory": self.batcher.dropped_in_memory,
+                "last_commit_ms": self.batcher.last_commit_ms,
+            },
+            "uplink": self.uplink.stats.as_dict(),
+            "sampler": asdict(self.sampler.counters),
+            "commands": dict(self.executor.outcomes),
+            "sources": {
+                driver.id: {
+                    "protocol": driver.device.protocol,
+                    "endpoint": driver.device.endpoint,
+                    "points": len(driver.points),
+                    **driver.status(),
+                }
+                for driver in self.drivers
+            },
+        }
+
+    async def _write_status(self) -> None:
+        try:
+            stats = await within(10, self.outbox.call(self.outbox.sync.stats))
+            status = self.status(asdict(stats))
+            await asyncio.to_thread(write_status, self.config.status_file, status)
+        except (OSError, TimeoutError, RuntimeError) as exc:
+            log.warning("cannot write the status file", extra=fields(error=str(exc)))
+            return
+        uplink = "connected" if self.uplink.connected else "broker disconnected"
+        self.notifier.status(
+            f"{uplink}; {stats.samples} samples buffered; "
+            f"{self.uplink.stats.published_frames} frames published"
+        )
+
+    async def _status_loop(self) -> None:
+        while True:
+            await self._write_status()
+            await asyncio.sleep(self.config.status_interval_s)
+
+
+async def run_agent(config: AgentConfig) -> int:
+    agent = Agent(config)
+    return await agent.run()

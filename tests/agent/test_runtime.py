@@ -1,0 +1,123 @@
+"""Runtime pieces: the batcher under storage faults, births, and the birth-size guard."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from support.agent_env import AgentEnv
+from support.broker import MosquittoBroker
+from support.keys import gateway_key
+
+from fieldtwin.agent.config import load_config
+from fieldtwin.agent.errors import AgentError, OutboxError
+from fieldtwin.agent.outbox import AsyncOutbox, Committed, Outbox
+from fieldtwin.agent.runtime import Agent, Batcher
+from fieldtwin.agent.util import now_ms
+from fieldtwin.protocol.frames import FrameSigner
+from fieldtwin.protocol.messages import Quality, Sample
+
+
+def sample(i: int) -> Sample:
+    return Sample("tank-1", "level", float(i), 1_000 + i, Quality.GOOD)
+
+
+async def test_batcher_keeps_samples_through_storage_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = AsyncOutbox(Outbox(tmp_path / "o.duckdb", FrameSigner("gw-01", gateway_key)))
+    await outbox.open()
+    delivered: list[Committed] = []
+    batcher = Batcher(outbox, delivered.extend, max_samples=100, flush_ms=10)
+    real = outbox.sync.commit_data
+    failures = 0
+
+    def flaky(batches: object) -> list[Committed]:
+        # A full disk cannot be provoked portably; the fault is injected where DuckDB raises.
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise OutboxError("IO Error: No space left on device")
+        return real(batches)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outbox.sync, "commit_data", flaky)
+    task = asyncio.create_task(batcher.run())
+    for i in range(250):
+        batcher.add(sample(i))
+    await batcher.drain()
+    await asyncio.wait_for(task, 10)
+    await outbox.close()
+    assert batcher.commit_errors == 2
+    assert [c.samples for c in delivered] == [100, 100, 50]
+    assert [c.seq for c in delivered] == [1, 2, 3]  # failed attempts burned no seq
+
+
+async def test_batcher_memory_is_bounded(tmp_path: Path) -> None:
+    outbox = AsyncOutbox(Outbox(tmp_path / "o.duckdb", FrameSigner("gw-01", gateway_key)))
+    batcher = Batcher(outbox, lambda c: None, max_samples=10, flush_ms=10, max_pending=50)
+    for i in range(80):
+        batcher.add(sample(i))
+    assert len(batcher.pending) == 50
+    assert batcher.dropped_in_memory == 30
+    assert batcher.pending[0] == sample(30)  # the oldest went first
+
+
+def test_a_birth_too_large_for_one_frame_is_refused_at_startup(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    env = AgentEnv.create(tmp_path, "gw-huge", broker)
+    points = [
+        {
+            "entity": f"tank-{i:05d}",
+            "attribute": "level_of_the_liquid_in_metres",
+            "table": "holding",
+            "address": i,
+            "type": "uint16",
+            "unit": "m",
+            "writable": True,
+            "min": 0,
+            "max": 10,
+        }
+        for i in range(9000)
+    ]
+    device = {
+        "id": "plc",
+        "protocol": "modbus-tcp",
+        "host": "127.0.0.1",
+        "port": 1502,
+        "points": points,
+    }
+    with pytest.raises(AgentError, match="split the devices over two gateways"):
+        Agent(load_config(env.write_config([device])))
+
+
+def test_birth_carries_metadata_state_and_low_water(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    env = AgentEnv.create(tmp_path, "gw-birth", broker)
+    device = {
+        "id": "plc",
+        "protocol": "modbus-tcp",
+        "host": "127.0.0.1",
+        "port": 1502,
+        "points": [
+            {
+                "entity": "tank-1",
+                "attribute": "level",
+                "table": "input",
+                "address": 0,
+                "type": "float32",
+                "unit": "m",
+            }
+        ],
+    }
+    agent = Agent(load_config(env.write_config([device])))
+    assert agent.birth(7).low_water == 7
+    assert agent.birth(7).state == ()
+    stamp = now_ms()
+    agent.sink.offer(0, 2.5, stamp, Quality.GOOD)
+    birth = agent.birth(9)
+    assert birth.state == (Sample("tank-1", "level", 2.5, stamp, Quality.GOOD),)
+    assert birth.points[0].source == "plc unit 1 ir 0-1"
+    assert birth.info["agent"] == "fieldtwin-agent"

@@ -1,0 +1,281 @@
+"""Outbox + uplink against a real Mosquitto and the acknowledging hub peer.
+
+Samples enter through the batcher exactly as the sampler hands them over, so these
+tests cover commit-before-publish, acks, the two lanes, reconnects and the downlink
+checks without needing devices (the driver tests do that against the simulator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support.agent_env import AgentEnv
+from support.broker import MosquittoBroker
+from support.hub_peer import HubPeer, death_of
+
+from fieldtwin.agent.config import BrokerConfig
+from fieldtwin.agent.outbox import AsyncOutbox, Outbox
+from fieldtwin.agent.runtime import Batcher
+from fieldtwin.agent.uplink import Uplink
+from fieldtwin.protocol.frames import FrameSigner, encode_frame
+from fieldtwin.protocol.keys import KeyPair, KeyRegistry, load_private_key
+from fieldtwin.protocol.messages import Ack, Birth, PointMeta, Quality, Sample
+from fieldtwin.protocol.topics import downlink_topic
+
+META = (PointMeta("tank-1", "level", "float64", "m"),)
+
+
+@dataclass
+class Pipeline:
+    env: AgentEnv
+    outbox: AsyncOutbox
+    uplink: Uplink
+    batcher: Batcher
+    produced: list[Sample]
+
+    def add(self, count: int) -> None:
+        base = len(self.produced)
+        for i in range(base, base + count):
+            sample = Sample("tank-1", "level", float(i), 1_000_000 + i, Quality.GOOD)
+            self.produced.append(sample)
+            self.batcher.add(sample)
+
+
+@contextlib.asynccontextmanager
+async def pipeline(
+    env: AgentEnv, *, backlog_rate: float = 50_000.0, ack_timeout_s: float = 60.0
+) -> AsyncIterator[Pipeline]:
+    key = load_private_key(env.gateway_key_path)
+    outbox = AsyncOutbox(Outbox(env.state_dir / "outbox.duckdb", FrameSigner(env.gateway, key)))
+    await outbox.open()
+    broker = BrokerConfig(
+        url=env.broker.url,
+        host=env.broker.host,
+        port=env.broker.port,
+        username=env.gateway,
+        password=env.password_file.read_text(),
+        reconnect_min_s=0.1,
+        reconnect_max_s=1.0,
+        connect_timeout_s=5.0,
+        publish_timeout_s=5.0,
+    )
+
+    async def no_commands(frame: object) -> None:
+        raise AssertionError("no command expected")
+
+    uplink = Uplink(
+        gateway=env.gateway,
+        broker=broker,
+        outbox=outbox,
+        hub_keys=KeyRegistry.of({"hub": env.hub_key.public}),
+        birth_factory=lambda low_water: Birth(META, (), low_water, {"test": "yes"}),
+        on_command=no_commands,
+        backlog_samples_per_s=backlog_rate,
+        ack_timeout_s=ack_timeout_s,
+    )
+    batcher = Batcher(outbox, uplink.committed, max_samples=200, flush_ms=20)
+    tasks = [
+        asyncio.create_task(uplink.run(), name="test-uplink"),
+        asyncio.create_task(batcher.run(), name="test-batcher"),
+    ]
+    try:
+        yield Pipeline(env, outbox, uplink, batcher, [])
+    finally:
+        await batcher.drain()
+        uplink.stop()
+        await asyncio.wait_for(tasks[0], 20)
+        await asyncio.wait_for(tasks[1], 20)
+        await outbox.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path, broker: MosquittoBroker, request: pytest.FixtureRequest) -> AgentEnv:
+    name = "gw-" + request.node.name.replace("test_", "")[:20].replace("_", "-").strip("-")
+    return AgentEnv.create(tmp_path, name, broker)
+
+
+def values_at(hub: HubPeer, gateway: str) -> list[float]:
+    return [s.value for s in hub.gateways[gateway].samples]  # type: ignore[misc]
+
+
+def assert_exactly_once(hub: HubPeer, gateway: str, produced: list[Sample]) -> None:
+    view = hub.gateways[gateway]
+    assert len(view.applied) == len(set(view.applied)), "a frame was applied twice"
+    assert sorted(values_at(hub, gateway)) == [s.value for s in produced]
+
+
+async def test_samples_flow_and_acks_empty_the_outbox(
+    env: AgentEnv, broker: MosquittoBroker
+) -> None:
+    async with HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key) as hub:
+        async with pipeline(env) as pipe:
+            await hub.wait_for(lambda: len(hub.gateways[env.gateway].births) == 1, what="birth")
+            pipe.add(1000)
+            await hub.wait_for(
+                lambda: len(hub.gateways[env.gateway].samples) == 1000, what="1000 samples"
+            )
+            await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), what="outbox emptied")
+            assert_exactly_once(hub, env.gateway, pipe.produced)
+            birth = hub.gateways[env.gateway].births[0]
+            assert isinstance(birth.body, Birth)
+            assert birth.body.points == META
+            assert birth.seq == 1
+            assert birth.body.low_water == 1
+            assert pipe.uplink.stats.published_samples >= 1000
+            assert pipe.outbox.sync.counters.acked_samples == 1000
+        # a clean stop says goodbye with a death naming the birth it ends
+        await hub.wait_for(lambda: bool(hub.gateways[env.gateway].deaths), what="death")
+        death = death_of(hub.gateways[env.gateway].deaths[-1])
+        assert death.birth_seq == birth.seq
+        assert death.reason == "shutdown"
+
+
+async def test_broker_restart_mid_stream_loses_nothing(
+    env: AgentEnv, broker: MosquittoBroker
+) -> None:
+    async with (
+        HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key) as hub,
+        pipeline(env) as pipe,
+    ):
+        if True:
+            await hub.wait_for(lambda: pipe.uplink.connected, what="agent connected")
+
+            async def produce(seconds: float) -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    pipe.add(20)
+                    await asyncio.sleep(0.02)
+
+            await produce(1.0)
+            broker.stop()
+            await produce(1.5)  # committed while the broker is gone
+            assert not pipe.uplink.connected
+            broker.start()
+            await produce(1.0)
+            await hub.wait_for(
+                lambda: len(hub.gateways[env.gateway].samples) >= len(pipe.produced),
+                45,
+                what="every sample after the restart",
+            )
+            await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), 30, what="all acked")
+            assert_exactly_once(hub, env.gateway, pipe.produced)
+            assert pipe.uplink.stats.connects >= 2
+            assert len(hub.gateways[env.gateway].births) >= 2
+
+
+async def test_backlog_drains_on_its_own_lane_while_live_goes_first(
+    env: AgentEnv, broker: MosquittoBroker
+) -> None:
+    hub = HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key)
+    async with pipeline(env, backlog_rate=2_000.0) as pipe:
+        pipe.add(8_000)  # nobody to ack: this becomes backlog
+        await hub.start()
+        try:
+            await hub.wait_for(
+                lambda: len(hub.gateways[env.gateway].samples) >= 8_000,
+                30,
+                what="backlog delivered",
+            )
+            # Force a reconnect so everything unacknowledged is backlog for the session.
+            hub.acking = False
+            pipe.add(6_000)
+            await hub.wait_for(
+                lambda: len(hub.gateways[env.gateway].samples) >= 14_000, 30, what="live"
+            )
+            first_backlog = len(hub.gateways[env.gateway].applied)
+            broker.restart()
+            hub.acking = True
+            await hub.wait_connected()
+            for _ in range(10):  # live data during the bounded-rate drain
+                pipe.add(10)
+                await asyncio.sleep(0.1)
+            await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), 60, what="drained")
+        finally:
+            await hub.stop()
+    view = hub.gateways[env.gateway]
+    assert_exactly_once(hub, env.gateway, pipe.produced)
+    assert view.duplicates > 0  # the backlog resent frames the hub already had
+    assert pipe.uplink.stats.backlog_frames > 0
+    # Live frames (highest seqs) arrived while backlog frames were still draining.
+    after = [seq for _, seq in view.applied[first_backlog:]]
+    live = [seq for seq in after if seq > max(after) - 10]
+    assert live
+    assert min(after.index(s) for s in live) < len(after) - len(live)
+
+
+async def test_rebirth_and_new_hub_instance_bring_a_birth(
+    env: AgentEnv, broker: MosquittoBroker
+) -> None:
+    async with (
+        HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key) as hub,
+        pipeline(env) as pipe,
+    ):
+        if True:
+            view = hub.gateways[env.gateway]
+            await hub.wait_for(lambda: len(view.births) == 1, what="first birth")
+            await hub.send_rebirth(env.gateway, "gap at 7")
+            await hub.wait_for(lambda: len(view.births) == 2, what="birth after rebirth")
+            assert pipe.uplink.stats.rebirths == 1
+            await hub.restart(new_instance=True)
+            await hub.wait_for(lambda: len(hub.gateways[env.gateway].births) >= 3, what="birth")
+            pipe.add(10)
+            await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), what="acked")
+            seqs = [frame.seq for frame in hub.gateways[env.gateway].births]
+            assert seqs == sorted(set(seqs))  # every birth took a fresh seq
+
+
+async def test_forged_foreign_and_stale_downlink_is_refused(
+    env: AgentEnv, broker: MosquittoBroker
+) -> None:
+    hub = HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key, ack=False)
+    async with hub, pipeline(env) as pipe:
+        await hub.wait_for(lambda: pipe.uplink.connected, what="connected")
+        pipe.add(50)
+        await hub.wait_for(lambda: len(hub.gateways[env.gateway].samples) == 50, what="samples")
+        held = pipe.outbox.sync.unacked()
+        assert held
+        epoch = pipe.outbox.sync.epoch
+        everything = ((1, 10_000),)
+        topic = downlink_topic(env.gateway, "ack")
+        impostor = KeyPair.generate()
+        forged = [
+            encode_frame(impostor, "hub", 1, 1, 1, Ack(env.gateway, epoch, everything)),
+            encode_frame(env.hub_key, "hub", 1, 2, 1, Ack("gw-other", epoch, everything)),
+            encode_frame(env.hub_key, "hub", 1, 3, 1, Ack(env.gateway, epoch - 1, everything)),
+            b"\x93not a frame",
+        ]
+        for payload in forged:
+            await hub.publish(topic, payload)
+        rejected = pipe.uplink.stats.rejected
+        await hub.wait_for(lambda: sum(rejected.values()) == 4, what="four rejections")
+        assert rejected == {
+            "unknown_key": 1,
+            "wrong_recipient": 1,
+            "other_epoch": 1,
+            "not_msgpack": 1,
+        }
+        assert pipe.outbox.sync.unacked() == held  # nothing was let go
+        await hub.send_ack(env.gateway)  # the genuine one
+        await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), what="genuine ack")
+
+
+async def test_unacknowledged_frames_are_resent_after_the_ack_timeout(
+    env: AgentEnv, broker: MosquittoBroker
+) -> None:
+    hub = HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key, ack=False)
+    async with hub, pipeline(env, ack_timeout_s=1.0) as pipe:
+        await hub.wait_for(lambda: pipe.uplink.connected, what="connected")
+        pipe.add(30)
+        view = hub.gateways[env.gateway]
+        await hub.wait_for(lambda: view.duplicates > 0, 30, what="a resend")
+        assert pipe.uplink.stats.resent_frames > 0
+        hub.acking = True
+        await hub.send_ack(env.gateway)
+        await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), what="acked")
+        assert_exactly_once(hub, env.gateway, pipe.produced)
