@@ -1,0 +1,576 @@
+"""``fieldtwin hub ...`` and ``fieldtwin twin ...``.
+
+``hub run -c FILE`` runs the hub in the foreground (logs to stdout as logfmt; SIGINT
+or SIGTERM stop it cleanly). ``hub check -c FILE`` validates a config and its keys.
+
+``twin`` commands read the twin of the hub configured by ``-c FILE`` (or of the demo
+under ``--state-dir DIR``): through the running hub's loopback API when it runs,
+from its database file (read-only) when it does not. Every command takes
+``--format table|json|yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+FORMATS = ("table", "json", "yaml")
+
+
+def _add_source(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-c", "--config", type=Path, help="the hub's config file (hub.toml)")
+    group.add_argument(
+        "--state-dir",
+        type=Path,
+        help="a demo's state folder (uses DIR/hub.toml); default: the demo's default folder",
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, default="table", help="output format (default: table)"
+    )
+
+
+def register_hub(subparsers: Any) -> None:
+    hub = subparsers.add_parser(
+        "hub",
+        help="run the hub that holds the authoritative twin",
+        description=(
+            "The hub verifies and stores what gateways send, keeps the twin current, "
+            "detects drift, raises alarms and reconciles. See docs/hub.md."
+        ),
+    )
+    actions = hub.add_subparsers(dest="hub_command", metavar="ACTION", required=True)
+    run = actions.add_parser(
+        "run",
+        help="run the hub in the foreground",
+        description=(
+            "Run the hub until SIGINT/SIGTERM. Logs go to stdout as logfmt. The loopback "
+            "API (JSON queries and Prometheus /metrics) listens on 127.0.0.1."
+        ),
+    )
+    run.add_argument("-c", "--config", type=Path, required=True, help="hub config (TOML)")
+    run.set_defaults(func=_hub_run)
+    check = actions.add_parser(
+        "check",
+        help="validate a hub config and its key files, then exit",
+        description="Load the config, every gateway public key and the hub key; report.",
+    )
+    check.add_argument("-c", "--config", type=Path, required=True, help="hub config (TOML)")
+    check.set_defaults(func=_hub_check)
+
+
+def register_twin(subparsers: Any) -> None:
+    twin = subparsers.add_parser(
+        "twin",
+        help="query the twin: show, query, history, diff, export, alarms",
+        description=(
+            "Read the twin of a hub (-c FILE) or of the demo (--state-dir DIR). While the "
+            "hub runs, the query goes through its loopback API; otherwise the database "
+            "file is opened read-only. Times: now, 30s/5m/2h/1d (ago), epoch ms or ISO "
+            "8601 (UTC when no offset is given)."
+        ),
+    )
+    actions = twin.add_subparsers(dest="twin_command", metavar="ACTION", required=True)
+
+    show = actions.add_parser(
+        "show",
+        help="entities with their current (or past, --at) state",
+        description="Show entities and their attributes; --at shows the twin as of a time.",
+    )
+    show.add_argument("entities", nargs="*", help="physical or twin ids (default: all)")
+    show.add_argument("--at", help="show the whole twin as of this time instead of now")
+    _add_filters(show)
+    _add_source(show)
+    show.set_defaults(func=_twin_show)
+
+    query = actions.add_parser(
+        "query",
+        help="current attributes filtered by type, health and predicates",
+        description=(
+            "One row per attribute of every entity that passes all filters. Predicates: "
+            "ATTRIBUTE OP VALUE with OP one of = != < <= > >=, e.g. --where 'level>4.5'."
+        ),
+    )
+    _add_filters(query)
+    _add_source(query)
+    query.set_defaults(func=_twin_query)
+
+    hist = actions.add_parser(
+        "history",
+        help="one attribute's samples in a time window",
+        description=(
+            "Samples by source time, with the frame (gateway/epoch/seq) that delivered each."
+        ),
+    )
+    hist.add_argument("entity")
+    hist.add_argument("attribute")
+    hist.add_argument("--from", dest="start", default="1h", help="window start (default: 1h ago)")
+    hist.add_argument("--to", dest="end", default="now", help="window end (default: now)")
+    hist.add_argument("--limit", type=int, default=1000, help="newest N samples (default 1000)")
+    _add_source(hist)
+    hist.set_defaults(func=_twin_history)
+
+    diff = actions.add_parser(
+        "diff",
+        help="what changed between two times",
+        description="Attributes added, removed or changed between --from and --to.",
+    )
+    diff.add_argument("--from", dest="start", required=True, help="earlier time, e.g. 5m")
+    diff.add_argument("--to", dest="end", default="now", help="later time (default: now)")
+    _add_source(diff)
+    diff.set_defaults(func=_twin_diff)
+
+    export = actions.add_parser(
+        "export",
+        help="the whole twin in the digital_twin shape",
+        description=(
+            "Write the digital_twin export (entities, relationships, sync_configuration, "
+            "drift_detection, current_drift, reconciliation, operations). --format yaml "
+            "(or json) gives the document; table prints a summary."
+        ),
+    )
+    export.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    _add_source(export)
+    export.set_defaults(func=_twin_export)
+
+    alarms = actions.add_parser(
+        "alarms", help="list alarms", description="Alarms, oldest first (default: not cleared)."
+    )
+    alarms.add_argument(
+        "--state",
+        action="append",
+        choices=("active", "acknowledged", "shelved", "cleared"),
+        help="only alarms in this state (repeatable)",
+    )
+    alarms.add_argument("--all", action="store_true", help="include cleared alarms")
+    _add_source(alarms)
+    alarms.set_defaults(func=_twin_alarms)
+
+    for name, verb in (("ack", "acknowledge"), ("shelve", "shelve"), ("unshelve", "unshelve")):
+        op = actions.add_parser(
+            name,
+            help=f"{verb} an alarm (needs the running hub)",
+            description=f"{verb.title()} an alarm.",
+        )
+        op.add_argument("alarm_id", help="e.g. A-000012")
+        op.add_argument("--by", default=_user(), help="who does it (default: $USER)")
+        if name == "shelve":
+            op.add_argument("--for", dest="duration", required=True, help="e.g. 30m, 2h")
+        _add_source(op)
+        op.set_defaults(func=_twin_alarm_op, op=name)
+
+    status = actions.add_parser(
+        "status", help="hub and gateway link status", description="Hub status and gateway links."
+    )
+    _add_source(status)
+    status.set_defaults(func=_twin_status)
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--type", action="append", default=[], help="entity type (repeatable)")
+    parser.add_argument(
+        "--health",
+        action="append",
+        default=[],
+        choices=("healthy", "degraded", "stale", "unknown"),
+        help="entity health (repeatable)",
+    )
+    parser.add_argument(
+        "--where", action="append", default=[], help="attribute predicate, e.g. 'level>4.5'"
+    )
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "operator"
+
+
+# -- hub ---------------------------------------------------------------------------------
+
+
+def _hub_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from fieldtwin.hub.config import load_hub_config
+    from fieldtwin.hub.errors import HubError
+    from fieldtwin.hub.runtime import run_hub
+
+    config = load_hub_config(args.config)
+    try:
+        asyncio.run(_until_signal(run_hub(config)))
+    except HubError as exc:
+        print(f"fieldtwin: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _until_signal(coro: Any) -> None:
+    """Run ``coro``; SIGINT/SIGTERM cancel it so it can shut down cleanly."""
+    import asyncio
+    import signal
+
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def _hub_check(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.config import load_hub_config
+
+    config = load_hub_config(args.config)
+    registry = config.registry()
+    key = config.load_key()
+    schema = config.schema
+    print(f"config    {config.file}: valid")
+    print(f"twin      {config.twin_id} ({config.domain}, fidelity {config.fidelity})")
+    print(f"hub key   {key.key_id}  ({config.key_file})")
+    print(f"broker    {config.broker.url} as {config.broker.username}")
+    print(f"database  {config.database}")
+    for gateway in registry.senders():
+        print(f"gateway   {gateway}")
+    print(
+        f"schema    {len(schema.types)} types, {len(schema.entities)} entities, "
+        f"{len(schema.declared_points())} attributes, {len(schema.relationships)} "
+        f"relationships, {len(schema.structural)} structural rules"
+    )
+    return EXIT_OK
+
+
+# -- twin --------------------------------------------------------------------------------
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    if args.config is not None:
+        path: Path = args.config
+        return path
+    from fieldtwin.hub.paths import default_state_dir
+
+    state_dir = args.state_dir if args.state_dir is not None else default_state_dir()
+    return Path(state_dir) / "hub.toml"
+
+
+def _with_reader(args: argparse.Namespace, action: Any) -> int:
+    from fieldtwin.hub.config import load_hub_config
+    from fieldtwin.hub.errors import HubError
+    from fieldtwin.hub.reader import open_reader
+
+    path = _config_path(args)
+    if args.config is None and not path.exists():
+        print(
+            f"fieldtwin: error: {path} does not exist; give -c HUB.toml, or run "
+            "'fieldtwin demo' first to create the demo's state",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    try:
+        config = load_hub_config(path)
+        reader = open_reader(config)
+        try:
+            result: int = action(reader, config)
+        finally:
+            reader.close()
+    except HubError as exc:
+        print(f"fieldtwin: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return result
+
+
+def _emit(args: argparse.Namespace, value: Any, table: Any, out: Any = None) -> None:
+    stream = out or sys.stdout
+    if args.format == "json":
+        stream.write(json.dumps(value, indent=2, default=str) + "\n")
+    elif args.format == "yaml":
+        import yaml
+
+        stream.write(yaml.safe_dump(_plain(value), sort_keys=False, allow_unicode=True))
+    else:
+        stream.write(table())
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip: tuples to lists, odd types to text, so YAML stays plain."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = ["  ".join(h.upper().ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _age(ms: int | None, now_ms: int) -> str:
+    if not ms:
+        return "-"
+    seconds = max(0.0, (now_ms - ms) / 1000)
+    if seconds < 120:
+        return f"{seconds:.1f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+HEALTH_MARK = {"healthy": "ok", "degraded": "!", "stale": "~", "unknown": "?"}
+
+
+def entities_table(entities: Sequence[dict[str, Any]], now_ms: int) -> str:
+    rows = []
+    for entity in entities:
+        attrs = entity["attributes"]
+        health = entity["health"]
+        first = True
+        if not attrs:
+            rows.append(
+                [
+                    entity["physical_id"],
+                    entity["type"],
+                    f"{HEALTH_MARK[health]} {health}",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                ]
+            )
+        for name, attr in sorted(attrs.items()):
+            value = _cell(attr["value"]) + (f" {attr['unit']}" if attr.get("unit") else "")
+            rows.append(
+                [
+                    entity["physical_id"] if first else "",
+                    entity["type"] if first else "",
+                    f"{HEALTH_MARK[health]} {health}" if first else "",
+                    name,
+                    value,
+                    attr["quality"],
+                    _age(attr["ts_ms"], now_ms),
+                ]
+            )
+            first = False
+    return render_table(
+        ["entity", "type", "health", "attribute", "value", "quality", "updated"], rows
+    )
+
+
+def _twin_show(args: argparse.Namespace) -> int:
+    def action(reader: Any, config: Any) -> int:
+        now = int(time.time() * 1000)
+        if args.at:
+            snapshot = reader.as_of(args.at)
+            if args.entities:
+                snapshot = {k: v for k, v in snapshot.items() if k in set(args.entities)}
+
+            def past_table() -> str:
+                rows = [
+                    [entity, name, _cell(a["value"]), a["quality"], a["ts"]]
+                    for entity, attrs in sorted(snapshot.items())
+                    for name, a in sorted(attrs.items())
+                ]
+                return f"twin as of {args.at}\n" + render_table(
+                    ["entity", "attribute", "value", "quality", "source time"], rows
+                )
+
+            _emit(args, snapshot, past_table)
+            return EXIT_OK
+        entities = reader.entities(
+            types=args.type, health=args.health, where=args.where, ids=args.entities
+        )
+
+        def table() -> str:
+            source = "live hub" if reader.live else "database (hub not running)"
+            return f"twin {config.twin_id} ({source})\n" + entities_table(entities, now)
+
+        _emit(args, entities, table)
+        return EXIT_OK
+
+    return _with_reader(args, action)
+
+
+def _twin_query(args: argparse.Namespace) -> int:
+    def action(reader: Any, config: Any) -> int:
+        now = int(time.time() * 1000)
+        entities = reader.entities(types=args.type, health=args.health, where=args.where)
+        rows = [
+            {
+                "entity": e["physical_id"],
+                "twin_id": e["twin_id"],
+                "type": e["type"],
+                "health": e["health"],
+                "attribute": name,
+                "value": a["value"],
+                "unit": a.get("unit", ""),
+                "quality": a["quality"],
+                "ts": a["ts"],
+                "source": a.get("source"),
+            }
+            for e in entities
+            for name, a in sorted(e["attributes"].items())
+        ]
+        _emit(args, rows, lambda: entities_table(entities, now))
+        return EXIT_OK
+
+    return _with_reader(args, action)
+
+
+def _twin_history(args: argparse.Namespace) -> int:
+    def action(reader: Any, config: Any) -> int:
+        samples = reader.history(args.entity, args.attribute, args.start, args.end, args.limit)
+
+        def table() -> str:
+            rows = [[s["ts"], _cell(s["value"]), s["quality"], s["frame"]] for s in samples]
+            return render_table(["source time", "value", "quality", "frame"], rows)
+
+        _emit(args, samples, table)
+        return EXIT_OK
+
+    return _with_reader(args, action)
+
+
+def _twin_diff(args: argparse.Namespace) -> int:
+    def action(reader: Any, config: Any) -> int:
+        changes = reader.diff(args.start, args.end)
+
+        def table() -> str:
+            rows = [
+                [c["entity"], c["attribute"], c["change"], _cell(c["before"]), _cell(c["after"])]
+                for c in changes
+            ]
+            return f"changes from {args.start} to {args.end}: {len(changes)}\n" + render_table(
+                ["entity", "attribute", "change", "before", "after"], rows
+            )
+
+        _emit(args, changes, table)
+        return EXIT_OK
+
+    return _with_reader(args, action)
+
+
+def _twin_export(args: argparse.Namespace) -> int:
+    def action(reader: Any, config: Any) -> int:
+        document = reader.export()
+        fmt = args.format
+
+        def table() -> str:
+            twin = document["digital_twin"]
+            rows = [
+                [e["physical_id"], e["twin_id"], e["type"], e["health"], e["last_updated"]]
+                for e in twin["entities"]
+            ]
+            drift = document["current_drift"]
+            issues = [
+                [i["entity_id"], i["type"], i["severity"], i["description"]]
+                for i in drift["issues"]
+            ]
+            text = (
+                f"twin {twin['id']} ({twin['domain']}), last sync {twin['last_sync']}, "
+                f"confidence {document['confidence']}\n"
+                + render_table(["entity", "twin id", "type", "health", "last updated"], rows)
+            )
+            if issues:
+                text += "\n" + render_table(["entity", "drift", "severity", "description"], issues)
+            return text
+
+        if args.output is not None:
+            with args.output.open("w", encoding="utf-8") as handle:
+                _emit(args, document, table, handle)
+            print(f"wrote {args.output} ({fmt})", file=sys.stderr)
+        else:
+            _emit(args, document, table)
+        return EXIT_OK
+
+    return _with_reader(args, action)
+
+
+def alarms_table(alarms: Sequence[dict[str, Any]]) -> str:
+    rows = [
+        [
+            a["id"],
+            a["state"],
+            a["severity"],
+            a["rule"],
+            a["entity"] + (f".{a['attribute']}" if a["attribute"] else ""),
+            a["strategy"],
+            a["description"],
+        ]
+        for a in alarms
+    ]
+    return render_table(
+        ["id", "state", "severity", "rule", "subject", "strategy", "description"], rows
+    )
+
+
+def _twin_alarms(args: argparse.Namespace) -> int:
+    def action(reader: Any, config: Any) -> int:
+        states = args.state or ([] if args.all else ["active", "acknowledged", "shelved"])
+        alarms = reader.alarms(states)
+        _emit(args, alarms, lambda: alarms_table(alarms))
+        return EXIT_OK
+
+    return _with_reader(args, action)
+
+
+def _twin_alarm_op(args: argparse.Namespace) -> int:
+    def action(reader: Any, config: Any) -> int:
+        alarm = reader.alarm_op(args.op, args.alarm_id, args.by, getattr(args, "duration", None))
+        _emit(args, alarm, lambda: alarms_table([alarm]))
+        return EXIT_OK
+
+    return _with_reader(args, action)
+
+
+def _twin_status(args: argparse.Namespace) -> int:
+    def action(reader: Any, config: Any) -> int:
+        status = reader.status()
+
+        def table() -> str:
+            running = "running" if reader.live else "not running"
+            head = f"hub {status['twin_id']}: {running}; database {status['database']}\n"
+            rows = [
+                [
+                    g["id"],
+                    "up" if g.get("up", g.get("online")) else "down",
+                    g.get("epoch"),
+                    g.get("frames"),
+                    g.get("last_frame"),
+                ]
+                for g in status["gateways"]
+            ]
+            return head + render_table(["gateway", "link", "epoch", "frames", "last frame"], rows)
+
+        _emit(args, status, table)
+        return EXIT_OK
+
+    return _with_reader(args, action)

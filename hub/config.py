@@ -1,0 +1,690 @@
+"""The hub configuration: broker, keys, gateway registry and the twin schema.
+
+One TOML file (see ``examples/hub.toml`` and docs/hub.md). It is read strictly with
+``fieldtwin.protocol.config``: every error names the file, the dotted key and the fix,
+and unknown keys are refused with a suggestion. Cross-references (an entity's type, a
+relationship's ends, a structural rule's types, a desired value's limits) are checked
+here too, so a hub never starts on a schema that contradicts itself.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from fieldtwin.protocol.config import ConfigError, Section, load_toml
+from fieldtwin.protocol.keys import KeyPair, KeyRegistry, load_private_key, load_public_key
+from fieldtwin.protocol.messages import ID_PATTERN
+from fieldtwin.protocol.topics import RESERVED_IDS
+
+STRATEGIES = ("auto_correct", "alert", "investigate", "ignore")
+SEVERITIES = ("warning", "critical")
+FIDELITIES = ("low", "medium", "high")
+
+DRIFT_RULES = (
+    "threshold",
+    "temporal.gateway_silent",
+    "temporal.sensor_stale",
+    "structural.missing",
+    "structural.undeclared",
+    "structural.relationship",
+    "structural.wrong_gateway",
+    "semantic.rate",
+    "semantic.frozen",
+)
+"""Every check the drift engine runs; reconciliation rules match these ids."""
+
+DEFAULT_SEVERITY = {
+    "threshold": "warning",
+    "temporal.gateway_silent": "critical",
+    "temporal.sensor_stale": "warning",
+    "structural.missing": "warning",
+    "structural.undeclared": "warning",
+    "structural.relationship": "warning",
+    "structural.wrong_gateway": "warning",
+    "semantic.rate": "warning",
+    "semantic.frozen": "warning",
+}
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One side of a threshold: the value at which a warning and a critical level start."""
+
+    warning: float | None = None
+    critical: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.warning is None and self.critical is None
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeSpec:
+    """What the twin expects of one attribute of an entity type."""
+
+    name: str
+    unit: str = ""
+    description: str = ""
+    interval_s: float | None = None
+    stale_after_s: float | None = None
+    high: Limits = Limits()
+    low: Limits = Limits()
+    deadband: float = 0.0
+    on_delay_s: float = 0.0
+    off_delay_s: float = 0.0
+    max_rate: float | None = None
+    frozen_after_s: float | None = None
+    frozen_min_change: float = 0.0
+    frozen_while: str | None = None
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def has_thresholds(self) -> bool:
+        return not (self.high.empty and self.low.empty)
+
+
+@dataclass(frozen=True, slots=True)
+class EntityType:
+    name: str
+    description: str
+    attributes: Mapping[str, AttributeSpec]
+
+
+@dataclass(frozen=True, slots=True)
+class EntitySpec:
+    """A declared entity: the physical id is what agents report; the twin id is ours."""
+
+    id: str
+    twin_id: str
+    type: str
+    gateway: str | None = None
+    name: str = ""
+    static: Mapping[str, Scalar] = field(default_factory=dict)
+    desired: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RelationshipSpec:
+    source: str
+    target: str
+    type: str
+    attributes: Mapping[str, Scalar] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StructuralRule:
+    """Each entity of ``entity_type`` has between ``min`` and ``max`` ``relationship``
+    links to entities of ``target_type`` (outgoing, or incoming with direction "in")."""
+
+    id: str
+    description: str
+    entity_type: str
+    relationship: str
+    target_type: str
+    direction: str = "out"
+    min: int = 1
+    max: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyRule:
+    """Which reconciliation strategy applies to findings that match every given field."""
+
+    drift: str
+    strategy: str
+    entity_type: str = "*"
+    entity: str = "*"
+    attribute: str = "*"
+    severity: str | None = None
+
+    def matches(self, rule: str, entity_type: str, entity: str, attribute: str) -> bool:
+        drift_ok = (
+            self.drift == "*"
+            or rule == self.drift
+            or rule.startswith(self.drift + ".")
+            or fnmatch.fnmatchcase(rule, self.drift)
+        )
+        return (
+            drift_ok
+            and fnmatch.fnmatchcase(entity_type, self.entity_type)
+            and fnmatch.fnmatchcase(entity, self.entity)
+            and fnmatch.fnmatchcase(attribute, self.attribute)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReconciliationConfig:
+    default: str = "alert"
+    rules: tuple[StrategyRule, ...] = ()
+
+    def resolve(
+        self, rule: str, entity_type: str, entity: str, attribute: str
+    ) -> tuple[str, str | None]:
+        """The strategy (and severity override) for one finding: first matching rule wins."""
+        for candidate in self.rules:
+            if candidate.matches(rule, entity_type, entity, attribute):
+                return candidate.strategy, candidate.severity
+        return self.default, None
+
+
+@dataclass(frozen=True, slots=True)
+class DriftConfig:
+    interval_s: float = 1.0
+    stale_factor: float = 3.0
+    default_interval_s: float = 10.0
+    gateway_silent_s: float = 15.0
+    missing_after_s: float = 30.0
+    rate_hold_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    batch_max_frames: int = 500
+    batch_window_ms: int = 5
+    ack_interval_ms: int = 100
+    gap_timeout_s: float = 5.0
+    rebirth_min_interval_s: float = 10.0
+    audit_rejections_per_minute: int = 60
+    max_frame_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    username: str = "hub"
+    password: str | None = None
+    client_id: str = "ft-hub"
+    keepalive_s: int = 15
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySpec:
+    id: str
+    public_keys: tuple[Path, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TwinSchema:
+    types: Mapping[str, EntityType]
+    entities: Mapping[str, EntitySpec]
+    relationships: tuple[RelationshipSpec, ...] = ()
+    structural: tuple[StructuralRule, ...] = ()
+
+    def spec(self, entity: str, attribute: str) -> AttributeSpec | None:
+        declared = self.entities.get(entity)
+        if declared is None:
+            return None
+        return self.types[declared.type].attributes.get(attribute)
+
+    def type_of(self, entity: str) -> str:
+        declared = self.entities.get(entity)
+        return declared.type if declared is not None else "undeclared"
+
+    def declared_points(self) -> list[tuple[str, str]]:
+        return [
+            (entity.id, name)
+            for entity in self.entities.values()
+            for name in self.types[entity.type].attributes
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    file: Path
+    twin_id: str
+    domain: str
+    fidelity: str
+    database: Path
+    key_file: Path
+    api_port: int
+    memory_limit: str
+    threads: int
+    broker: BrokerConfig
+    gateways: Mapping[str, GatewaySpec]
+    schema: TwinSchema
+    drift: DriftConfig
+    ingest: IngestConfig
+    reconciliation: ReconciliationConfig
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the hub keeps its database and its run files (API endpoint, lock)."""
+        return self.database.parent
+
+    @property
+    def endpoint_file(self) -> Path:
+        return self.database.with_name(self.database.name + ".api.json")
+
+    def load_key(self) -> KeyPair:
+        return load_private_key(self.key_file)
+
+    def registry(self) -> KeyRegistry:
+        """Gateway public keys, loaded now; a missing or bad key file names the gateway."""
+        registry = KeyRegistry()
+        for gateway in self.gateways.values():
+            for index, path in enumerate(gateway.public_keys):
+                try:
+                    registry.add(gateway.id, load_public_key(path))
+                except ConfigError:
+                    raise
+                except Exception as exc:
+                    key = f"gateways.{gateway.id}.public_key"
+                    if len(gateway.public_keys) > 1:
+                        key = f"gateways.{gateway.id}.public_keys[{index}]"
+                    raise ConfigError(self.file, key, str(exc)) from None
+        return registry
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def load_hub_config(path: Path | str) -> HubConfig:
+    """Read and validate a hub config, or raise ``ConfigError`` naming file, key and fix."""
+    root = load_toml(path)
+    file = Path(path)
+    hub = root.section("hub", required=True)
+    twin_id = _ident(hub, "twin_id")
+    domain = hub.text("domain", "industrial process")
+    fidelity = hub.text("fidelity", "high", choices=FIDELITIES)
+    database = _path(hub, "database") or file.parent / "hub.duckdb"
+    key_file = _path(hub, "key", required=True)
+    assert key_file is not None
+    api_port = hub.integer("api_port", 0, min=0, max=65535)
+    memory_limit = hub.text("memory_limit", "512MB")
+    threads = hub.integer("threads", 2, min=1, max=64)
+    hub.finish()
+
+    broker = _broker(root.section("broker"))
+    gateways = _gateways(root)
+    types = _types(root)
+    entities = _entities(root, types, gateways, twin_id)
+    relationships = _relationships(root, entities)
+    structural = _structural(root, types)
+    drift = _drift(root.section("drift"))
+    ingest = _ingest(root.section("ingest"))
+    reconciliation = _reconciliation(root.section("reconciliation"))
+    root.finish()
+    return HubConfig(
+        file=file,
+        twin_id=twin_id,
+        domain=domain,
+        fidelity=fidelity,
+        database=database,
+        key_file=key_file,
+        api_port=api_port,
+        memory_limit=memory_limit,
+        threads=threads,
+        broker=broker,
+        gateways=gateways,
+        schema=TwinSchema(
+            types=types,
+            entities=entities,
+            relationships=tuple(relationships),
+            structural=tuple(structural),
+        ),
+        drift=drift,
+        ingest=ingest,
+        reconciliation=reconciliation,
+    )
+
+
+def _path(section: Section, key: str, *, required: bool = False) -> Path | None:
+    """A path; ``$VARS`` are expanded (systemd's ``$CREDENTIALS_DIRECTORY``, ``$STATE_DIRECTORY``)
+    and relative paths are relative to the config file's folder."""
+    text = section.text(key) if required else section.text(key, None)
+    if text is None:
+        return None
+    expanded = os.path.expandvars(text)
+    if "$" in expanded:
+        raise section.error(key, f"{text!r} names an environment variable that is not set")
+    path = Path(expanded).expanduser()
+    return path if path.is_absolute() else section.file.parent / path
+
+
+def _ident(section: Section, key: str) -> str:
+    value = section.text(key)
+    if ID_PATTERN.fullmatch(value) is None:
+        raise section.error(
+            key, f"{value!r} must be 1-64 letters, digits, '_', '.' or '-', starting alphanumeric"
+        )
+    return value
+
+
+def _broker(section: Section) -> BrokerConfig:
+    url = section.text("url", "mqtt://127.0.0.1:1883")
+    host, port, tls = parse_broker_url(url, section)
+    password = section.text("password", None, allow_empty=True)
+    password_file = _path(section, "password_file")
+    if password is not None and password_file is not None:
+        raise section.error("password_file", "give either password or password_file, not both")
+    if password_file is not None:
+        try:
+            password = password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise section.error("password_file", f"cannot read {password_file}: {exc}") from None
+    config = BrokerConfig(
+        host=host,
+        port=port,
+        tls=tls,
+        username=section.text("username", "hub"),
+        password=password,
+        client_id=section.text("client_id", "ft-hub"),
+        keepalive_s=section.integer("keepalive_s", 15, min=5, max=3600),
+    )
+    section.finish()
+    return config
+
+
+def parse_broker_url(url: str, section: Section | None = None) -> tuple[str, int, bool]:
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` → (host, port, tls)."""
+
+    def fail(problem: str) -> Exception:
+        if section is not None:
+            return section.error("url", problem)
+        return ConfigError("--broker", "", problem)
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp"):
+        raise fail(f"{url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+    if not parts.hostname:
+        raise fail(f"{url!r} names no host; expected mqtt://HOST:PORT")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise fail(f"{url!r} has an invalid port") from None
+    return unquote(parts.hostname), port, tls
+
+
+def _gateways(root: Section) -> dict[str, GatewaySpec]:
+    gateways: dict[str, GatewaySpec] = {}
+    for name, section in root.table_items("gateways"):
+        if ID_PATTERN.fullmatch(name) is None or name in RESERVED_IDS:
+            raise section.error("", f"{name!r} is not a valid gateway id")
+        single = section.path("public_key", None)
+        several = section.text_list("public_keys", None)
+        if single is None and not several:
+            raise section.error("public_key", "required key is missing (the gateway's .pub file)")
+        keys: list[Path] = [single] if single is not None else []
+        for item in several or []:
+            candidate = Path(item).expanduser()
+            keys.append(candidate if candidate.is_absolute() else root.file.parent / candidate)
+        gateways[name] = GatewaySpec(
+            id=name, public_keys=tuple(keys), description=section.text("description", "")
+        )
+        section.finish()
+    if not gateways:
+        raise root.error("gateways", "declare at least one [gateways.ID] with its public_key")
+    return gateways
+
+
+def _limits(section: Section, key: str, high: bool) -> Limits:
+    if not section.has(key):
+        section.raw(key, None)
+        return Limits()
+    table = section.section(key)
+    limits = Limits(
+        warning=table.number("warning", None),
+        critical=table.number("critical", None),
+    )
+    table.finish()
+    if limits.warning is not None and limits.critical is not None:
+        if high and limits.critical < limits.warning:
+            raise table.error("critical", "a high critical limit must be >= the warning limit")
+        if not high and limits.critical > limits.warning:
+            raise table.error("critical", "a low critical limit must be <= the warning limit")
+    if limits.empty:
+        raise table.error("", "give warning, critical or both")
+    return limits
+
+
+def _attribute(name: str, section: Section) -> AttributeSpec:
+    spec = AttributeSpec(
+        name=name,
+        unit=section.text("unit", "", allow_empty=True),
+        description=section.text("description", "", allow_empty=True),
+        interval_s=section.number("interval_s", None, min=0.001),
+        stale_after_s=section.number("stale_after_s", None, min=0.001),
+        high=_limits(section, "high", True),
+        low=_limits(section, "low", False),
+        deadband=section.number("deadband", 0.0, min=0.0),
+        on_delay_s=section.number("on_delay_s", 0.0, min=0.0),
+        off_delay_s=section.number("off_delay_s", 0.0, min=0.0),
+        max_rate=section.number("max_rate", None, min=0.0),
+        frozen_after_s=section.number("frozen_after_s", None, min=0.001),
+        frozen_min_change=section.number("frozen_min_change", 0.0, min=0.0),
+        frozen_while=section.text("frozen_while", None),
+        writable=section.flag("writable", False),
+        min=section.number("min", None),
+        max=section.number("max", None),
+    )
+    section.finish()
+    if spec.min is not None and spec.max is not None and spec.min > spec.max:
+        raise section.error("max", f"max ({spec.max}) is below min ({spec.min})")
+    if (
+        spec.high.warning is not None
+        and spec.low.warning is not None
+        and spec.low.warning >= spec.high.warning
+    ):
+        raise section.error("low", "the low warning limit must be below the high one")
+    return spec
+
+
+def _types(root: Section) -> dict[str, EntityType]:
+    types: dict[str, EntityType] = {}
+    for name, section in root.table_items("types"):
+        attributes: dict[str, AttributeSpec] = {}
+        for attr_name, attr_section in section.table_items("attributes"):
+            attributes[attr_name] = _attribute(attr_name, attr_section)
+        for attr in attributes.values():
+            ref = attr.frozen_while
+            if ref is not None and "." not in ref and ref not in attributes:
+                raise section.error(
+                    f"attributes.{attr.name}.frozen_while",
+                    f"{ref!r} is not an attribute of type {name!r}; name one "
+                    "of its attributes or ENTITY.ATTRIBUTE",
+                )
+        types[name] = EntityType(
+            name=name,
+            description=section.text("description", "", allow_empty=True),
+            attributes=attributes,
+        )
+        section.finish()
+    if not types:
+        raise root.error("types", "declare at least one entity type ([types.NAME])")
+    return types
+
+
+def _scalars(section: Section, key: str) -> dict[str, Scalar]:
+    value = section.raw(key, {})
+    if not isinstance(value, dict):
+        raise section.error(key, "expected a table of name = value")
+    for name, item in value.items():
+        if not isinstance(item, bool | int | float | str) or (
+            isinstance(item, float) and not math.isfinite(item)
+        ):
+            raise section.error(f"{key}.{name}", f"expected a number, text or bool, got {item!r}")
+    return dict(value)
+
+
+def _entities(
+    root: Section,
+    types: Mapping[str, EntityType],
+    gateways: Mapping[str, GatewaySpec],
+    twin_id: str,
+) -> dict[str, EntitySpec]:
+    entities: dict[str, EntitySpec] = {}
+    twin_ids: set[str] = set()
+    for section in root.sections("entities"):
+        physical = section.text("id")
+        if physical in entities:
+            raise section.error("id", f"entity {physical!r} is declared twice")
+        type_name = section.text("type", choices=types)
+        gateway = section.text("gateway", None)
+        if gateway is not None and gateway not in gateways:
+            raise section.error(
+                "gateway", f"{gateway!r} is not a declared gateway ({', '.join(sorted(gateways))})"
+            )
+        entity = EntitySpec(
+            id=physical,
+            twin_id=section.text("twin_id", f"{twin_id}/{physical}"),
+            type=type_name,
+            gateway=gateway,
+            name=section.text("name", "", allow_empty=True),
+            static=_scalars(section, "static"),
+            desired=_scalars(section, "desired"),
+        )
+        section.finish()
+        if entity.twin_id in twin_ids:
+            raise section.error("twin_id", f"twin id {entity.twin_id!r} is used twice")
+        twin_ids.add(entity.twin_id)
+        attributes = types[type_name].attributes
+        for name, value in entity.desired.items():
+            spec = attributes.get(name)
+            if spec is None or not spec.writable:
+                raise section.error(
+                    f"desired.{name}", f"{name!r} is not a writable attribute of type {type_name!r}"
+                )
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if numeric and (
+                (spec.min is not None and value < spec.min)  # type: ignore[operator]
+                or (spec.max is not None and value > spec.max)  # type: ignore[operator]
+            ):
+                raise section.error(
+                    f"desired.{name}",
+                    f"{value} is outside the writable limits [{spec.min}, {spec.max}]",
+                )
+        entities[physical] = entity
+    if not entities:
+        raise root.error("entities", "declare at least one [[entities]] table")
+    for entity in entities.values():
+        for attr in types[entity.type].attributes.values():
+            ref = attr.frozen_while
+            if ref is not None and "." in ref:
+                other, _, other_attr = ref.partition(".")
+                if (
+                    other not in entities
+                    or other_attr not in types[entities[other].type].attributes
+                ):
+                    raise root.error(
+                        f"types.{entity.type}.attributes.{attr.name}.frozen_while",
+                        f"{ref!r} is not a declared ENTITY.ATTRIBUTE",
+                    )
+    return entities
+
+
+def _relationships(root: Section, entities: Mapping[str, EntitySpec]) -> list[RelationshipSpec]:
+    out: list[RelationshipSpec] = []
+    for section in root.sections("relationships"):
+        source = section.text("source", choices=entities)
+        target = section.text("target", choices=entities)
+        attributes = _scalars(section, "attributes") if section.has("attributes") else None
+        out.append(
+            RelationshipSpec(
+                source=source, target=target, type=section.text("type"), attributes=attributes
+            )
+        )
+        section.finish()
+    return out
+
+
+def _structural(root: Section, types: Mapping[str, EntityType]) -> list[StructuralRule]:
+    out: list[StructuralRule] = []
+    for section in root.sections("structural"):
+        rule = StructuralRule(
+            id=section.text("id"),
+            description=section.text("description", "", allow_empty=True),
+            entity_type=section.text("entity_type", choices=types),
+            relationship=section.text("relationship"),
+            target_type=section.text("target_type", choices=types),
+            direction=section.text("direction", "out", choices=("in", "out")),
+            min=section.integer("min", 1, min=0),
+            max=section.integer("max", None, min=0),
+        )
+        section.finish()
+        if rule.max is not None and rule.max < rule.min:
+            raise section.error("max", f"max ({rule.max}) is below min ({rule.min})")
+        out.append(rule)
+    return out
+
+
+def _drift(section: Section) -> DriftConfig:
+    config = DriftConfig(
+        interval_s=section.number("interval_s", 1.0, min=0.05, max=3600),
+        stale_factor=section.number("stale_factor", 3.0, min=1.0),
+        default_interval_s=section.number("default_interval_s", 10.0, min=0.001),
+        gateway_silent_s=section.number("gateway_silent_s", 15.0, min=0.1),
+        missing_after_s=section.number("missing_after_s", 30.0, min=0.0),
+        rate_hold_s=section.number("rate_hold_s", 10.0, min=0.0),
+    )
+    section.finish()
+    return config
+
+
+def _ingest(section: Section) -> IngestConfig:
+    config = IngestConfig(
+        batch_max_frames=section.integer("batch_max_frames", 500, min=1, max=100_000),
+        batch_window_ms=section.integer("batch_window_ms", 5, min=0, max=10_000),
+        ack_interval_ms=section.integer("ack_interval_ms", 100, min=0, max=60_000),
+        gap_timeout_s=section.number("gap_timeout_s", 5.0, min=0.0),
+        rebirth_min_interval_s=section.number("rebirth_min_interval_s", 10.0, min=0.0),
+        audit_rejections_per_minute=section.integer(
+            "audit_rejections_per_minute", 60, min=0, max=1_000_000
+        ),
+        max_frame_bytes=section.integer("max_frame_bytes", 1 << 20, min=1024, max=64 << 20),
+    )
+    section.finish()
+    return config
+
+
+def _reconciliation(section: Section) -> ReconciliationConfig:
+    default = section.text("default", "alert", choices=STRATEGIES)
+    rules: list[StrategyRule] = []
+    for item in section.sections("rules"):
+        drift = item.text("drift")
+        known = drift == "*" or any(
+            rule == drift or rule.startswith(drift + ".") or fnmatch.fnmatchcase(rule, drift)
+            for rule in DRIFT_RULES
+        )
+        if not known:
+            raise item.error(
+                "drift", f"{drift!r} matches no drift check ({', '.join(DRIFT_RULES)})"
+            )
+        rules.append(
+            StrategyRule(
+                drift=drift,
+                strategy=item.text("strategy", choices=STRATEGIES),
+                entity_type=item.text("entity_type", "*"),
+                entity=item.text("entity", "*"),
+                attribute=item.text("attribute", "*"),
+                severity=item.text("severity", None, choices=SEVERITIES),
+            )
+        )
+        item.finish()
+    section.finish()
+    return ReconciliationConfig(default=default, rules=tuple(rules))
+
+
+def describe_config_value(value: Any) -> str:
+    """Compact text for a config value in exports (numbers without trailing .0)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

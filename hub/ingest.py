@@ -1,0 +1,617 @@
+"""Ingest: raw MQTT messages in, a durable twin update and the acks to send out.
+
+Synchronous and free of network I/O, so it is tested (and benchmarked) with frames
+signed in the test; the runtime feeds it batches from the broker and runs it on the
+database thread. For each message of a batch, in arrival order:
+
+1. ``parse_topic`` and ``decode_frame`` (size, structure, key, signature, schema);
+2. the signed sender and kind must match the topic (``topic_mismatch``);
+3. ``tracker.check`` refuses replays and stale epochs (on a working copy of the
+   tracker, so a frame repeated *within* a batch is caught too);
+4. its samples are merged last-writer-wins against the state plus the batch's winners.
+
+Then one transaction stores the frames (the journal of the tracker and of the current
+state, see ``store``), their samples in history, and audit records, point metadata
+and gateway changes when there are any. Only after it commits are the tracker and the
+in-memory state replaced, and acks listing every delivered range of each gateway's
+epoch become due. If the write fails nothing is applied or acked; the senders still
+hold the frames and resend them, and they are not replays because the tracker never
+recorded them. ``flush`` brings the tracker snapshot, the ``current`` table and the
+gateway links up to date once per drift cycle.
+
+Rejected frames are counted by reason and audited; a flood is audited at most
+``audit_rejections_per_minute`` times per (gateway, reason) and minute, plus one
+summary record of how many were suppressed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fieldtwin.hub.audit import AuditChain, AuditEvent
+from fieldtwin.hub.config import HubConfig
+from fieldtwin.hub.errors import StoreError
+from fieldtwin.hub.metrics import HubMetrics
+from fieldtwin.hub.state import (
+    GatewayLink,
+    MergeResult,
+    PointInfo,
+    SemanticSpec,
+    TwinState,
+    encode_columns,
+)
+from fieldtwin.hub.store import Flush, FrameRow, IngestWrite, TwinStore
+from fieldtwin.protocol.errors import ProtocolError, Replay
+from fieldtwin.protocol.frames import Frame, Limits, decode_frame
+from fieldtwin.protocol.keys import KeyRegistry
+from fieldtwin.protocol.logfmt import fields
+from fieldtwin.protocol.messages import Birth, CommandResult, Data, Death
+from fieldtwin.protocol.topics import parse_topic
+from fieldtwin.protocol.tracker import DeliveryTracker
+
+log = logging.getLogger("fieldtwin.hub.ingest")
+
+
+class TopicMismatch(ProtocolError):
+    """The signed sender or kind differs from what the topic says."""
+
+    reason = "topic_mismatch"
+
+
+class StaleDeath(ProtocolError):
+    """A death that does not name the sender's latest birth (a replay, or late)."""
+
+    reason = "stale_death"
+
+
+@dataclass(slots=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    received_ms: int
+    received_ns: int = 0
+
+
+@dataclass(slots=True)
+class Accepted:
+    gateway: str
+    kind: str
+    epoch: int
+    seq: int
+    sent_at_ms: int
+    received_ns: int
+    samples: int
+
+
+@dataclass(slots=True)
+class IngestOutcome:
+    accepted: list[Accepted] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)
+    ack_due: dict[str, int] = field(default_factory=dict)
+    points_applied: int = 0
+    points_stored: int = 0
+    births: list[str] = field(default_factory=list)
+    deaths: list[str] = field(default_factory=list)
+    committed_ns: int = 0
+    error: StoreError | None = None
+
+
+class _RejectionAudit:
+    """Audits rejections with a per-minute cap per (gateway, reason)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.window = -1
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def admit(self, gateway: str, reason: str, now_ms: int, events: list[AuditEvent]) -> bool:
+        window = now_ms // 60_000
+        if window != self.window:
+            for (gw, why), count in sorted(self.counts.items()):
+                if count > self.per_minute:
+                    events.append(
+                        AuditEvent(
+                            now_ms,
+                            "hub",
+                            "frames_rejected_suppressed",
+                            gw,
+                            {"reason": why, "suppressed": count - self.per_minute},
+                        )
+                    )
+            self.window = window
+            self.counts.clear()
+        self.counts[(gateway, reason)] += 1
+        return self.counts[(gateway, reason)] <= self.per_minute
+
+
+class HubSequence:
+    """The hub's own (epoch, seq) for the frames it signs; seqs are reserved in blocks."""
+
+    BLOCK = 100_000
+
+    def __init__(self, epoch: int, next_seq: int, ceiling: int) -> None:
+        self.epoch = epoch
+        self.next_seq = next_seq
+        self.ceiling = ceiling
+
+    @property
+    def remaining(self) -> int:
+        return self.ceiling - self.next_seq + 1
+
+    def take(self) -> int:
+        if self.next_seq > self.ceiling:
+            raise StoreError("the hub ran out of reserved sequence numbers")
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+
+class IngestCore:
+    """Turns batches of raw messages into stored twin updates."""
+
+    def __init__(
+        self,
+        config: HubConfig,
+        store: TwinStore,
+        state: TwinState,
+        tracker: DeliveryTracker,
+        registry: KeyRegistry,
+        audit: AuditChain,
+        metrics: HubMetrics,
+        next_frame_id: int = 1,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.state = state
+        self.tracker = tracker
+        self.registry = registry
+        self.audit = audit
+        self.metrics = metrics
+        self.next_frame_id = next_frame_id
+        self.clock = clock
+        self.limits = Limits(max_frame_bytes=config.ingest.max_frame_bytes)
+        self.rejections = _RejectionAudit(config.ingest.audit_rejections_per_minute)
+        self.semantics = self._semantics()
+        self.gap_since: dict[str, int] = {}
+        self.last_rebirth: dict[str, int] = {}
+        self.dirty_current: set[tuple[str, str]] = set()
+        self.dirty_gateways: set[str] = set()
+        self.flushed_upto = next_frame_id - 1
+
+    def _semantics(self) -> dict[tuple[str, str], SemanticSpec]:
+        out: dict[tuple[str, str], SemanticSpec] = {}
+        schema = self.config.schema
+        for entity, attribute in schema.declared_points():
+            spec = schema.spec(entity, attribute)
+            if spec is not None and (spec.max_rate is not None or spec.frozen_min_change):
+                out[(entity, attribute)] = SemanticSpec(spec.max_rate, spec.frozen_min_change)
+        return out
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # -- the batch ---------------------------------------------------------------------
+
+    def process(self, messages: Sequence[Inbound]) -> IngestOutcome:
+        outcome = IngestOutcome()
+        now_ms = self.now_ms()
+        work = DeliveryTracker.from_dict(self.tracker.to_dict())
+        write = IngestWrite()
+        merge = MergeResult()
+        links: dict[str, GatewayLink] = {}
+        events: list[AuditEvent] = []
+        points: dict[tuple[str, str], PointInfo] = {}
+        sequenced: set[str] = set()
+        frame_id = self.next_frame_id
+
+        def link_of(gateway: str) -> GatewayLink:
+            link = links.get(gateway)
+            if link is None:
+                held = self.state.gateways.get(gateway)
+                link = GatewayLink(gateway) if held is None else _copy_link(held)
+                links[gateway] = link
+            return link
+
+        for message in messages:
+            gateway = "?"
+            try:
+                topic = parse_topic(message.topic)
+                gateway = topic.gateway
+                if topic.direction != "up":
+                    raise TopicMismatch(f"{message.topic} is a downlink topic")
+                frame = decode_frame(message.payload, self.registry, self.limits)
+                if frame.sender != topic.gateway or frame.kind != topic.kind:
+                    raise TopicMismatch(
+                        f"{frame.kind} frame signed by {frame.sender} arrived on {message.topic}"
+                    )
+                if frame.kind == "death":
+                    self._death(frame, link_of(frame.sender), message, events)
+                    outcome.deaths.append(frame.sender)
+                    self.metrics.frames_accepted[(frame.sender, frame.kind)] += 1
+                    continue
+                work.check(frame.sender, frame.epoch, frame.seq)
+                work.record(frame.sender, frame.epoch, frame.seq)
+            except ProtocolError as exc:
+                self._reject(exc, gateway, message, now_ms, events, outcome)
+                continue
+            sequenced.add(frame.sender)
+            link = link_of(frame.sender)
+            if link.epoch and frame.epoch > link.epoch:
+                events.append(
+                    AuditEvent(
+                        message.received_ms,
+                        frame.sender,
+                        "epoch_changed",
+                        frame.sender,
+                        {"old": link.epoch, "new": frame.epoch},
+                    )
+                )
+                link.birth_seq = 0
+                link.death_birth_seq = 0
+            link.epoch = frame.epoch
+            link.last_frame_ms = message.received_ms
+            link.upto_frame = frame_id
+            link.frames += 1
+            samples = 0
+            body = frame.body
+            if isinstance(body, Data):
+                samples = len(body)
+                self._history(write, body, frame_id)
+                self.state.merge(
+                    body.entities,
+                    body.attributes,
+                    body.values,
+                    body.ts_ms,
+                    body.qualities,
+                    frame.sender,
+                    message.received_ms,
+                    self.semantics,
+                    into=merge,
+                )
+                link.online = True
+            elif isinstance(body, Birth):
+                samples = len(body.state)
+                self._birth(frame, body, link, message, merge, write, points, frame_id, events)
+                work.close_below(frame.sender, frame.epoch, body.low_water)
+                outcome.births.append(frame.sender)
+            elif isinstance(body, CommandResult):
+                write.cmd_results.append(
+                    (
+                        message.received_ms,
+                        frame.sender,
+                        body.cmd_id,
+                        body.status,
+                        body.detail,
+                        repr(body.readback),
+                        body.readback_ts_ms,
+                    )
+                )
+                events.append(
+                    AuditEvent(
+                        message.received_ms,
+                        frame.sender,
+                        "cmd_result",
+                        body.cmd_id,
+                        {"status": body.status, "detail": body.detail},
+                    )
+                )
+            link.points += samples
+            write.frames.append(
+                FrameRow(
+                    frame_id,
+                    frame.sender,
+                    frame.kind,
+                    frame.epoch,
+                    frame.seq,
+                    frame.sent_at_ms,
+                    message.received_ms,
+                    samples,
+                    body.low_water if isinstance(body, Birth) else None,
+                )
+            )
+            frame_id += 1
+            outcome.accepted.append(
+                Accepted(
+                    frame.sender,
+                    frame.kind,
+                    frame.epoch,
+                    frame.seq,
+                    frame.sent_at_ms,
+                    message.received_ns,
+                    samples,
+                )
+            )
+
+        known = self.state.first_seen
+        for key, winner in merge.winners.items():
+            if key[0] not in known and key[0] not in write.new_entities:
+                write.new_entities[key[0]] = (winner.received_ms, winner.gateway)
+        write.points = list(points.values())
+        # Gateway rows are journaled by the frames; only changes of session (birth,
+        # death, epoch) are written at once, the counters with the next flush.
+        for gateway, link in links.items():
+            held = self.state.gateways.get(gateway)
+            if (
+                held is None
+                or held.epoch != link.epoch
+                or held.birth_seq != link.birth_seq
+                or held.online != link.online
+            ):
+                write.gateways.append(link)
+        write.audit = self.audit.chain(events)
+        if not (write.frames or write.audit or write.gateways):
+            return outcome
+        try:
+            self.store.write_ingest(write)
+        except StoreError as exc:
+            self.metrics.store_errors += 1
+            outcome.error = exc
+            log.error(
+                "ingest batch not stored; nothing applied or acknowledged",
+                extra=fields(frames=len(write.frames), error=str(exc)),
+            )
+            return outcome
+        outcome.committed_ns = time.time_ns()
+        # Durable: now the working copies become the truth.
+        self.audit.commit(write.audit)
+        self.tracker = work
+        self.state.apply(merge)
+        self.state.gateways.update(links)
+        self.state.points.update(points)
+        for entity, (first_seen, _) in write.new_entities.items():
+            self.state.first_seen.setdefault(entity, first_seen)
+        self.next_frame_id = frame_id
+        self.dirty_current.update(merge.winners)
+        self.dirty_gateways.update(links)
+        outcome.points_applied = merge.considered
+        outcome.points_stored = len(write.history)
+        for gateway in sequenced:
+            epoch = work.epoch_of(gateway)
+            if epoch is not None:
+                outcome.ack_due[gateway] = epoch
+            if work.gaps(gateway):
+                self.gap_since.setdefault(gateway, now_ms)
+            else:
+                self.gap_since.pop(gateway, None)
+        metrics = self.metrics
+        metrics.batches += 1
+        metrics.points_applied += outcome.points_applied
+        metrics.points_stored += outcome.points_stored
+        for accepted in outcome.accepted:
+            metrics.frames_accepted[(accepted.gateway, accepted.kind)] += 1
+        if outcome.accepted:
+            oldest = min(a.sent_at_ms for a in outcome.accepted)
+            metrics.ingest_lag_s = max(0.0, outcome.committed_ns / 1e9 - oldest / 1000)
+        return outcome
+
+    # -- per kind ----------------------------------------------------------------------
+
+    def _history(self, write: IngestWrite, body: Data, frame_id: int) -> None:
+        history = write.history
+        count = len(body)
+        kinds, nums, txts = encode_columns(body.values)
+        history.entity.extend(body.entities)
+        history.attribute.extend(body.attributes)
+        history.kind.extend(kinds)
+        history.num.extend(nums)
+        history.txt.extend(txts)
+        history.ts_ms.extend(body.ts_ms)
+        history.quality.extend(body.qualities)
+        history.frame_id.extend([frame_id] * count)
+
+    def _birth(
+        self,
+        frame: Frame,
+        body: Birth,
+        link: GatewayLink,
+        message: Inbound,
+        merge: MergeResult,
+        write: IngestWrite,
+        points: dict[tuple[str, str], PointInfo],
+        frame_id: int,
+        events: list[AuditEvent],
+    ) -> None:
+        for point in body.points:
+            points[(point.entity, point.attribute)] = PointInfo(
+                point.entity,
+                point.attribute,
+                frame.sender,
+                point.dtype,
+                point.unit,
+                point.writable,
+                point.min,
+                point.max,
+                point.interval_ms,
+                point.source,
+                message.received_ms,
+            )
+        state = body.state
+        if state:
+            entities = [s.entity for s in state]
+            attributes = [s.attribute for s in state]
+            values = [s.value for s in state]
+            stamps = [s.ts_ms for s in state]
+            qualities = [int(s.quality) for s in state]
+            winners = merge.winners
+            current = self.state.current
+            prior = {
+                key: winners.get(key) or current.get(key)
+                for key in zip(entities, attributes, strict=True)
+            }
+            self.state.merge(
+                entities,
+                attributes,
+                values,
+                stamps,
+                qualities,
+                frame.sender,
+                message.received_ms,
+                self.semantics,
+                into=merge,
+            )
+            # Only samples new to the twin go to history: a birth repeats the current
+            # state, which history already holds.
+            fresh = [
+                i
+                for i, key in enumerate(zip(entities, attributes, strict=True))
+                if (winner := winners.get(key)) is not None
+                and winner is not prior[key]
+                and winner.ts_ms == stamps[i]
+                and winner.quality == qualities[i]
+                and winner.value == values[i]
+            ]
+            if fresh:
+                picked = Data(
+                    tuple(entities[i] for i in fresh),
+                    tuple(attributes[i] for i in fresh),
+                    tuple(values[i] for i in fresh),
+                    tuple(stamps[i] for i in fresh),
+                    tuple(qualities[i] for i in fresh),
+                )
+                self._history(write, picked, frame_id)
+        link.birth_seq = frame.seq
+        link.online = True
+        link.last_birth_ms = message.received_ms
+        link.death_reason = ""
+        link.info = dict(body.info)
+        events.append(
+            AuditEvent(
+                message.received_ms,
+                frame.sender,
+                "birth",
+                frame.sender,
+                {
+                    "epoch": frame.epoch,
+                    "seq": frame.seq,
+                    "points": len(body.points),
+                    "low_water": body.low_water,
+                },
+            )
+        )
+
+    def _death(
+        self, frame: Frame, link: GatewayLink, message: Inbound, events: list[AuditEvent]
+    ) -> None:
+        body = frame.body
+        assert isinstance(body, Death)
+        # The will is registered at connect, so it names the session's *first* birth,
+        # while a rebirth within the session takes a newer seq: any birth of the current
+        # epoch after the one named by the last applied death belongs to a live session.
+        # Deaths naming that birth or older are replays.
+        if (
+            frame.epoch != link.epoch
+            or not link.online
+            or not link.death_birth_seq < body.birth_seq <= link.birth_seq
+        ):
+            raise StaleDeath(
+                f"death naming birth {body.birth_seq} of epoch {frame.epoch}; the gateway's "
+                f"latest birth is {link.birth_seq} of epoch {link.epoch}, the last death "
+                f"named birth {link.death_birth_seq}"
+                + ("" if link.online else "; it is already offline")
+            )
+        link.death_birth_seq = body.birth_seq
+        link.online = False
+        link.death_ms = message.received_ms
+        link.death_reason = body.reason
+        events.append(
+            AuditEvent(
+                message.received_ms,
+                frame.sender,
+                "death",
+                frame.sender,
+                {"birth_seq": body.birth_seq, "reason": body.reason},
+            )
+        )
+
+    def _reject(
+        self,
+        exc: ProtocolError,
+        gateway: str,
+        message: Inbound,
+        now_ms: int,
+        events: list[AuditEvent],
+        outcome: IngestOutcome,
+    ) -> None:
+        reason = exc.reason
+        outcome.rejected[reason] += 1
+        if isinstance(exc, Replay):
+            # A sender repeats a frame when it missed our ack: acks are idempotent, so
+            # answer with the current ranges (the repeat itself is refused).
+            epoch = self.tracker.epoch_of(gateway)
+            if epoch is not None:
+                outcome.ack_due[gateway] = epoch
+        self.metrics.frames_rejected[reason] += 1
+        if self.rejections.admit(gateway, reason, now_ms, events):
+            detail: dict[str, Any] = {
+                "reason": reason,
+                "topic": message.topic[:200],
+                "bytes": len(message.payload),
+                "error": str(exc)[:500],
+            }
+            events.append(AuditEvent(message.received_ms, "hub", "frame_rejected", gateway, detail))
+        log.warning(
+            "frame rejected",
+            extra=fields(reason=reason, gateway=gateway, topic=message.topic, error=str(exc)),
+        )
+
+    # -- flushing ----------------------------------------------------------------------
+
+    def flush_plan(self) -> Flush | None:
+        """What the next drift cycle writes so the journal can be short, or None."""
+        upto = self.next_frame_id - 1
+        if upto == self.flushed_upto and not self.dirty_current and not self.dirty_gateways:
+            return None
+        state = self.state
+        flush = Flush(upto_frame=upto, tracker=self.tracker.dumps())
+        for key in self.dirty_current:
+            current = state.current[key]
+            if key in state.persisted:
+                flush.current_changed[key] = current
+            else:
+                flush.current_new[key] = current
+        flush.gateways = [state.gateways[g] for g in sorted(self.dirty_gateways)]
+        return flush
+
+    def flushed(self, flush: Flush) -> None:
+        """The flush is durable: the journal before ``flush.upto_frame`` is covered."""
+        self.state.persisted.update(flush.current_new)
+        self.dirty_current.difference_update(flush.current_new)
+        self.dirty_current.difference_update(flush.current_changed)
+        self.dirty_gateways.difference_update(g.gateway for g in flush.gateways)
+        self.flushed_upto = flush.upto_frame
+
+    # -- gaps --------------------------------------------------------------------------
+
+    def due_rebirths(self, now_ms: int) -> list[tuple[str, str]]:
+        """Gateways whose seq gap outlived the gap timeout (and were not asked recently)."""
+        due: list[tuple[str, str]] = []
+        timeout_ms = self.config.ingest.gap_timeout_s * 1000
+        min_interval_ms = self.config.ingest.rebirth_min_interval_s * 1000
+        for gateway, since in list(self.gap_since.items()):
+            gaps = self.tracker.gaps(gateway)
+            if not gaps:
+                del self.gap_since[gateway]
+                continue
+            if now_ms - since < timeout_ms:
+                continue
+            if now_ms - self.last_rebirth.get(gateway, 0) < min_interval_ms:
+                continue
+            first, last = gaps[0]
+            missing = sum(b - a + 1 for a, b in gaps)
+            due.append((gateway, f"gap: {missing} seqs missing (first {first}-{last})"))
+        return due
+
+    def note_rebirth(self, gateway: str, now_ms: int) -> None:
+        self.last_rebirth[gateway] = now_ms
+        if gateway in self.gap_since:
+            self.gap_since[gateway] = now_ms
+
+
+def _copy_link(link: GatewayLink) -> GatewayLink:
+    return replace(link, info=dict(link.info))

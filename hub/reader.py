@@ -1,0 +1,249 @@
+"""How tools read a hub's twin: ask the running hub, or open its file when none runs.
+
+A DuckDB file can be open in one writing process only, and no other process may open
+it at the same time. ``open_reader`` therefore looks for the endpoint file the hub
+writes next to its database (``<database>.api.json``): if the hub answers on the
+loopback API, every query goes through it; if there is no endpoint file, or its
+process is gone, the database is opened read-only. If a live process holds the file
+but its API does not answer, the reader says so rather than guessing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from fieldtwin.hub import queries
+from fieldtwin.hub.api import ApiClient, Endpoint, pid_alive
+from fieldtwin.hub.config import HubConfig
+from fieldtwin.hub.errors import HubError, HubUnreachable, StoreLocked
+from fieldtwin.hub.export import twin_document
+from fieldtwin.hub.store import TwinStore
+
+
+class TwinReader(Protocol):
+    live: bool
+
+    def entities(
+        self,
+        *,
+        types: Sequence[str] = (),
+        health: Sequence[str] = (),
+        where: Sequence[str] = (),
+        ids: Sequence[str] = (),
+    ) -> list[dict[str, Any]]: ...
+
+    def history(
+        self, entity: str, attribute: str, start: str, end: str, limit: int
+    ) -> list[dict[str, Any]]: ...
+
+    def as_of(self, at: str) -> dict[str, dict[str, dict[str, Any]]]: ...
+
+    def diff(self, start: str, end: str) -> list[dict[str, Any]]: ...
+
+    def export(self) -> dict[str, Any]: ...
+
+    def alarms(self, states: Sequence[str] = ()) -> list[dict[str, Any]]: ...
+
+    def drift(self) -> list[dict[str, Any]]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def alarm_op(self, op: str, alarm_id: str, by: str, duration: str | None) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class LiveReader:
+    """Queries through a running hub's loopback API."""
+
+    live = True
+
+    def __init__(self, client: ApiClient) -> None:
+        self.client = client
+
+    def entities(
+        self,
+        *,
+        types: Sequence[str] = (),
+        health: Sequence[str] = (),
+        where: Sequence[str] = (),
+        ids: Sequence[str] = (),
+    ) -> list[dict[str, Any]]:
+        for predicate in where:
+            queries.Predicate.parse(predicate)  # fail here with the same message
+        result: list[dict[str, Any]] = self.client.call(
+            "/api/twin",
+            {
+                "type": list(types),
+                "health": list(health),
+                "where": list(where),
+                "entity": list(ids),
+            },
+        )
+        return result
+
+    def history(
+        self, entity: str, attribute: str, start: str, end: str, limit: int
+    ) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.client.call(
+            "/api/history",
+            {"entity": entity, "attribute": attribute, "from": start, "to": end, "limit": limit},
+        )
+        return result
+
+    def as_of(self, at: str) -> dict[str, dict[str, dict[str, Any]]]:
+        result: dict[str, dict[str, dict[str, Any]]] = self.client.call("/api/asof", {"at": at})
+        return result
+
+    def diff(self, start: str, end: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.client.call("/api/diff", {"from": start, "to": end})
+        return result
+
+    def export(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.call("/api/export")
+        return result
+
+    def alarms(self, states: Sequence[str] = ()) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.client.call("/api/alarms", {"state": list(states)})
+        return result
+
+    def drift(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.client.call("/api/drift")
+        return result
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.call("/api/status")
+        return result
+
+    def alarm_op(self, op: str, alarm_id: str, by: str, duration: str | None) -> dict[str, Any]:
+        params: dict[str, Any] = {"by": by}
+        if duration is not None:
+            params["for"] = duration
+        result: dict[str, Any] = self.client.call(
+            f"/api/alarms/{alarm_id}/{op}", params, method="POST"
+        )
+        return result
+
+    def close(self) -> None:
+        return None
+
+
+class FileReader:
+    """Queries on the database file, read-only, while no hub runs."""
+
+    live = False
+
+    def __init__(self, store: TwinStore, config: HubConfig) -> None:
+        self.store = store
+        self.config = config
+
+    @staticmethod
+    def _now() -> int:
+        return int(time.time() * 1000)
+
+    def entities(
+        self,
+        *,
+        types: Sequence[str] = (),
+        health: Sequence[str] = (),
+        where: Sequence[str] = (),
+        ids: Sequence[str] = (),
+    ) -> list[dict[str, Any]]:
+        return queries.current_entities(
+            self.store,
+            self.config,
+            types=types,
+            health=health,
+            where=[queries.Predicate.parse(p) for p in where],
+            entities=ids,
+        )
+
+    def history(
+        self, entity: str, attribute: str, start: str, end: str, limit: int
+    ) -> list[dict[str, Any]]:
+        now = self._now()
+        return queries.history(
+            self.store,
+            entity,
+            attribute,
+            queries.parse_time(start, now),
+            queries.parse_time(end, now),
+            limit,
+        )
+
+    def as_of(self, at: str) -> dict[str, dict[str, dict[str, Any]]]:
+        return queries.as_of(self.store, queries.parse_time(at, self._now()))
+
+    def diff(self, start: str, end: str) -> list[dict[str, Any]]:
+        now = self._now()
+        return queries.diff(
+            self.store, queries.parse_time(start, now), queries.parse_time(end, now)
+        )
+
+    def export(self) -> dict[str, Any]:
+        return twin_document(self.store, self.config)
+
+    def alarms(self, states: Sequence[str] = ()) -> list[dict[str, Any]]:
+        return queries.alarms(self.store, states)
+
+    def drift(self) -> list[dict[str, Any]]:
+        return queries.open_drift(self.store)
+
+    def status(self) -> dict[str, Any]:
+        gateways = [
+            {
+                "id": gateway,
+                "online": bool(online),
+                "epoch": epoch,
+                "frames": frames,
+                "last_frame": queries.iso(last_frame_ms),
+            }
+            for gateway, epoch, online, last_frame_ms, frames in self.store.query(
+                "SELECT gateway, epoch, online, last_frame_ms, frames FROM gateways "
+                "ORDER BY gateway"
+            )
+        ]
+        return {
+            "twin_id": self.config.twin_id,
+            "running": False,
+            "database": str(self.store.path),
+            "config": str(self.config.file),
+            "gateways": gateways,
+            "last_check": queries.iso(self.store.last_check_ms()),
+            "audit_head": self.store.audit_head(),
+        }
+
+    def alarm_op(self, op: str, alarm_id: str, by: str, duration: str | None) -> dict[str, Any]:
+        raise HubError(
+            f"the hub is not running; start it ('fieldtwin hub run -c {self.config.file}') "
+            "to acknowledge or shelve alarms"
+        )
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_reader(config: HubConfig, timeout: float = 30.0) -> TwinReader:
+    endpoint = Endpoint.read(config.endpoint_file)
+    if endpoint is not None:
+        client = ApiClient(endpoint, timeout=timeout)
+        try:
+            status = client.call("/api/status")
+        except HubUnreachable:
+            status = None
+        if isinstance(status, dict) and status.get("instance") == endpoint.instance:
+            return LiveReader(client)
+    try:
+        store = TwinStore.open(
+            config.database, read_only=True, memory_limit=config.memory_limit, threads=1
+        )
+    except StoreLocked:
+        if endpoint is not None and pid_alive(endpoint.pid):
+            raise HubUnreachable(
+                f"the hub (pid {endpoint.pid}) holds {config.database} but its API on "
+                f"127.0.0.1:{endpoint.port} does not answer; is it starting or stuck?"
+            ) from None
+        raise
+    return FileReader(store, config)

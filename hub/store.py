@@ -1,0 +1,793 @@
+"""The twin store: one DuckDB file holding entities, relationships, state and history.
+
+Only the hub writes it, from one thread, in batches. Every DML statement costs DuckDB
+about a millisecond here (plus about a microsecond per row and column), so an ingest
+batch is one transaction of as few statements as possible: the accepted ``frames``
+(gateway, epoch, seq, birth low water) and their samples in ``history`` — plus audit,
+point metadata and gateway changes when there are any.
+
+The ``frames`` rows double as the journal of the delivery tracker and of the current
+state: the tracker snapshot and the ``current`` table (stamped in ``checkpoint`` with
+the last frame id they cover) and the ``gateways`` table (each row stamped likewise)
+are brought up to date once per drift cycle (``write_sync``). Loading replays the
+journal past those stamps, and queries of the current state read ``current`` plus the
+history rows of the frames after its stamp, so a crash between two flushes loses
+nothing and a restart never applies a frame twice: a frame is delivered exactly when
+its row exists.
+
+Tables (see docs/hub.md for the columns): ``meta``, ``entities``, ``relationships``,
+``points`` (metadata from births), ``current`` (last-writer-wins state), ``history``
+(every sample with the frame that delivered it), ``frames`` (one row per accepted
+frame), ``gateways`` (link state), ``checkpoint`` (tracker snapshot, the frame it
+covers, last drift check), ``audit`` (hash-chained), ``alarms``,
+``drift_events``, ``investigations``, ``proposals``, ``actions``, ``cmd_results``.
+
+A DuckDB file is locked by the process that opens it for writing. Readers such as
+``fieldtwin twin`` therefore ask a running hub over its loopback API and open the
+file (read-only) only when no hub holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from fieldtwin.hub.audit import GENESIS_HASH, AuditRecord
+from fieldtwin.hub.errors import StoreError, StoreLocked, StoreSchemaError
+from fieldtwin.hub.state import (
+    CurrentValue,
+    GatewayLink,
+    Key,
+    PointInfo,
+    TwinState,
+    decode_value,
+    encode_columns,
+)
+from fieldtwin.protocol.errors import StaleEpoch
+from fieldtwin.protocol.tracker import DeliveryTracker
+
+SCHEMA_VERSION = 1
+
+_DDL = (
+    "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+    """CREATE TABLE IF NOT EXISTS entities (
+        physical_id VARCHAR PRIMARY KEY, twin_id VARCHAR, type VARCHAR, declared BOOLEAN,
+        gateway VARCHAR, name VARCHAR, static_attributes VARCHAR, first_seen_ms BIGINT,
+        health VARCHAR, health_ms BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS relationships (
+        source VARCHAR, target VARCHAR, type VARCHAR, attributes VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS points (
+        entity VARCHAR, attribute VARCHAR, gateway VARCHAR, dtype VARCHAR, unit VARCHAR,
+        writable BOOLEAN, min DOUBLE, max DOUBLE, interval_ms BIGINT, source VARCHAR,
+        updated_ms BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS current (
+        entity VARCHAR, attribute VARCHAR, kind UTINYINT, num DOUBLE, txt VARCHAR,
+        ts_ms BIGINT, quality UTINYINT, gateway VARCHAR, received_ms BIGINT,
+        last_change_ms BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS frames (
+        id BIGINT, gateway VARCHAR, kind VARCHAR, epoch BIGINT, seq BIGINT,
+        sent_at_ms BIGINT, received_ms BIGINT, samples INTEGER, low_water BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS history (
+        entity VARCHAR, attribute VARCHAR, kind UTINYINT, num DOUBLE, txt VARCHAR,
+        ts_ms BIGINT, quality UTINYINT, frame_id BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS gateways (
+        gateway VARCHAR, epoch BIGINT, birth_seq BIGINT, online BOOLEAN,
+        last_frame_ms BIGINT, last_birth_ms BIGINT, death_ms BIGINT, death_reason VARCHAR,
+        frames BIGINT, points BIGINT, info VARCHAR, upto_frame BIGINT,
+        death_birth_seq BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS checkpoint (
+        tracker BLOB, upto_frame BIGINT, last_check_ms BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq BIGINT PRIMARY KEY, ts_ms BIGINT, actor VARCHAR, action VARCHAR, subject VARCHAR,
+        detail VARCHAR, prev_hash VARCHAR, hash VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS alarms (
+        id VARCHAR PRIMARY KEY, rule VARCHAR, drift_type VARCHAR, entity VARCHAR,
+        attribute VARCHAR, severity VARCHAR, state VARCHAR, strategy VARCHAR,
+        description VARCHAR, value VARCHAR, gateway VARCHAR, raised_ms BIGINT,
+        updated_ms BIGINT, cleared_ms BIGINT, acked_by VARCHAR, acked_ms BIGINT,
+        shelved_by VARCHAR, shelved_until_ms BIGINT, present BOOLEAN)""",
+    """CREATE TABLE IF NOT EXISTS drift_events (
+        id BIGINT PRIMARY KEY, rule VARCHAR, drift_type VARCHAR, entity VARCHAR,
+        attribute VARCHAR, severity VARCHAR, strategy VARCHAR, description VARCHAR,
+        detected_ms BIGINT, cleared_ms BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS investigations (
+        id VARCHAR PRIMARY KEY, opened_ms BIGINT, alarm_id VARCHAR, rule VARCHAR,
+        entity VARCHAR, attribute VARCHAR, description VARCHAR, status VARCHAR,
+        snapshot VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS proposals (
+        id VARCHAR PRIMARY KEY, created_ms BIGINT, alarm_id VARCHAR, entity VARCHAR,
+        attribute VARCHAR, gateway VARCHAR, current_value VARCHAR, desired_value VARCHAR,
+        status VARCHAR, reason VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS actions (
+        ts_ms BIGINT, entity VARCHAR, action VARCHAR, result VARCHAR, detail VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS cmd_results (
+        received_ms BIGINT, gateway VARCHAR, cmd_id VARCHAR, status VARCHAR, detail VARCHAR,
+        readback VARCHAR, readback_ts_ms BIGINT)""",
+)
+
+
+def _error(exc: BaseException, path: Path, what: str) -> StoreError:
+    text = str(exc)
+    if "lock" in text.lower() and "conflicting" in text.lower():
+        return StoreLocked(
+            f"{path} is in use by another process (normally a running hub): {text.splitlines()[0]}"
+        )
+    return StoreError(f"{what} {path}: {text.splitlines()[0] if text else type(exc).__name__}")
+
+
+@dataclass(slots=True)
+class HistoryColumns:
+    """Columns of history rows, appended frame by frame and inserted in one statement."""
+
+    entity: list[str] = field(default_factory=list)
+    attribute: list[str] = field(default_factory=list)
+    kind: list[int] = field(default_factory=list)
+    num: list[float | None] = field(default_factory=list)
+    txt: list[str | None] = field(default_factory=list)
+    ts_ms: list[int] = field(default_factory=list)
+    quality: list[int] = field(default_factory=list)
+    frame_id: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.entity)
+
+    def columns(self) -> list[list[Any]]:
+        return [
+            self.entity,
+            self.attribute,
+            self.kind,
+            self.num,
+            self.txt,
+            self.ts_ms,
+            self.quality,
+            self.frame_id,
+        ]
+
+
+@dataclass(slots=True)
+class FrameRow:
+    id: int
+    gateway: str
+    kind: str
+    epoch: int
+    seq: int
+    sent_at_ms: int
+    received_ms: int
+    samples: int
+    low_water: int | None = None
+
+
+@dataclass(slots=True)
+class IngestWrite:
+    """Everything one ingest batch stores, in one transaction."""
+
+    frames: list[FrameRow] = field(default_factory=list)
+    history: HistoryColumns = field(default_factory=HistoryColumns)
+    points: list[PointInfo] = field(default_factory=list)
+    gateways: list[GatewayLink] = field(default_factory=list)
+    new_entities: dict[str, tuple[int, str]] = field(default_factory=dict)
+    audit: list[AuditRecord] = field(default_factory=list)
+    cmd_results: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SyncWrite:
+    """What one drift/reconciliation cycle stores."""
+
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+    drift_started: list[dict[str, Any]] = field(default_factory=list)
+    drift_cleared: list[tuple[int, int]] = field(default_factory=list)
+    health: dict[str, str] = field(default_factory=dict)
+    investigations: list[dict[str, Any]] = field(default_factory=list)
+    proposals: list[dict[str, Any]] = field(default_factory=list)
+    actions: list[tuple[int, str, str, str, str]] = field(default_factory=list)
+    audit: list[AuditRecord] = field(default_factory=list)
+    checked_ms: int = 0
+    flush: Flush | None = None
+
+
+@dataclass(slots=True)
+class Flush:
+    """Tracker snapshot, current state and gateway links, up to frame ``upto_frame``."""
+
+    upto_frame: int
+    tracker: bytes
+    current_new: dict[Key, CurrentValue] = field(default_factory=dict)
+    current_changed: dict[Key, CurrentValue] = field(default_factory=dict)
+    gateways: list[GatewayLink] = field(default_factory=list)
+
+
+def _value_text(value: Any) -> str:
+    return json.dumps(value)
+
+
+class TwinStore:
+    """A DuckDB connection with the twin's schema; one instance per process."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
+        self.con = con
+        self.path = path
+        self.read_only = read_only
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        read_only: bool = False,
+        memory_limit: str = "512MB",
+        threads: int = 2,
+    ) -> TwinStore:
+        if read_only and not path.exists():
+            raise StoreError(f"{path} does not exist; has this hub ever run?")
+        try:
+            if not read_only:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            con = duckdb.connect(
+                str(path),
+                read_only=read_only,
+                config={"memory_limit": memory_limit, "threads": threads},
+            )
+        except duckdb.Error as exc:
+            raise _error(exc, path, "cannot open") from None
+        except OSError as exc:
+            raise StoreError(f"cannot open {path}: {exc}") from None
+        store = cls(con, path, read_only)
+        if read_only:
+            store._check_version()
+        else:
+            store._create()
+        return store
+
+    def close(self) -> None:
+        try:
+            if not self.read_only:
+                self.con.execute("CHECKPOINT")
+        except duckdb.Error:
+            pass
+        self.con.close()
+
+    def _create(self) -> None:
+        try:
+            self.con.execute("BEGIN")
+            for statement in _DDL:
+                self.con.execute(statement)
+            version = self.meta("schema_version")
+            if version is None:
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+                self.set_meta("created_ms", str(int(time.time() * 1000)))
+            elif version != str(SCHEMA_VERSION):
+                raise StoreSchemaError(
+                    f"{self.path} has schema version {version}; this hub reads version "
+                    f"{SCHEMA_VERSION}"
+                )
+            if self.con.execute("SELECT count(*) FROM checkpoint").fetchone() == (0,):
+                self.con.execute(
+                    "INSERT INTO checkpoint VALUES (?, 0, 0)", [DeliveryTracker().dumps()]
+                )
+            self.con.execute("COMMIT")
+        except duckdb.Error as exc:
+            self.con.execute("ROLLBACK")
+            raise _error(exc, self.path, "cannot create the schema in") from None
+
+    def _check_version(self) -> None:
+        version = self.meta("schema_version")
+        if version != str(SCHEMA_VERSION):
+            raise StoreSchemaError(
+                f"{self.path} has schema version {version}; this build reads {SCHEMA_VERSION}"
+            )
+
+    # -- small helpers ---------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        try:
+            return self.con.execute(sql, params or []).fetchall()
+        except duckdb.Error as exc:
+            raise _error(exc, self.path, "query failed on") from None
+
+    def meta(self, key: str) -> str | None:
+        try:
+            row = self.con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        except duckdb.CatalogException:
+            return None
+        except duckdb.Error as exc:
+            raise _error(exc, self.path, "cannot read") from None
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self.con
+        try:
+            con.execute("BEGIN")
+        except duckdb.Error as exc:
+            raise _error(exc, self.path, "cannot begin a transaction on") from None
+        try:
+            yield con
+            con.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            if isinstance(exc, duckdb.Error):
+                raise _error(exc, self.path, "cannot write to") from None
+            raise
+
+    # -- hub identity ----------------------------------------------------------------
+
+    def hub_sequence(self, block: int) -> tuple[int, int, int]:
+        """(epoch, first seq to use, ceiling) for the hub's own frames.
+
+        Seqs are reserved in blocks: the ceiling is stored before any seq below it is
+        used, so a crash can skip seqs but never reuse one.
+        """
+        with self.transaction():
+            epoch_text = self.meta("hub_epoch")
+            if epoch_text is None:
+                epoch = int(time.time() * 1000)
+                self.set_meta("hub_epoch", str(epoch))
+                start = 1
+            else:
+                epoch = int(epoch_text)
+                start = int(self.meta("hub_seq_ceiling") or "0") + 1
+            ceiling = start + block - 1
+            self.set_meta("hub_seq_ceiling", str(ceiling))
+        return epoch, start, ceiling
+
+    def reserve_hub_seqs(self, ceiling: int) -> None:
+        with self.transaction():
+            self.set_meta("hub_seq_ceiling", str(ceiling))
+
+    # -- declared schema -------------------------------------------------------------
+
+    def sync_declared(
+        self,
+        entities: Sequence[tuple[str, str, str, str | None, str, str]],
+        relationships: Sequence[tuple[str, str, str, str | None]],
+        twin_meta: dict[str, str],
+        audit: list[AuditRecord],
+    ) -> None:
+        """Write the configured entities and relationships (the schema may have changed)."""
+        now = int(time.time() * 1000)
+        with self.transaction() as con:
+            declared_ids = [row[0] for row in entities]
+            con.execute(
+                "UPDATE entities SET declared = false WHERE NOT list_contains(?, physical_id)",
+                [declared_ids],
+            )
+            if entities:
+                columns = [list(col) for col in zip(*entities, strict=True)]
+                con.execute(
+                    """INSERT INTO entities SELECT unnest(?), unnest(?), unnest(?), true,
+                           unnest(?), unnest(?), unnest(?), NULL, 'unknown', ?
+                       ON CONFLICT (physical_id) DO UPDATE SET twin_id = excluded.twin_id,
+                       type = excluded.type, declared = true, gateway = excluded.gateway,
+                       name = excluded.name, static_attributes = excluded.static_attributes""",
+                    [*columns, now],
+                )
+            con.execute("DELETE FROM relationships")
+            if relationships:
+                con.execute(
+                    "INSERT INTO relationships SELECT unnest(?), unnest(?), unnest(?), unnest(?)",
+                    [list(col) for col in zip(*relationships, strict=True)],
+                )
+            for key, value in twin_meta.items():
+                self.set_meta(key, value)
+            self._insert_audit(con, audit)
+
+    # -- ingest ----------------------------------------------------------------------
+
+    def write_ingest(self, batch: IngestWrite) -> None:
+        with self.transaction() as con:
+            if batch.frames:
+                rows = [
+                    (
+                        f.id,
+                        f.gateway,
+                        f.kind,
+                        f.epoch,
+                        f.seq,
+                        f.sent_at_ms,
+                        f.received_ms,
+                        f.samples,
+                        f.low_water,
+                    )
+                    for f in batch.frames
+                ]
+                if len(rows) == 1:
+                    con.execute("INSERT INTO frames VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[0])
+                else:
+                    con.execute(
+                        "INSERT INTO frames SELECT " + ", ".join(["unnest(?)"] * 9),
+                        [list(col) for col in zip(*rows, strict=True)],
+                    )
+            if len(batch.history):
+                con.execute(
+                    "INSERT INTO history SELECT unnest(?), unnest(?), unnest(?), unnest(?), "
+                    "unnest(?), unnest(?), unnest(?), unnest(?)",
+                    batch.history.columns(),
+                )
+            if batch.points:
+                keys = [[p.entity for p in batch.points], [p.attribute for p in batch.points]]
+                con.execute(
+                    "DELETE FROM points WHERE (entity, attribute) IN (SELECT unnest(?), unnest(?))",
+                    keys,
+                )
+                point_rows = [
+                    (
+                        p.entity,
+                        p.attribute,
+                        p.gateway,
+                        p.dtype,
+                        p.unit,
+                        p.writable,
+                        p.min,
+                        p.max,
+                        p.interval_ms,
+                        p.source,
+                        p.updated_ms,
+                    )
+                    for p in batch.points
+                ]
+                con.execute(
+                    "INSERT INTO points SELECT " + ", ".join(["unnest(?)"] * 11),
+                    [list(col) for col in zip(*point_rows, strict=True)],
+                )
+            self._write_gateways(con, batch.gateways)
+            for entity, (first_seen, gateway) in batch.new_entities.items():
+                con.execute(
+                    """INSERT INTO entities VALUES (?, ?, 'undeclared', false, ?, '', '{}', ?,
+                       'unknown', ?) ON CONFLICT (physical_id) DO UPDATE SET
+                       first_seen_ms = coalesce(entities.first_seen_ms, excluded.first_seen_ms)""",
+                    [entity, entity, gateway, first_seen, first_seen],
+                )
+            for row in batch.cmd_results:
+                con.execute("INSERT INTO cmd_results VALUES (?, ?, ?, ?, ?, ?, ?)", list(row))
+            self._insert_audit(con, batch.audit)
+
+    def _write_gateways(self, con: duckdb.DuckDBPyConnection, links: Sequence[GatewayLink]) -> None:
+        if not links:
+            return
+        rows = [
+            (
+                link.gateway,
+                link.epoch,
+                link.birth_seq,
+                link.online,
+                link.last_frame_ms,
+                link.last_birth_ms,
+                link.death_ms,
+                link.death_reason,
+                link.frames,
+                link.points,
+                json.dumps(link.info, sort_keys=True),
+                link.upto_frame,
+                link.death_birth_seq,
+            )
+            for link in links
+        ]
+        # DELETE + INSERT: an upsert on a keyed DuckDB table costs several milliseconds
+        con.execute("DELETE FROM gateways WHERE list_contains(?, gateway)", [[r[0] for r in rows]])
+        con.execute(
+            "INSERT INTO gateways SELECT " + ", ".join(["unnest(?)"] * 13),
+            [list(col) for col in zip(*rows, strict=True)],
+        )
+
+    def _write_flush(self, con: duckdb.DuckDBPyConnection, flush: Flush) -> None:
+        if flush.current_changed:
+            con.execute(
+                """UPDATE current SET kind = u.kind, num = u.num, txt = u.txt,
+                   ts_ms = u.ts_ms, quality = u.quality, gateway = u.gateway,
+                   received_ms = u.received_ms, last_change_ms = u.last_change_ms
+                   FROM (SELECT unnest(?) AS entity, unnest(?) AS attribute,
+                         unnest(?) AS kind, unnest(?) AS num, unnest(?) AS txt,
+                         unnest(?) AS ts_ms, unnest(?) AS quality, unnest(?) AS gateway,
+                         unnest(?) AS received_ms, unnest(?) AS last_change_ms) AS u
+                   WHERE current.entity = u.entity AND current.attribute = u.attribute""",
+                _current_columns(flush.current_changed),
+            )
+        if flush.current_new:
+            con.execute(
+                "INSERT INTO current SELECT " + ", ".join(["unnest(?)"] * 10),
+                _current_columns(flush.current_new),
+            )
+        self._write_gateways(con, flush.gateways)
+        con.execute(
+            "UPDATE checkpoint SET tracker = ?, upto_frame = ?",
+            [flush.tracker, flush.upto_frame],
+        )
+
+    def _insert_audit(self, con: duckdb.DuckDBPyConnection, records: Sequence[AuditRecord]) -> None:
+        if not records:
+            return
+        con.execute(
+            "INSERT INTO audit SELECT " + ", ".join(["unnest(?)"] * 8),
+            [
+                [r.seq for r in records],
+                [r.ts_ms for r in records],
+                [r.actor for r in records],
+                [r.action for r in records],
+                [r.subject for r in records],
+                [r.detail for r in records],
+                [r.prev_hash for r in records],
+                [r.hash for r in records],
+            ],
+        )
+
+    def write_audit(self, records: Sequence[AuditRecord]) -> None:
+        with self.transaction() as con:
+            self._insert_audit(con, records)
+
+    # -- drift / reconciliation ------------------------------------------------------
+
+    def write_sync(self, batch: SyncWrite) -> None:
+        with self.transaction() as con:
+            if batch.flush is not None:
+                self._write_flush(con, batch.flush)
+            if batch.alarms:
+                # one row per alarm id: the latest transition of each wins
+                latest = {alarm["id"]: alarm for alarm in batch.alarms}
+                con.execute(
+                    "INSERT OR REPLACE INTO alarms SELECT "
+                    + ", ".join(["unnest(?)"] * len(ALARM_COLUMNS)),
+                    [[alarm[name] for alarm in latest.values()] for name in ALARM_COLUMNS],
+                )
+            if batch.drift_started:
+                names = (
+                    "id",
+                    "rule",
+                    "drift_type",
+                    "entity",
+                    "attribute",
+                    "severity",
+                    "strategy",
+                    "description",
+                    "detected_ms",
+                )
+                con.execute(
+                    "INSERT INTO drift_events SELECT "
+                    + ", ".join(["unnest(?)"] * len(names))
+                    + ", NULL",
+                    [[event[name] for event in batch.drift_started] for name in names],
+                )
+            if batch.drift_cleared:
+                con.execute(
+                    """UPDATE drift_events SET cleared_ms = u.cleared FROM
+                       (SELECT unnest(?) AS id, unnest(?) AS cleared) AS u
+                       WHERE drift_events.id = u.id""",
+                    [[c[0] for c in batch.drift_cleared], [c[1] for c in batch.drift_cleared]],
+                )
+            if batch.health:
+                con.execute(
+                    """UPDATE entities SET health = u.health, health_ms = ? FROM
+                       (SELECT unnest(?) AS id, unnest(?) AS health) AS u
+                       WHERE entities.physical_id = u.id""",
+                    [batch.checked_ms, list(batch.health), list(batch.health.values())],
+                )
+            for item in batch.investigations:
+                con.execute(
+                    "INSERT INTO investigations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        item["id"],
+                        item["opened_ms"],
+                        item["alarm_id"],
+                        item["rule"],
+                        item["entity"],
+                        item["attribute"],
+                        item["description"],
+                        item["status"],
+                        json.dumps(item["snapshot"], default=str, sort_keys=True),
+                    ],
+                )
+            for item in batch.proposals:
+                con.execute(
+                    "INSERT INTO proposals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        item["id"],
+                        item["created_ms"],
+                        item["alarm_id"],
+                        item["entity"],
+                        item["attribute"],
+                        item["gateway"],
+                        _value_text(item["current_value"]),
+                        _value_text(item["desired_value"]),
+                        item["status"],
+                        item["reason"],
+                    ],
+                )
+            for action in batch.actions:
+                con.execute("INSERT INTO actions VALUES (?, ?, ?, ?, ?)", list(action))
+            if batch.checked_ms:
+                con.execute("UPDATE checkpoint SET last_check_ms = ?", [batch.checked_ms])
+            self._insert_audit(con, batch.audit)
+
+    # -- loading at start ------------------------------------------------------------
+
+    def load_state(self) -> tuple[TwinState, DeliveryTracker]:
+        """The twin state and delivery tracker as of the last committed frame."""
+        state = TwinState()
+        columns = (
+            "entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms, "
+            "last_change_ms"
+        )
+        for row in self.query(CURRENT_STATE_SQL.format(columns=columns)):
+            entity, attribute, kind, num, txt, ts_ms, quality, gateway, received, changed = row
+            state.current[(entity, attribute)] = CurrentValue(
+                decode_value(kind, num, txt), ts_ms, quality, gateway, received, changed
+            )
+        state.persisted = {
+            (str(entity), str(attribute))
+            for entity, attribute in self.query("SELECT entity, attribute FROM current")
+        }
+        for row in self.query(
+            "SELECT entity, attribute, gateway, dtype, unit, writable, min, max, interval_ms, "
+            "source, updated_ms FROM points"
+        ):
+            point = PointInfo(*row)
+            state.points[(point.entity, point.attribute)] = point
+        for row in self.query("SELECT * FROM gateways"):
+            gateway, epoch, birth_seq, online, last_frame, last_birth, death, why = row[:8]
+            state.gateways[gateway] = GatewayLink(
+                gateway,
+                epoch,
+                birth_seq,
+                online,
+                last_frame,
+                last_birth,
+                death,
+                why,
+                row[8],
+                row[9],
+                json.loads(row[10]) if row[10] else {},
+                int(row[11] or 0),
+                int(row[12] or 0),
+            )
+        for physical, first_seen in self.query(
+            "SELECT physical_id, first_seen_ms FROM entities WHERE first_seen_ms IS NOT NULL"
+        ):
+            state.first_seen[physical] = first_seen
+        blob = self.query("SELECT tracker, upto_frame FROM checkpoint")
+        tracker = DeliveryTracker.loads(bytes(blob[0][0])) if blob else DeliveryTracker()
+        upto = int(blob[0][1] or 0) if blob else 0
+        # Replay the journal: frames committed after the last flush.
+        for frame_id, gateway, kind, epoch, seq, received, samples, low_water in self.query(
+            "SELECT id, gateway, kind, epoch, seq, received_ms, samples, low_water FROM frames "
+            "WHERE id > ? ORDER BY id",
+            [min([upto, *(link.upto_frame for link in state.gateways.values())])],
+        ):
+            if frame_id > upto:
+                try:
+                    tracker.record(gateway, epoch, seq)
+                    if low_water:
+                        tracker.close_below(gateway, epoch, low_water)
+                except StaleEpoch:
+                    continue
+            link = state.link(gateway)
+            if frame_id <= link.upto_frame:
+                continue
+            link.upto_frame = frame_id
+            link.epoch = max(link.epoch, epoch)
+            link.last_frame_ms = max(link.last_frame_ms, received)
+            link.frames += 1
+            link.points += samples
+            if kind == "birth":
+                link.birth_seq = seq
+                link.online = True
+                link.last_birth_ms = received
+        return state, tracker
+
+    def next_ids(self) -> dict[str, int]:
+        """Next free frame id, drift event id and alarm/investigation/proposal numbers."""
+
+        def one(sql: str) -> int:
+            row = self.query(sql)
+            return int(row[0][0] or 0) + 1
+
+        return {
+            "frame": one("SELECT max(id) FROM frames"),
+            "drift": one("SELECT max(id) FROM drift_events"),
+            "alarm": one("SELECT max(CAST(substr(id, 3) AS BIGINT)) FROM alarms"),
+            "investigation": one("SELECT max(CAST(substr(id, 3) AS BIGINT)) FROM investigations"),
+            "proposal": one("SELECT max(CAST(substr(id, 3) AS BIGINT)) FROM proposals"),
+        }
+
+    def last_check_ms(self) -> int:
+        row = self.query("SELECT last_check_ms FROM checkpoint")
+        return int(row[0][0] or 0) if row else 0
+
+    def audit_head(self) -> tuple[int, str]:
+        row = self.query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        return (int(row[0][0]), str(row[0][1])) if row else (0, GENESIS_HASH)
+
+    def open_alarms(self) -> list[dict[str, Any]]:
+        return self.alarm_rows("state <> 'cleared'")
+
+    def open_drift_events(self) -> dict[tuple[str, str, str], int]:
+        return {
+            (rule, entity, attribute): event_id
+            for event_id, rule, entity, attribute in self.query(
+                "SELECT id, rule, entity, attribute FROM drift_events WHERE cleared_ms IS NULL"
+            )
+        }
+
+    def alarm_rows(self, where: str = "true", params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        rows = self.query(
+            f"SELECT {', '.join(ALARM_COLUMNS)} FROM alarms WHERE {where} ORDER BY raised_ms",
+            list(params),
+        )
+        return [dict(zip(ALARM_COLUMNS, row, strict=True)) for row in rows]
+
+
+ALARM_COLUMNS = (
+    "id",
+    "rule",
+    "drift_type",
+    "entity",
+    "attribute",
+    "severity",
+    "state",
+    "strategy",
+    "description",
+    "value",
+    "gateway",
+    "raised_ms",
+    "updated_ms",
+    "cleared_ms",
+    "acked_by",
+    "acked_ms",
+    "shelved_by",
+    "shelved_until_ms",
+    "present",
+)
+
+
+CURRENT_STATE_SQL = """
+WITH upto AS (SELECT coalesce(max(upto_frame), 0) AS frame FROM checkpoint),
+merged AS (
+    SELECT entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms,
+           last_change_ms
+    FROM current
+    UNION ALL
+    SELECT h.entity, h.attribute, h.kind, h.num, h.txt, h.ts_ms, h.quality, f.gateway,
+           f.received_ms, h.ts_ms
+    FROM history h JOIN frames f ON f.id = h.frame_id
+    WHERE h.frame_id > (SELECT frame FROM upto)
+)
+SELECT {columns} FROM merged
+QUALIFY row_number() OVER (
+    PARTITION BY entity, attribute
+    ORDER BY ts_ms DESC, quality ASC, kind DESC, coalesce(num, 0) DESC, coalesce(txt, '') DESC
+) = 1
+ORDER BY entity, attribute
+"""
+"""Current state = the ``current`` table plus the frames journaled after its last flush,
+decided by the same last-writer-wins order as live ingest."""
+
+
+def _current_columns(rows: dict[Key, CurrentValue]) -> list[list[Any]]:
+    values = [c.value for c in rows.values()]
+    kinds, nums, txts = encode_columns(values)
+    return [
+        [k[0] for k in rows],
+        [k[1] for k in rows],
+        kinds,
+        nums,
+        txts,
+        [c.ts_ms for c in rows.values()],
+        [c.quality for c in rows.values()],
+        [c.gateway for c in rows.values()],
+        [c.received_ms for c in rows.values()],
+        [c.last_change_ms for c in rows.values()],
+    ]

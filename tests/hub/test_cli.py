@@ -1,0 +1,184 @@
+"""``fieldtwin hub run`` and ``fieldtwin twin ...`` as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import yaml
+from support.broker import MosquittoBroker
+from support.hub_env import GatewaySigner, HubFiles, now_ms, sample, wait_for, write_hub_config
+
+from fieldtwin.hub.api import Endpoint
+
+FIELDTWIN = [sys.executable, "-m", "fieldtwin.protocol.cli"]
+
+
+def fieldtwin(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [*FIELDTWIN, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"fieldtwin {args} failed: {result.stdout}{result.stderr}")
+    return result
+
+
+async def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(fieldtwin, *args, check=check)
+
+
+async def cli_json(*args: str | Path) -> Any:
+    return json.loads((await cli(*args, "--format", "json")).stdout)
+
+
+@pytest.fixture
+def files(tmp_path: Path, broker: MosquittoBroker) -> HubFiles:
+    return write_hub_config(
+        tmp_path,
+        broker_url=broker.url,
+        password=broker.passwords["hub"],
+        client_id="ft-hub-cli",
+        silent_s=30,
+        missing_s=60,
+    )
+
+
+async def publish(broker: MosquittoBroker, messages: list[tuple[str, bytes]]) -> None:
+    password = broker.passwords.get("gw-01") or broker.add_user("gw-01")
+    async with aiomqtt.Client(
+        broker.host, broker.port, username="gw-01", password=password, timeout=10
+    ) as client:
+        for topic, payload in messages:
+            await client.publish(topic, payload, qos=1)
+
+
+async def test_hub_run_and_twin_commands_live_and_offline(
+    broker: MosquittoBroker, files: HubFiles
+) -> None:
+    config = files.config
+    endpoint_file = files.database.with_name("hub.duckdb.api.json")
+    hub = await asyncio.create_subprocess_exec(
+        *FIELDTWIN,
+        "hub",
+        "run",
+        "-c",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await wait_for(endpoint_file.exists, within=30)
+        gw = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
+        t0 = now_ms()
+        await publish(
+            broker,
+            [
+                gw.birth(
+                    [], [sample("tank-1", "level", 2.0, t0), sample("pump-1", "running", True, t0)]
+                ),
+                gw.data(
+                    [sample("tank-1", "level", 4.7, t0 + 10), sample("pump-1", "speed", 900, t0)]
+                ),
+            ],
+        )
+
+        async def applied() -> bool:
+            twin = await cli_json("twin", "show", "-c", config, "tank-1")
+            return bool(twin) and twin[0]["attributes"]["level"]["value"] == 4.7
+
+        await wait_for(applied, within=30, interval=0.5)
+        table = (await cli("twin", "show", "-c", config)).stdout
+        assert "live hub" in table
+        assert "tank-1" in table
+        assert "4.7 m" in table
+        rows = await cli_json("twin", "query", "-c", config, "--where", "level>4.5")
+        assert {(r["entity"], r["attribute"]) for r in rows} == {("tank-1", "level")}
+        assert (
+            await cli_json("twin", "query", "-c", config, "--type", "pump", "--where", "speed<100")
+            == []
+        )
+        history = await cli_json("twin", "history", "-c", config, "tank-1", "level", "--from", "1h")
+        assert [h["value"] for h in history] == [2.0, 4.7]
+        changes = await cli_json("twin", "diff", "-c", config, "--from", str(t0 + 5), "--to", "now")
+        assert {"entity": "tank-1", "attribute": "level", "before": 2.0, "after": 4.7}.items() <= (
+            next(c for c in changes if c["attribute"] == "level").items()
+        )
+        past = await cli_json("twin", "show", "-c", config, "--at", str(t0 + 5))
+        assert past["tank-1"]["level"]["value"] == 2.0
+        exported = yaml.safe_load(
+            (await cli("twin", "export", "-c", config, "--format", "yaml")).stdout
+        )
+        assert exported["digital_twin"]["id"] == "test-plant"
+        assert exported["operations"]["last_query"] is not None
+
+        async def alarmed() -> list[Any]:
+            alarms = await cli_json("twin", "alarms", "-c", config)
+            return [a for a in alarms if a["rule"] == "threshold"]
+
+        (alarm,) = await wait_for(alarmed, within=30, interval=0.5)
+        assert alarm["state"] == "active"
+        assert alarm["severity"] == "critical"
+        acked = await cli_json("twin", "ack", "-c", config, alarm["id"], "--by", "olga")
+        assert acked["state"] == "acknowledged"
+        assert acked["acked_by"] == "olga"
+        again = await cli("twin", "ack", "-c", config, alarm["id"], check=False)
+        assert again.returncode == 1
+        assert "only active alarms" in again.stderr
+        shelved = await cli_json("twin", "shelve", "-c", config, alarm["id"], "--for", "10m")
+        assert shelved["state"] == "shelved"
+        status = await cli_json("twin", "status", "-c", config)
+        assert status["gateways"][0]["id"] == "gw-01"
+        assert status["mqtt_connected"]
+        endpoint = Endpoint.read(endpoint_file)
+        assert endpoint is not None
+        assert endpoint.pid == hub.pid
+    finally:
+        if hub.returncode is None:
+            hub.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(hub.communicate(), 60)
+    log = output.decode()
+    assert hub.returncode == 0, log
+    assert "hub stopped" in log
+    assert "Traceback" not in log
+    assert not endpoint_file.exists()
+    # the hub is gone: the same commands read the database file
+    offline = (await cli("twin", "show", "-c", config)).stdout
+    assert "database (hub not running)" in offline
+    assert "4.7 m" in offline
+    alarms = await cli_json("twin", "alarms", "-c", config, "--all")
+    assert [a["state"] for a in alarms if a["rule"] == "threshold"] == ["shelved"]
+    refused = await cli("twin", "ack", "-c", config, alarm["id"], check=False)
+    assert refused.returncode == 1
+    assert "the hub is not running" in refused.stderr
+    exported = yaml.safe_load(
+        (await cli("twin", "export", "-c", config, "--format", "yaml")).stdout
+    )
+    assert exported["operations"]["last_query"] is None
+
+
+def test_clear_errors_without_a_hub(tmp_path: Path) -> None:
+    missing = fieldtwin("twin", "show", "-c", tmp_path / "nope.toml", check=False)
+    assert missing.returncode == 1
+    assert "nope.toml: file does not exist" in missing.stderr
+    no_demo = fieldtwin("twin", "show", "--state-dir", tmp_path, check=False)
+    assert no_demo.returncode == 1
+    assert "fieldtwin demo" in no_demo.stderr
+    files = write_hub_config(tmp_path / "cfg")
+    never_ran = fieldtwin("twin", "show", "-c", files.config, check=False)
+    assert never_ran.returncode == 1
+    assert "has this hub ever run" in never_ran.stderr
+    checked = fieldtwin("hub", "check", "-c", files.config)
+    assert "valid" in checked.stdout
+    assert "gw-01" in checked.stdout
+    os.chmod(files.config.parent / "keys" / "hub.key", 0o644)
+    insecure = fieldtwin("hub", "run", "-c", files.config, check=False)
+    assert insecure.returncode == 1
+    assert "chmod 600" in insecure.stderr

@@ -1,0 +1,242 @@
+"""The drift engine, rule by rule, on plain state (no I/O)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.hub_env import write_hub_config
+
+from fieldtwin.hub.config import HubConfig, Limits, load_hub_config
+from fieldtwin.hub.drift import DriftEngine, ThresholdMonitor
+from fieldtwin.hub.state import CurrentValue, GatewayLink, PointInfo, RateEvent, TwinState
+
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> HubConfig:
+    files = write_hub_config(tmp_path_factory.mktemp("drift"), silent_s=3, missing_s=2, stale_s=3)
+    return load_hub_config(files.config)
+
+
+def engine_for(config: HubConfig, started: int = T0) -> DriftEngine:
+    return DriftEngine(config.schema, config.drift, config.reconciliation, config.gateways, started)
+
+
+def healthy_state(now: int) -> TwinState:
+    state = TwinState()
+    state.gateways["gw-01"] = GatewayLink(
+        "gw-01", epoch=1, birth_seq=1, online=True, last_frame_ms=now, last_birth_ms=now
+    )
+    state.gateways["gw-02"] = GatewayLink("gw-02", epoch=1, online=True, last_frame_ms=now)
+    for key, value in {
+        ("tank-1", "level"): 2.0,
+        ("tank-1", "temp"): 20.0,
+        ("pump-1", "speed"): 900,
+        ("pump-1", "speed_sp"): 900,
+        ("pump-1", "running"): True,
+    }.items():
+        state.current[key] = CurrentValue(value, now, 0, "gw-01", now, now)
+    return state
+
+
+def rules(report: object) -> set[tuple[str, str, str]]:
+    return {(f.rule, f.entity, f.attribute) for f in report.findings}  # type: ignore[attr-defined]
+
+
+# -- thresholds ----------------------------------------------------------------------------
+
+HIGH = Limits(warning=10.0, critical=20.0)
+LOW = Limits(warning=-10.0, critical=-20.0)
+
+
+def test_threshold_levels_deadband_and_delays() -> None:
+    monitor = ThresholdMonitor(HIGH, LOW, deadband=1.0, on_delay_ms=1000, off_delay_ms=2000)
+    assert monitor.observe(12.0, 0) == 0  # pending
+    assert monitor.observe(12.0, 999) == 0
+    assert monitor.observe(12.0, 1000) == 1  # held for the on delay
+    assert monitor.observe(9.5, 2000) == 1  # inside the deadband: still a warning
+    assert monitor.observe(8.9, 3000) == 1  # below limit - deadband: pending clear
+    assert monitor.observe(8.9, 4999) == 1
+    assert monitor.observe(8.9, 5000) == 0  # held for the off delay
+    assert monitor.observe(25.0, 6000) == 0
+    assert monitor.observe(25.0, 7000) == 2  # critical
+    assert monitor.observe(-25.0, 8000) == 2
+    assert monitor.observe(-25.0, 9000) == -2  # to the other side with the on delay
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(-40, 40, allow_nan=False), min_size=1, max_size=60),
+    st.floats(0.0, 5.0),
+    st.integers(0, 3000),
+    st.integers(0, 3000),
+)
+def test_threshold_never_flaps(
+    values: list[float], deadband: float, on_delay: int, off_delay: int
+) -> None:
+    monitor = ThresholdMonitor(HIGH, LOW, deadband, on_delay, off_delay)
+    changes: list[int] = []
+    level = 0
+    for i, value in enumerate(values):
+        now = i * 500
+        new = monitor.observe(value, now)
+        if new != level:
+            changes.append(now)
+            # a level is only entered when its limit is reached ...
+            if abs(new) > abs(level) and new > 0:
+                assert value >= (HIGH.warning if new == 1 else HIGH.critical)  # type: ignore[operator]
+            level = new
+    # ... and consecutive changes are at least the shorter delay apart
+    gaps = [b - a for a, b in itertools.pairwise(changes)]
+    assert all(gap >= min(on_delay, off_delay) for gap in gaps)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-0.999, 10.0), min_size=1, max_size=50), st.floats(1.0, 5.0))
+def test_values_within_deadband_never_clear_an_active_level(
+    wobble: list[float], deadband: float
+) -> None:
+    monitor = ThresholdMonitor(HIGH, LOW, deadband)
+    assert monitor.observe(10.0, 0) == 1
+    for i, delta in enumerate(wobble):
+        # anything above limit - deadband keeps the warning: no flapping at the limit
+        value = 10.0 - deadband * (abs(delta) % 1.0) * 0.999
+        assert monitor.observe(value, i + 1) >= 1
+
+
+# -- the engine ----------------------------------------------------------------------------
+
+
+def test_healthy_twin_has_no_findings(config: HubConfig) -> None:
+    now = T0 + 1000
+    report = engine_for(config).evaluate(healthy_state(now), now)
+    assert report.findings == []
+    assert report.health == {"pump-1": "healthy", "tank-1": "healthy"}
+
+
+def test_threshold_finding_and_degraded_health(config: HubConfig) -> None:
+    now = T0 + 1000
+    state = healthy_state(now)
+    state.current[("tank-1", "level")] = CurrentValue(4.6, now, 0, "gw-01", now, now)
+    report = engine_for(config).evaluate(state, now)
+    (finding,) = report.findings
+    assert (finding.rule, finding.severity, finding.strategy) == ("threshold", "critical", "alert")
+    assert "high critical limit 4.5" in finding.description
+    assert report.health["tank-1"] == "degraded"
+
+
+def test_gateway_silent_is_told_apart_from_sensor_stale(config: HubConfig) -> None:
+    engine = engine_for(config)
+    now = T0 + 10_000
+    # gateway alive, one attribute not updated within stale_after_s (3 s)
+    state = healthy_state(now)
+    state.current[("tank-1", "level")] = CurrentValue(2.0, now - 4000, 0, "gw-01", now, now - 4000)
+    report = engine.evaluate(state, now)
+    assert rules(report) == {("temporal.sensor_stale", "tank-1", "level")}
+    assert report.findings[0].strategy == "auto_correct"
+    assert report.health["tank-1"] == "degraded"
+    # BAD or STALE quality is stale too, even when recent
+    state.current[("tank-1", "temp")] = CurrentValue(None, now, 2, "gw-01", now, now)
+    report = engine.evaluate(state, now)
+    assert ("temporal.sensor_stale", "tank-1", "temp") in rules(report)
+    assert report.health["tank-1"] == "stale"  # every attribute stale
+    # the gateway goes silent: one gateway finding, no per-sensor staleness
+    state.gateways["gw-01"].last_frame_ms = now - 3500
+    report = engine.evaluate(state, now)
+    assert rules(report) == {("temporal.gateway_silent", "gw-01", "")}
+    assert report.health == {"pump-1": "stale", "tank-1": "stale"}
+    # a death is silence at once
+    state = healthy_state(now)
+    state.gateways["gw-01"].online = False
+    state.gateways["gw-01"].death_reason = "killed"
+    report = engine.evaluate(state, now)
+    assert "death received (killed)" in report.findings[0].description
+
+
+def test_never_connected_gateways_and_missing_entities(config: HubConfig) -> None:
+    engine = engine_for(config)
+    state = TwinState()
+    report = engine.evaluate(state, T0 + 1000)  # within the grace periods
+    assert report.findings == []
+    assert report.health == {"pump-1": "unknown", "tank-1": "unknown"}
+    report = engine.evaluate(state, T0 + 3500)
+    assert rules(report) == {
+        ("temporal.gateway_silent", "gw-01", ""),
+        ("temporal.gateway_silent", "gw-02", ""),
+        ("structural.missing", "tank-1", ""),
+        ("structural.missing", "pump-1", ""),
+    }
+
+
+def test_structural_undeclared_missing_attribute_and_wrong_gateway(config: HubConfig) -> None:
+    now = T0 + 10_000
+    state = healthy_state(now)
+    del state.current[("pump-1", "running")]
+    state.current[("pump-1", "vibration")] = CurrentValue(1.0, now, 0, "gw-01", now, now)
+    state.current[("mixer-7", "rpm")] = CurrentValue(10, now, 0, "gw-01", now, now)
+    state.points[("tank-1", "temp")] = PointInfo(
+        "tank-1", "temp", "gw-02", "float64", "", False, None, None, 1000, "", now
+    )
+    report = engine_for(config).evaluate(state, now)
+    found = rules(report)
+    assert ("structural.missing", "pump-1", "running") in found
+    assert ("structural.undeclared", "pump-1", "vibration") in found
+    assert ("structural.undeclared", "mixer-7", "") in found
+    assert ("structural.wrong_gateway", "tank-1", "") in found
+    undeclared = next(f for f in report.findings if f.entity == "mixer-7")
+    assert undeclared.strategy == "investigate"
+    assert report.health["mixer-7"] == "degraded"
+
+
+def test_relationship_rule(tmp_path: Path) -> None:
+    files = write_hub_config(tmp_path)
+    text = files.config.read_text().replace(
+        'source = "pump-1"\ntarget = "tank-1"', 'source = "tank-1"\ntarget = "pump-1"'
+    )
+    files.config.write_text(text)
+    config = load_hub_config(files.config)
+    now = T0 + 1000
+    report = engine_for(config).evaluate(healthy_state(now), now)
+    (finding,) = report.findings
+    assert finding.rule == "structural.relationship"
+    assert finding.entity == "pump-1"
+    assert "pump-feeds-tank" in finding.description
+
+
+def test_semantic_rate_and_frozen(config: HubConfig) -> None:
+    engine = engine_for(config)
+    now = T0 + 60_000
+    state = healthy_state(now)
+    state.rate_events[("tank-1", "level")] = RateEvent(now - 1000, 3.0, 2.0, 5.0)
+    report = engine.evaluate(state, now)
+    assert rules(report) == {("semantic.rate", "tank-1", "level")}
+    assert "3 m/s" in report.findings[0].description
+    for link in state.gateways.values():
+        link.last_frame_ms = now + 6000
+    # beyond rate_hold_s (5 s) the rate finding ends; the level has not moved for 7 s
+    state.current[("tank-1", "level")] = CurrentValue(2.0, now + 6000, 0, "gw-01", now, now - 1000)
+    report = engine.evaluate(state, now + 6000)
+    assert rules(report) == {("semantic.frozen", "tank-1", "level")}
+    # frozen only while fresh good samples arrive: a stale one is "stale", not "frozen"
+    state.current[("tank-1", "level")] = CurrentValue(2.0, now, 0, "gw-01", now, now - 1000)
+    report = engine.evaluate(state, now + 6000)
+    assert {r for r, _, _ in rules(report)} == {"temporal.sensor_stale"}
+
+
+def test_findings_keep_their_first_detection_time(config: HubConfig) -> None:
+    engine = engine_for(config)
+    now = T0 + 1000
+    state = healthy_state(now)
+    state.current[("tank-1", "level")] = CurrentValue(4.2, now, 0, "gw-01", now, now)
+    first = engine.evaluate(state, now).findings[0]
+    later = engine.evaluate(state, now + 500).findings[0]
+    assert first.since_ms == later.since_ms == now
+    state.current[("tank-1", "level")] = CurrentValue(2.0, now, 0, "gw-01", now, now)
+    assert engine.evaluate(state, now + 600).findings == []
+    state.current[("tank-1", "level")] = CurrentValue(4.2, now, 0, "gw-01", now, now)
+    assert engine.evaluate(state, now + 700).findings[0].since_ms == now + 700

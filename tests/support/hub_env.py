@@ -1,0 +1,266 @@
+"""Helpers for hub tests: a small twin config on disk, a signing gateway, a running hub.
+
+``GatewaySigner`` produces real signed frames with the protocol package (the same bytes
+an agent sends), so hub tests exercise verification, replay protection and storage
+without an agent process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fieldtwin.protocol.frames import FrameSigner
+from fieldtwin.protocol.keys import KeyPair, write_key_pair
+from fieldtwin.protocol.messages import Birth, Data, Death, PointMeta, Quality, Sample, Value
+from fieldtwin.protocol.topics import uplink_topic
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+HUB_TOML = """
+[hub]
+twin_id = "test-plant"
+domain = "test"
+database = "{database}"
+key = "keys/hub.key"
+api_port = 0
+memory_limit = "256MB"
+threads = 1
+
+[broker]
+url = "{broker_url}"
+username = "hub"
+password = "{password}"
+client_id = "{client_id}"
+
+[ingest]
+gap_timeout_s = 0.5
+rebirth_min_interval_s = 1.0
+ack_interval_ms = 50
+batch_window_ms = 2
+
+[drift]
+interval_s = {drift_interval_s}
+stale_factor = 3.0
+default_interval_s = 30.0
+gateway_silent_s = {silent_s}
+missing_after_s = {missing_s}
+rate_hold_s = 5.0
+
+[gateways.gw-01]
+public_key = "keys/gw-01.pub"
+
+[gateways.gw-02]
+public_key = "keys/gw-02.pub"
+
+[types.tank.attributes.level]
+unit = "m"
+interval_s = 1.0
+stale_after_s = {stale_s}
+high = {{ warning = 4.0, critical = 4.5 }}
+low = {{ warning = 1.0 }}
+deadband = 0.1
+max_rate = 1.0
+frozen_after_s = {frozen_s}
+
+[types.tank.attributes.temp]
+unit = "degC"
+
+[types.pump.attributes.speed]
+unit = "rpm"
+
+[types.pump.attributes.speed_sp]
+unit = "rpm"
+writable = true
+min = 0
+max = 1800
+
+[types.pump.attributes.running]
+writable = true
+
+[[entities]]
+id = "tank-1"
+type = "tank"
+gateway = "gw-01"
+static = {{ area_m2 = 1.0 }}
+
+[[entities]]
+id = "pump-1"
+type = "pump"
+gateway = "gw-01"
+desired = {{ speed_sp = 900 }}
+
+[[relationships]]
+source = "pump-1"
+target = "tank-1"
+type = "feeds"
+
+[[structural]]
+id = "pump-feeds-tank"
+entity_type = "pump"
+relationship = "feeds"
+target_type = "tank"
+
+[reconciliation]
+default = "alert"
+
+[[reconciliation.rules]]
+drift = "temporal.sensor_stale"
+strategy = "auto_correct"
+
+[[reconciliation.rules]]
+drift = "structural.undeclared"
+strategy = "investigate"
+{extra}
+"""
+
+
+@dataclass
+class HubFiles:
+    config: Path
+    hub_key: KeyPair
+    gateway_keys: dict[str, KeyPair]
+    database: Path
+
+
+def write_hub_config(
+    directory: Path,
+    *,
+    broker_url: str = "mqtt://127.0.0.1:1",
+    password: str = "",
+    client_id: str = "ft-hub",
+    silent_s: float = 3.0,
+    missing_s: float = 2.0,
+    stale_s: float = 3.0,
+    frozen_s: float = 5.0,
+    drift_interval_s: float = 0.2,
+    extra: str = "",
+) -> HubFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = directory / "keys"
+    pairs: dict[str, KeyPair] = {}
+    for name in ("hub", "gw-01", "gw-02"):
+        if (keys / f"{name}.key").exists():
+            from fieldtwin.protocol.keys import load_private_key
+
+            pairs[name] = load_private_key(keys / f"{name}.key")
+        else:
+            pairs[name] = write_key_pair(keys, name)[2]
+    database = directory / "state" / "hub.duckdb"
+    config = directory / "hub.toml"
+    config.write_text(
+        HUB_TOML.format(
+            database=database,
+            broker_url=broker_url,
+            password=password,
+            client_id=client_id,
+            silent_s=silent_s,
+            missing_s=missing_s,
+            stale_s=stale_s,
+            frozen_s=frozen_s,
+            drift_interval_s=drift_interval_s,
+            extra=extra,
+        )
+    )
+    hub_key = pairs.pop("hub")
+    return HubFiles(config, hub_key, pairs, database)
+
+
+@dataclass
+class GatewaySigner:
+    """Signs frames as one gateway, keeping its own epoch and seq like an agent."""
+
+    gateway: str
+    key: KeyPair
+    epoch: int = field(default_factory=now_ms)
+    seq: int = 0
+    birth_seq: int = 0
+
+    def __post_init__(self) -> None:
+        self.signer = FrameSigner(self.gateway, self.key)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def data(self, samples: Iterable[Sample], seq: int | None = None) -> tuple[str, bytes]:
+        body = Data.of(samples)
+        number = seq if seq is not None else self.next_seq()
+        return uplink_topic(self.gateway, "data"), self.signer.encode(
+            self.epoch, number, now_ms(), body
+        )
+
+    def birth(
+        self,
+        points: Iterable[PointMeta] = (),
+        state: Iterable[Sample] = (),
+        low_water: int = 1,
+        info: dict[str, str] | None = None,
+    ) -> tuple[str, bytes]:
+        seq = self.next_seq()
+        self.birth_seq = seq
+        body = Birth(tuple(points), tuple(state), low_water, info or {"agent": "test"})
+        return uplink_topic(self.gateway, "birth"), self.signer.encode(
+            self.epoch, seq, now_ms(), body
+        )
+
+    def death(self, birth_seq: int | None = None, reason: str = "test") -> tuple[str, bytes]:
+        body = Death(birth_seq if birth_seq is not None else self.birth_seq, reason)
+        return uplink_topic(self.gateway, "death"), self.signer.encode(
+            self.epoch, 0, now_ms(), body
+        )
+
+
+def sample(
+    entity: str, attribute: str, value: Value, ts: int | None = None, quality: int = 0
+) -> Sample:
+    return Sample(entity, attribute, value, ts if ts is not None else now_ms(), Quality(quality))
+
+
+def point(entity: str, attribute: str, dtype: str = "float64", **kw: Any) -> PointMeta:
+    return PointMeta(entity, attribute, dtype, **kw)
+
+
+async def wait_for(predicate: Any, within: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy (awaiting it if it is a coroutine)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def running_hub(config_path: Path, *, mqtt: bool = True) -> AsyncIterator[Any]:
+    """Run a ``Hub`` in this event loop; yields it once ready (and connected)."""
+    from fieldtwin.hub.config import load_hub_config
+    from fieldtwin.hub.runtime import Hub
+
+    hub = Hub(load_hub_config(config_path))
+    task = asyncio.create_task(hub.run(), name="test-hub")
+    try:
+        await wait_for(lambda: hub.ready.is_set() or task.done(), within=30)
+        if task.done():
+            task.result()
+        if mqtt:
+            await wait_for(lambda: hub.mqtt_ready.is_set() or task.done(), within=30)
+            if task.done():
+                task.result()
+        yield hub
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
