@@ -4,9 +4,11 @@ Session behaviour (docs/protocol.md, "Session behaviour"; docs/agent.md, "Uplink
 
 * The client id is ``ft-agent-{gateway}``, the username the gateway id, QoS 1.
 * Before connecting, the birth's seq is reserved (persisted) so the MQTT will can be a
-  signed ``death`` naming it. A reserved seq is reused until a birth is actually
-  attempted with it, so a broker that is down for an hour does not burn a seq per
-  reconnect attempt.
+  signed ``death`` naming it. That seq names the connection (the session): rebirths
+  within it take fresh seqs but carry it as ``session``, and the shutdown death names
+  it too, so the hub applies exactly the deaths of the live connection. A reserved seq
+  is reused until a birth is actually attempted with it, so a broker that is down for
+  an hour does not burn a seq per reconnect attempt.
 * On every connect: subscribe to ``ft/v1/{gw}/down/+`` and the hub state topic,
   publish the birth, then everything still unacknowledged in the outbox goes to the
   backlog lane (the broker or hub may have lost it), and frames committed from now on
@@ -14,7 +16,7 @@ Session behaviour (docs/protocol.md, "Session behaviour"; docs/agent.md, "Uplink
 * Live lane first: fresh frames, a window of ``live_window`` publishes in flight.
   Backlog lane: its own window and a token bucket in samples/s, so a long outage drains
   at a bounded rate while live data keeps flowing.
-* A new hub ``instance`` on the retained hub state topic, or a verified ``rebirth``,
+* A live (not retained) ``online`` on the hub state topic, or a verified ``rebirth``,
   makes the agent publish a birth and resend every unacknowledged frame. A frame not
   acknowledged within ``ack_timeout_s`` while the hub is not known to be offline is
   resent too. The hub de-duplicates by (sender, epoch, seq), so resending is safe.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import json
 import logging
@@ -125,7 +128,7 @@ class Uplink:
         self._stopped = asyncio.Event()
         self._backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s)
         self._pending_birth_seq: int | None = None
-        self._current_birth_seq: int | None = None
+        self._session_seq: int | None = None
         self._client: Any = None
         self._live: deque[Committed] = deque()
         self._live_seqs: set[int] = set()
@@ -262,6 +265,7 @@ class Uplink:
             self._client = client
             # From here on the seq counts as used, whatever happens to the publish.
             self._pending_birth_seq = None
+            self._session_seq = birth_seq
             await self._publish_birth(client, birth_seq)
             # Connected before reading the next seq: a frame committed from now on goes
             # to the live lane, one committed before is below session_start (the outbox
@@ -292,6 +296,7 @@ class Uplink:
                 group.create_task(self._stopper(client), name="uplink-stopper")
         finally:
             self._client = None
+            self._session_seq = None
             with contextlib.suppress(Exception):
                 await within(5, client.__aexit__(None, None, None))
 
@@ -302,10 +307,10 @@ class Uplink:
             self._live_drained.clear()
             with contextlib.suppress(TimeoutError):
                 await within(3.0, self._live_drained.wait())
-        if self._current_birth_seq is not None:
+        if self._session_seq is not None:
             sync = self.outbox.sync
             death = sync.signer.encode(
-                sync.epoch, 0, now_ms(), Death(self._current_birth_seq, "shutdown")
+                sync.epoch, 0, now_ms(), Death(self._session_seq, "shutdown")
             )
             with contextlib.suppress(Exception):
                 await client.publish(self._topics["death"], death, qos=1, timeout=2.0)
@@ -314,14 +319,18 @@ class Uplink:
     async def _publish_birth(self, client: Any, seq: int) -> None:
         sync = self.outbox.sync
         low_water = await self.outbox.call(sync.low_water)
-        birth = self.birth_factory(min(low_water, seq))
+        session = self._session_seq if self._session_seq is not None else seq
+        birth = dataclasses.replace(
+            self.birth_factory(min(low_water, seq)), session=0 if session == seq else session
+        )
         frame = await self.outbox.call(sync.encode, seq, birth)
         await self._publish_raw(client, "birth", frame)
-        self._current_birth_seq = seq
         self.stats.births += 1
         log.info(
             "birth published",
-            extra=fields(seq=seq, points=len(birth.points), low_water=birth.low_water),
+            extra=fields(
+                seq=seq, session=session, points=len(birth.points), low_water=birth.low_water
+            ),
         )
 
     async def _publish_raw(self, client: Any, kind: str, frame: bytes) -> None:

@@ -253,6 +253,7 @@ class IngestCore:
                     )
                 )
                 link.birth_seq = 0
+                link.session = 0
                 link.death_birth_seq = 0
             link.epoch = frame.epoch
             link.last_frame_ms = message.received_ms
@@ -476,6 +477,7 @@ class IngestCore:
                 )
                 self._history(write, picked, frame_id)
         link.birth_seq = frame.seq
+        link.session = body.session_seq(frame.seq)
         link.online = True
         link.last_birth_ms = message.received_ms
         link.death_reason = ""
@@ -500,20 +502,21 @@ class IngestCore:
     ) -> None:
         body = frame.body
         assert isinstance(body, Death)
-        # The will is registered at connect, so it names the session's *first* birth,
-        # while a rebirth within the session takes a newer seq: any birth of the current
-        # epoch after the one named by the last applied death belongs to a live session.
-        # Deaths naming that birth or older are replays.
-        if (
-            frame.epoch != link.epoch
-            or not link.online
-            or not link.death_birth_seq < body.birth_seq <= link.birth_seq
-        ):
+        # The will is signed at connect, so it names the birth that opened the connection;
+        # rebirths within it carry that seq as their ``session``. Only a death naming the
+        # live connection applies; any other is a replay or arrived too late.
+        if link.session:
+            current = body.birth_seq == link.session
+        else:
+            # Session unknown (a store from before births carried it): any birth of this
+            # epoch after the one named by the last applied death may have opened it.
+            current = link.death_birth_seq < body.birth_seq <= link.birth_seq
+        if frame.epoch != link.epoch or not link.online or not current:
             raise StaleDeath(
                 f"death naming birth {body.birth_seq} of epoch {frame.epoch}; the gateway's "
-                f"latest birth is {link.birth_seq} of epoch {link.epoch}, the last death "
-                f"named birth {link.death_birth_seq}"
-                + ("" if link.online else "; it is already offline")
+                f"live connection was opened by birth {link.session or '?'} of epoch "
+                f"{link.epoch} (latest birth {link.birth_seq}), the last death named birth "
+                f"{link.death_birth_seq}" + ("" if link.online else "; it is already offline")
             )
         link.death_birth_seq = body.birth_seq
         link.online = False

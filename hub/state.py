@@ -138,6 +138,9 @@ class GatewayLink:
     """The last frame id this link state includes (for replaying the frame journal)."""
     death_birth_seq: int = 0
     """The birth named by the last death applied (older deaths are replays)."""
+    session: int = 0
+    """The seq of the birth that opened the live connection (what its will names); 0 if
+    unknown (a store from before births carried it)."""
 
 
 @dataclass(slots=True)

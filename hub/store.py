@@ -29,6 +29,7 @@ file (read-only) only when no hub holds it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -53,7 +54,7 @@ from fieldtwin.hub.state import (
 from fieldtwin.protocol.errors import StaleEpoch
 from fieldtwin.protocol.tracker import DeliveryTracker
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -81,7 +82,7 @@ _DDL = (
         gateway VARCHAR, epoch BIGINT, birth_seq BIGINT, online BOOLEAN,
         last_frame_ms BIGINT, last_birth_ms BIGINT, death_ms BIGINT, death_reason VARCHAR,
         frames BIGINT, points BIGINT, info VARCHAR, upto_frame BIGINT,
-        death_birth_seq BIGINT)""",
+        death_birth_seq BIGINT, session BIGINT)""",
     """CREATE TABLE IF NOT EXISTS checkpoint (
         tracker BLOB, upto_frame BIGINT, last_check_ms BIGINT)""",
     """CREATE TABLE IF NOT EXISTS audit (
@@ -242,10 +243,14 @@ class TwinStore:
         except OSError as exc:
             raise StoreError(f"cannot open {path}: {exc}") from None
         store = cls(con, path, read_only)
-        if read_only:
-            store._check_version()
-        else:
-            store._create()
+        try:
+            if read_only:
+                store._check_version()
+            else:
+                store._create()
+        except BaseException:
+            con.close()
+            raise
         return store
 
     def close(self) -> None:
@@ -265,6 +270,12 @@ class TwinStore:
             if version is None:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
                 self.set_meta("created_ms", str(int(time.time() * 1000)))
+            elif version == "1":
+                # 1 -> 2: the seq of the birth that opened each gateway's connection.
+                self.con.execute(
+                    "ALTER TABLE gateways ADD COLUMN IF NOT EXISTS session BIGINT DEFAULT 0"
+                )
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
             elif version != str(SCHEMA_VERSION):
                 raise StoreSchemaError(
                     f"{self.path} has schema version {version}; this hub reads version "
@@ -275,9 +286,12 @@ class TwinStore:
                     "INSERT INTO checkpoint VALUES (?, 0, 0)", [DeliveryTracker().dumps()]
                 )
             self.con.execute("COMMIT")
-        except duckdb.Error as exc:
-            self.con.execute("ROLLBACK")
-            raise _error(exc, self.path, "cannot create the schema in") from None
+        except BaseException as exc:
+            with contextlib.suppress(duckdb.Error):
+                self.con.execute("ROLLBACK")
+            if isinstance(exc, duckdb.Error):
+                raise _error(exc, self.path, "cannot create the schema in") from None
+            raise
 
     def _check_version(self) -> None:
         version = self.meta("schema_version")
@@ -475,13 +489,14 @@ class TwinStore:
                 json.dumps(link.info, sort_keys=True),
                 link.upto_frame,
                 link.death_birth_seq,
+                link.session,
             )
             for link in links
         ]
         # DELETE + INSERT: an upsert on a keyed DuckDB table costs several milliseconds
         con.execute("DELETE FROM gateways WHERE list_contains(?, gateway)", [[r[0] for r in rows]])
         con.execute(
-            "INSERT INTO gateways SELECT " + ", ".join(["unnest(?)"] * 13),
+            "INSERT INTO gateways SELECT " + ", ".join(["unnest(?)"] * 14),
             [list(col) for col in zip(*rows, strict=True)],
         )
 
@@ -653,6 +668,7 @@ class TwinStore:
                 json.loads(row[10]) if row[10] else {},
                 int(row[11] or 0),
                 int(row[12] or 0),
+                int(row[13] or 0),
             )
         for physical, first_seen in self.query(
             "SELECT physical_id, first_seen_ms FROM entities WHERE first_seen_ms IS NOT NULL"
@@ -684,6 +700,7 @@ class TwinStore:
             link.points += samples
             if kind == "birth":
                 link.birth_seq = seq
+                link.session = 0  # not journaled: deaths fall back to the seq-window rule
                 link.online = True
                 link.last_birth_ms = received
         return state, tracker

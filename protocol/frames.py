@@ -31,7 +31,7 @@ from fieldtwin.protocol.errors import (
     UnsupportedVersion,
 )
 from fieldtwin.protocol.keys import KeyPair, KeyRegistry, PublicKey
-from fieldtwin.protocol.messages import BODY_TYPES, ID_PATTERN, MAX_INT, AnyBody
+from fieldtwin.protocol.messages import BODY_TYPES, ID_PATTERN, MAX_INT, AnyBody, Birth
 
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 SIGNATURE_BYTES = 64
@@ -195,6 +195,10 @@ def decode_frame(
     lookup = keys.lookup if isinstance(keys, KeyRegistry) else keys
     lookup(sender, key_id).verify(signature, signed)
     body = body_type.from_wire(body_obj)
+    if isinstance(body, Birth) and body.session > seq:
+        raise SchemaViolation(
+            f"body.session: names birth {body.session}, later than this birth's seq {seq}"
+        )
     return Frame(
         kind=kind,
         sender=sender,

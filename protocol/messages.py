@@ -333,6 +333,11 @@ class Birth:
     ``low_water`` is the lowest seq of this epoch the sender still holds unacknowledged;
     everything below it was acknowledged or dropped by the overflow policy, so the
     receiver can stop waiting for it.
+
+    ``session`` is the seq of the birth that opened the sender's MQTT connection, the
+    one its will (``death``) names; 0 means this birth opened it. A rebirth within the
+    connection takes a fresh seq but keeps the session, so the receiver can tell the
+    genuine will of the live connection from a replayed one of an earlier connection.
     """
 
     KIND: ClassVar[str] = "birth"
@@ -340,6 +345,11 @@ class Birth:
     state: tuple[Sample, ...]
     low_water: int = 1
     info: Mapping[str, str] = field(default_factory=dict)
+    session: int = 0
+
+    def session_seq(self, seq: int) -> int:
+        """The seq of the birth that opened the connection, given this birth's own seq."""
+        return self.session or seq
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -347,6 +357,7 @@ class Birth:
             "state": _columns_to_wire(self.state),
             "low_water": self.low_water,
             "info": dict(self.info),
+            "session": self.session,
         }
 
     @classmethod
@@ -366,6 +377,7 @@ class Birth:
             ),
             low_water=_int(m, "low_water", "body", 1),
             info=dict(info),
+            session=_int(m, "session", "body"),
         )
 
 
@@ -433,7 +445,8 @@ class Data:
 @dataclass(frozen=True, slots=True)
 class Death:
     """The MQTT will. It cannot carry a fresh seq (it is signed at connect time), so it
-    names the seq of the birth it ends; a replayed death names an older birth and is ignored.
+    names the connection it ends by the seq of the birth that opened it (a birth's
+    ``session``); a replayed death names an older connection and is ignored.
     """
 
     KIND: ClassVar[str] = "death"

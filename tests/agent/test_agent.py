@@ -432,6 +432,37 @@ async def test_opcua_polling_mode_reads_every_node(
         assert latest.value == pytest.approx(truth, abs=1.0)
 
 
+async def test_opcua_falls_back_to_polling_when_the_server_refuses_subscriptions(
+    env: AgentEnv, broker: MosquittoBroker, plant: SimProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The simulator's OPC-UA server always grants subscriptions, so the refusal a
+    # constrained embedded server gives (BadTooManySubscriptions) is injected here.
+    import asyncua
+    from asyncua import ua
+
+    refused = 0
+
+    async def refuse(*_args: object, **_kwargs: object) -> None:
+        nonlocal refused
+        refused += 1
+        raise ua.UaStatusCodeError(ua.StatusCodes.BadTooManySubscriptions)
+
+    monkeypatch.setattr(asyncua.Client, "create_subscription", refuse)
+    config = env.write_config(devices_from_example("boiler", plant.endpoints))
+    async with (
+        HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key) as hub,
+        running_agent(config) as agent,
+    ):
+        view = hub.gateways[env.gateway]
+        expected = {k for k in ALL_POINTS if k[0] == "boiler-1"}
+        await hub.wait_for(lambda: good_keys(view.samples) >= expected, 30, what="boiler points")
+        assert refused >= 1
+        assert agent.drivers[0].stats.extra["mode"] == "poll"
+        # polling keeps the values moving with the process
+        before = len(view.samples)
+        await hub.wait_for(lambda: len(view.samples) > before, 30, what="later polls")
+
+
 async def test_broker_stopped_and_restarted_mid_stream_loses_no_sample(
     env: AgentEnv, broker: MosquittoBroker, plant: SimProcess
 ) -> None:

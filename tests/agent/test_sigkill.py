@@ -17,7 +17,7 @@ from support.sim import SimProcess
 from fieldtwin.agent.status import read_status
 from fieldtwin.protocol.frames import decode_frame
 from fieldtwin.protocol.keys import KeyRegistry
-from fieldtwin.protocol.messages import Data, Sample
+from fieldtwin.protocol.messages import Birth, Data, Sample
 
 AGENT = [sys.executable, "-c", "from fieldtwin.protocol.cli import main; raise SystemExit(main())"]
 
@@ -78,7 +78,8 @@ async def test_sigkill_and_restart_deliver_every_stored_sample_exactly_once(
         # The broker publishes the will: a death naming the birth it ends.
         await hub.wait_for(lambda: bool(view.deaths), 30, what="the will")
         death = death_of(view.deaths[-1])
-        assert death.birth_seq == last_birth.seq
+        assert isinstance(last_birth.body, Birth)
+        assert death.birth_seq == last_birth.body.session_seq(last_birth.seq)
         assert death.reason == "connection lost"
 
         held = held_frames(env.state_dir / "outbox.duckdb", registry)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from support.agent_env import AgentEnv
 from support.broker import MosquittoBroker
+from support.hub_env import wait_for
 from support.hub_peer import HubPeer, death_of
+from support.tls import TlsFiles, make_pki
 
 from fieldtwin.agent.config import BrokerConfig
 from fieldtwin.agent.outbox import AsyncOutbox, Outbox
@@ -49,15 +51,23 @@ class Pipeline:
 
 @contextlib.asynccontextmanager
 async def pipeline(
-    env: AgentEnv, *, backlog_rate: float = 50_000.0, ack_timeout_s: float = 60.0
+    env: AgentEnv,
+    *,
+    backlog_rate: float = 50_000.0,
+    ack_timeout_s: float = 60.0,
+    tls_ca: Path | None = None,
 ) -> AsyncIterator[Pipeline]:
+    """With ``tls_ca``, the uplink uses the broker's TLS listener and trusts that CA."""
     key = load_private_key(env.gateway_key_path)
     outbox = AsyncOutbox(Outbox(env.state_dir / "outbox.duckdb", FrameSigner(env.gateway, key)))
     await outbox.open()
+    tls_port = env.broker.tls_port if tls_ca else None
     broker = BrokerConfig(
-        url=env.broker.url,
+        url=env.broker.tls_url if tls_ca else env.broker.url,
         host=env.broker.host,
-        port=env.broker.port,
+        port=tls_port or env.broker.port,
+        tls=tls_ca is not None,
+        ca_file=tls_ca,
         username=env.gateway,
         password=env.password_file.read_text(),
         reconnect_min_s=0.1,
@@ -212,11 +222,8 @@ async def test_backlog_drains_on_its_own_lane_while_live_goes_first(
 async def test_rebirth_and_new_hub_instance_bring_a_birth(
     env: AgentEnv, broker: MosquittoBroker
 ) -> None:
-    async with (
-        HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key) as hub,
-        pipeline(env) as pipe,
-    ):
-        if True:
+    async with HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key) as hub:
+        async with pipeline(env) as pipe:
             view = hub.gateways[env.gateway]
             await hub.wait_for(lambda: len(view.births) == 1, what="first birth")
             await hub.send_rebirth(env.gateway, "gap at 7")
@@ -226,8 +233,19 @@ async def test_rebirth_and_new_hub_instance_bring_a_birth(
             await hub.wait_for(lambda: len(hub.gateways[env.gateway].births) >= 3, what="birth")
             pipe.add(10)
             await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), what="acked")
-            seqs = [frame.seq for frame in hub.gateways[env.gateway].births]
+            births = hub.gateways[env.gateway].births
+            seqs = [frame.seq for frame in births]
             assert seqs == sorted(set(seqs))  # every birth took a fresh seq
+            # ...but all belong to the connection the first one opened, which the will names
+            first = births[0]
+            assert isinstance(first.body, Birth)
+            assert first.body.session == 0
+            for later in births[1:]:
+                assert isinstance(later.body, Birth)
+                assert later.body.session == first.seq
+        # the goodbye names that connection too, not the latest rebirth
+        await hub.wait_for(lambda: bool(hub.gateways[env.gateway].deaths), what="death")
+        assert death_of(hub.gateways[env.gateway].deaths[-1]).birth_seq == first.seq
 
 
 async def test_forged_foreign_and_stale_downlink_is_refused(
@@ -279,3 +297,47 @@ async def test_unacknowledged_frames_are_resent_after_the_ack_timeout(
         await hub.send_ack(env.gateway)
         await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), what="acked")
         assert_exactly_once(hub, env.gateway, pipe.produced)
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, TlsFiles]]:
+    pki = make_pki(tmp_path / "pki")
+    instance = MosquittoBroker(tmp_path / "mosquitto-tls", tls=pki)
+    instance.add_user("hub")
+    instance.start()
+    try:
+        yield instance, pki
+    finally:
+        instance.stop()
+
+
+async def test_uplink_over_tls_verifies_the_broker_and_delivers(
+    tmp_path: Path, tls_broker: tuple[MosquittoBroker, TlsFiles]
+) -> None:
+    broker, pki = tls_broker
+    env = AgentEnv.create(tmp_path / "gw", "gw-tls", broker)
+    # the hub peer uses the plain listener; the gateway speaks TLS to the same broker
+    async with HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key) as hub:
+        async with pipeline(env, tls_ca=pki.ca_file) as pipe:
+            pipe.add(500)
+            counters = pipe.outbox.sync.counters
+            await hub.wait_for(lambda: counters.acked_samples == 500, what="acked over TLS")
+            assert pipe.uplink.stats.connects == 1
+        assert_exactly_once(hub, env.gateway, pipe.produced)
+
+
+async def test_uplink_refuses_a_broker_its_ca_did_not_sign(
+    tmp_path: Path, tls_broker: tuple[MosquittoBroker, TlsFiles]
+) -> None:
+    broker, _ = tls_broker
+    stranger = make_pki(tmp_path / "other-pki", ca_name="some other CA")
+    env = AgentEnv.create(tmp_path / "gw", "gw-tls-bad", broker)
+    async with pipeline(env, tls_ca=stranger.ca_file) as pipe:
+        pipe.add(10)
+        await wait_for(lambda: pipe.uplink.stats.connect_failures >= 2, within=20)
+        assert pipe.uplink.stats.connects == 0
+        assert pipe.uplink.stats.connect_failures >= 2
+        assert "certificate" in pipe.uplink.stats.last_error.lower()
+        # nothing is lost while the broker cannot be trusted: the samples stay buffered
+        sync = pipe.outbox.sync
+        assert sum(sync.row_samples(seq) for seq in sync.unacked()) == 10

@@ -178,7 +178,7 @@ def test_stale_epoch_is_refused_and_new_epoch_replaces(rig: Rig) -> None:
     assert rig.count("SELECT count(*) FROM audit WHERE action = 'epoch_changed'") == 1
 
 
-def test_birth_sets_points_closes_gaps_and_death_needs_latest_birth(rig: Rig) -> None:
+def test_birth_sets_points_closes_gaps_and_death_needs_the_live_connection(rig: Rig) -> None:
     t = now_ms()
     rig.gw.seq = 40  # the agent had sent 1..40 before; 1..39 were acked earlier
     rig.feed(
@@ -194,27 +194,55 @@ def test_birth_sets_points_closes_gaps_and_death_needs_latest_birth(rig: Rig) ->
     link = rig.core.state.gateways["gw-01"]
     assert link.online
     assert link.birth_seq == birth_seq
+    assert link.session == birth_seq
     assert rig.core.state.points[("tank-1", "level")].source == "modbus ir 0"
     # the birth's state is new to the twin, so it is in history once
     assert rig.count("SELECT count(*) FROM history") == 1
-    # a repeated birth of the same state adds nothing to history
-    rig.feed(rig.gw.birth([], [sample("tank-1", "level", 2.0, t)], low_water=43))
+    # a rebirth of the same state (same connection) adds nothing to history
+    rig.feed(rig.gw.birth([], [sample("tank-1", "level", 2.0, t)], low_water=43, rebirth=True))
     assert rig.count("SELECT count(*) FROM history") == 1
-    # the will names the session's first birth even after a rebirth: applied
-    rig.feed(rig.gw.death(birth_seq=birth_seq, reason="connection lost"))
+    assert rig.core.state.gateways["gw-01"].session == birth_seq
+    # a death naming the rebirth is not this connection's will
+    outcome = rig.feed(rig.gw.death(birth_seq=rig.gw.birth_seq))
+    assert outcome.rejected == {"stale_death": 1}  # type: ignore[attr-defined]
+    # the will names the birth that opened the connection, even after a rebirth: applied
+    rig.feed(rig.gw.death(reason="connection lost"))
     link = rig.core.state.gateways["gw-01"]
     assert not link.online
     assert link.death_reason == "connection lost"
-    # replaying that death (or any older one) changes nothing
+    # replaying that death changes nothing
     assert rig.feed(rig.gw.death(birth_seq=birth_seq)).rejected == {"stale_death": 1}  # type: ignore[attr-defined]
-    rig.feed(rig.gw.birth([], [], low_water=45))  # the next session
+    rig.feed(rig.gw.birth([], [], low_water=45))  # the next connection
     assert rig.core.state.gateways["gw-01"].online
     outcome = rig.feed(rig.gw.death(birth_seq=birth_seq))
     assert outcome.rejected == {"stale_death": 1}  # type: ignore[attr-defined]
     assert rig.core.state.gateways["gw-01"].online
-    rig.feed(rig.gw.death())  # this session's will
+    rig.feed(rig.gw.death())  # this connection's will
     assert not rig.core.state.gateways["gw-01"].online
     assert rig.count("SELECT count(*) FROM audit WHERE action = 'death'") == 2
+
+
+def test_a_will_the_hub_never_saw_cannot_end_a_later_connection(rig: Rig) -> None:
+    rig.feed(rig.gw.birth())
+    first = rig.gw.session
+    # that connection dropped while the hub was away; its will was captured, not applied
+    rig.feed(rig.gw.birth())  # a new connection, opened by a newer birth
+    assert rig.gw.session > first
+    outcome = rig.feed(rig.gw.death(birth_seq=first))
+    assert outcome.rejected == {"stale_death": 1}  # type: ignore[attr-defined]
+    assert rig.core.state.gateways["gw-01"].online
+    assert rig.count("SELECT count(*) FROM audit WHERE action = 'frame_rejected'") >= 1
+
+
+def test_without_a_known_session_a_death_needs_a_birth_after_the_last_death(rig: Rig) -> None:
+    rig.feed(rig.gw.birth())
+    opened = rig.gw.session
+    rig.feed(rig.gw.birth(rebirth=True))
+    rig.core.state.gateways["gw-01"].session = 0  # restored from a store without it
+    outcome = rig.feed(rig.gw.death(birth_seq=rig.gw.birth_seq + 1))  # not sent yet
+    assert outcome.rejected == {"stale_death": 1}  # type: ignore[attr-defined]
+    rig.feed(rig.gw.death(birth_seq=opened))
+    assert not rig.core.state.gateways["gw-01"].online
 
 
 def test_gap_past_timeout_asks_for_rebirth(rig: Rig) -> None:

@@ -195,6 +195,12 @@ def _one(
 
 
 DATA = [1, "data", "gw-01", None, 1, 1, 0]
+BIRTH_BODY = {
+    "points": [],
+    "state": {"entity": [], "attribute": [], "value": [], "ts_ms": [], "quality": []},
+    "low_water": 1,
+    "info": {},
+}
 
 
 @pytest.mark.parametrize(
@@ -221,6 +227,11 @@ DATA = [1, "data", "gw-01", None, 1, 1, 0]
         ([*DATA, {**_one(), "value": 3}], "array"),
         ([1, "cmd_result", "gw-01", None, 1, 1, 0, {"cmd_id": "c", "status": "maybe"}], "status"),
         ([*DATA], r"expected \[v, kind"),
+        (
+            [1, "birth", "gw-01", None, 1, 4, 0, {**BIRTH_BODY, "session": 5}],
+            "body.session: names birth 5, later than",
+        ),
+        ([1, "birth", "gw-01", None, 1, 4, 0, {**BIRTH_BODY, "session": -1}], "body.session"),
     ],
 )
 def test_schema_violations_name_the_field(inner: list[object], message: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,57 +24,14 @@ from typing import Any
 
 from fieldtwin.agent.config import load_config
 from fieldtwin.agent.runtime import Agent
+from fieldtwin.hub.demo import toml_dumps
 from fieldtwin.protocol.keys import KeyPair, PublicKey, load_public_key, write_key_pair
 from support.broker import MosquittoBroker
 
+__all__ = ["AgentEnv", "devices_from_example", "running_agent", "toml_dumps"]
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "agents"
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"TOML cannot hold {value!r}")
-        return repr(value)
-    if isinstance(value, str):
-        escaped = (
-            value.replace("\\", "\\\\")
-            .replace('"', '\\"')
-            .replace("\n", "\\n")
-            .replace("\r", "\\r")
-            .replace("\t", "\\t")
-        )
-        return f'"{escaped}"'
-    if isinstance(value, list) and not any(isinstance(v, dict) for v in value):
-        return "[" + ", ".join(_scalar(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as a TOML value")
-
-
-def toml_dumps(data: dict[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for configs: scalars, lists, tables, arrays of tables."""
-    lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-    arrays: list[tuple[str, list[dict[str, Any]]]] = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            arrays.append((key, value))
-        else:
-            lines.append(f"{key} = {_scalar(value)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for key, table in tables:
-        name = f"{prefix}{key}"
-        out += f"\n[{name}]\n" + toml_dumps(table, f"{name}.")
-    for key, items in arrays:
-        name = f"{prefix}{key}"
-        for item in items:
-            out += f"\n[[{name}]]\n" + toml_dumps(item, f"{name}.")
-    return out
 
 
 def devices_from_example(

@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from support.tls import TlsFiles
+
 ROOT = Path(__file__).resolve().parents[2]
 ACL_TEMPLATE = ROOT / "examples" / "mosquitto" / "fieldtwin.acl"
 
@@ -48,7 +50,8 @@ def free_port() -> int:
 class MosquittoBroker:
     """One broker process; ``url`` is ``mqtt://127.0.0.1:PORT``."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, tls: TlsFiles | None = None) -> None:
+        """With ``tls``, a second listener on ``tls_port`` speaks MQTT over TLS."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -64,13 +67,19 @@ class MosquittoBroker:
         # Started as root, mosquitto drops to user "mosquitto", which cannot read a
         # private temp folder; telling it to stay root keeps CI containers working.
         run_as = "user root\n" if os.geteuid() == 0 else ""
+        self.tls_port = free_port() if tls else None
+        tls_listener = (
+            f"listener {self.tls_port} 127.0.0.1\n"
+            f"cafile {tls.ca_file}\ncertfile {tls.cert_file}\nkeyfile {tls.key_file}\n"
+            if tls
+            else ""
+        )
         self.conf_file.write_text(
             run_as + "per_listener_settings false\n"
             "allow_anonymous false\n"
             f"password_file {self.passwd_file}\n"
             f"acl_file {self.acl_file}\n"
-            f"listener {self.port} 127.0.0.1\n"
-            "persistence false\n"
+            f"listener {self.port} 127.0.0.1\n" + tls_listener + "persistence false\n"
             "max_inflight_messages 100\n"
             "max_queued_messages 100000\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
@@ -80,6 +89,11 @@ class MosquittoBroker:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        assert self.tls_port is not None, "this broker has no TLS listener"
+        return f"mqtts://{self.host}:{self.tls_port}"
 
     @property
     def running(self) -> bool:

@@ -183,6 +183,8 @@ class GatewaySigner:
     epoch: int = field(default_factory=now_ms)
     seq: int = 0
     birth_seq: int = 0
+    session: int = 0
+    """The seq of the birth that opened the current connection (what a will names)."""
 
     def __post_init__(self) -> None:
         self.signer = FrameSigner(self.gateway, self.key)
@@ -204,16 +206,26 @@ class GatewaySigner:
         state: Iterable[Sample] = (),
         low_water: int = 1,
         info: dict[str, str] | None = None,
+        rebirth: bool = False,
     ) -> tuple[str, bytes]:
+        """A birth opening a new connection, or with ``rebirth`` one within the current."""
         seq = self.next_seq()
         self.birth_seq = seq
-        body = Birth(tuple(points), tuple(state), low_water, info or {"agent": "test"})
+        if not rebirth or not self.session:
+            self.session = seq
+        body = Birth(
+            tuple(points),
+            tuple(state),
+            low_water,
+            info or {"agent": "test"},
+            session=0 if self.session == seq else self.session,
+        )
         return uplink_topic(self.gateway, "birth"), self.signer.encode(
             self.epoch, seq, now_ms(), body
         )
 
     def death(self, birth_seq: int | None = None, reason: str = "test") -> tuple[str, bytes]:
-        body = Death(birth_seq if birth_seq is not None else self.birth_seq, reason)
+        body = Death(birth_seq if birth_seq is not None else self.session, reason)
         return uplink_topic(self.gateway, "death"), self.signer.encode(
             self.epoch, 0, now_ms(), body
         )
