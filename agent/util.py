@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
+
+from fieldtwin.protocol.aio import within
+
+__all__ = ["Backoff", "Throttle", "TokenBucket", "cancel_and_wait", "now_ms", "within"]
 
 
 def now_ms() -> int:
@@ -78,20 +82,6 @@ class Throttle:
     def take_suppressed(self) -> int:
         count, self.suppressed = self.suppressed, 0
         return count
-
-
-T = TypeVar("T")
-
-
-async def within(seconds: float, awaitable: Awaitable[T]) -> T:
-    """``asyncio.wait_for`` without its Python 3.11 flaw.
-
-    In 3.11, ``wait_for`` can swallow a cancellation that arrives just as the inner
-    awaitable completes; a loop built on it then never stops. ``asyncio.timeout``
-    counts cancellations (``Task.uncancel``) and never loses one. Raises TimeoutError.
-    """
-    async with asyncio.timeout(seconds):
-        return await awaitable
 
 
 async def cancel_and_wait(

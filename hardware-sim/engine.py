@@ -141,6 +141,24 @@ class Simulation:
     def true_value(self, point: str) -> float:
         return self.plant.state[self.points[point].source]
 
+    def noise(self, point: str) -> float:
+        """Standard deviation of the measurement noise on ``point`` (through ``same_as``),
+        so a client comparing reported with true values knows what spread to expect."""
+        variance = 0.0
+        name: str | None = point
+        while name:
+            spec = self.points[name]
+            variance += spec.noise**2
+            name = spec.same_as or None
+        return float(variance**0.5)
+
+    def truth_json(self, point: str) -> dict[str, float]:
+        return {
+            "true": self.true_value(point),
+            "reported": self.value(point),
+            "noise": self.noise(point),
+        }
+
     def value(self, point: str) -> float:
         """What the device reports for ``point`` now (a pending write shows at once)."""
         spec = self.points[point]
@@ -204,10 +222,7 @@ class Simulation:
         return {
             "tick": self.tick,
             "sim_s": round(self.sim_s, 6),
-            "points": {
-                name: {"true": self.true_value(name), "reported": self.value(name)}
-                for name in self.points
-            },
+            "points": {name: self.truth_json(name) for name in self.points},
         }
 
 

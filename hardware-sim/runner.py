@@ -530,7 +530,7 @@ class Runner:
             "tick": sim.tick,
             "sim_s": round(sim.sim_s, 6),
             "wall_ms": self.tick_wall_ms(sim.tick),
-            "points": {n: {"true": sim.true_value(n), "reported": sim.value(n)} for n in names},
+            "points": {n: sim.truth_json(n) for n in names},
         }
 
     async def _history(self, query: Query) -> dict[str, Any]:

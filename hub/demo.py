@@ -291,14 +291,14 @@ class Component:
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.returncode
 
-    async def read_json_line(self, within: float) -> dict[str, Any]:
+    async def read_json_line(self, timeout_s: float) -> dict[str, Any]:
         if self.process is None or self.process.stdout is None:
             raise DemoError(f"{self.name} was not started with a stdout pipe")
         try:
-            line = await asyncio.wait_for(self.process.stdout.readline(), within)
+            line = await asyncio.wait_for(self.process.stdout.readline(), timeout_s)
         except TimeoutError:
             raise DemoError(
-                f"{self.name} printed nothing within {within:g} s; see {self.log_path}"
+                f"{self.name} printed nothing within {timeout_s:g} s; see {self.log_path}"
             ) from None
         if not line:
             await self.process.wait()
@@ -530,10 +530,12 @@ class Plant:
 # -- comparing the twin with the simulator's truth ------------------------------------------
 
 
-def truth_tolerance(true_value: float) -> float:
-    """How far a twin value may be from the truth: measurement noise, quantisation,
-    report-by-exception deadbands and a second or two of transport lag."""
-    return max(0.05, 0.03 * abs(true_value))
+def truth_tolerance(true_value: float, noise: float = 0.0) -> float:
+    """How far a twin value may be from the truth: quantisation, report-by-exception
+    deadbands and a second or two of transport lag (3 %, at least 0.05), or the
+    sensor's own measurement noise where that is wider (4 sigma: a sample outside it
+    happens once in ~16,000, so a mismatch means the twin is wrong, not unlucky)."""
+    return max(0.05, 0.03 * abs(true_value), 4.0 * noise)
 
 
 def compare_with_truth(
@@ -553,7 +555,7 @@ def compare_with_truth(
                 ok = bool(expected) == bool(actual)
                 text = f"{point}: twin {actual} vs true {expected}"
             elif isinstance(expected, int | float) and isinstance(actual, int | float):
-                tolerance = truth_tolerance(float(expected))
+                tolerance = truth_tolerance(float(expected), float(known.get("noise") or 0.0))
                 ok = abs(float(actual) - float(expected)) <= tolerance
                 text = f"{point}: twin {actual:.4g} vs true {expected:.4g} (±{tolerance:.3g})"
             else:

@@ -275,6 +275,7 @@ class Hub:
         backoff = 0.5
         tls = aiomqtt.TLSParameters() if broker.tls else None
         while True:
+            _stop_if_cancelled()
             try:
                 async with aiomqtt.Client(
                     broker.host,
@@ -378,6 +379,7 @@ class Hub:
         window = ingest.batch_window_ms / 1000
         loop = asyncio.get_running_loop()
         while True:
+            _stop_if_cancelled()
             batch = [await self.queue.get()]
             deadline = loop.time() + window
             while len(batch) < ingest.batch_max_frames:
@@ -413,6 +415,7 @@ class Hub:
     async def _ack_loop(self) -> None:
         interval = self.config.ingest.ack_interval_ms / 1000
         while True:
+            _stop_if_cancelled()
             await self._ack_event.wait()
             self._ack_event.clear()
             pending, self._ack_pending = self._ack_pending, {}
@@ -421,6 +424,7 @@ class Hub:
                     continue
                 if await self._send(gateway, Ack(to=gateway, epoch=epoch, ranges=tuple(ranges))):
                     self.metrics.acks_sent += 1
+                _stop_if_cancelled()
             if interval:
                 await asyncio.sleep(interval)
 
@@ -429,6 +433,7 @@ class Hub:
     async def _drift_loop(self) -> None:
         interval = self.config.drift.interval_s
         while True:
+            _stop_if_cancelled()
             await asyncio.sleep(interval)
             try:
                 await self.run_sync_cycle()
@@ -872,6 +877,7 @@ class Hub:
             await asyncio.Event().wait()
         interval = max(int(usec or "0") / 2e6, 0.5)
         while True:
+            _stop_if_cancelled()
             # Prove the database thread is alive too, not just the event loop.
             await self.db(lambda: None)
             _sd_notify("WATCHDOG=1")
@@ -881,6 +887,18 @@ class Hub:
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _stop_if_cancelled() -> None:
+    """Re-raise a cancellation that an ``asyncio.wait_for`` swallowed.
+
+    On Python 3.11, ``wait_for`` (which aiomqtt's publish uses) returns the result when
+    the inner awaitable completes just as the task is cancelled, and the cancellation
+    is lost; a ``while True`` loop then runs on and the hub never stops. The request is
+    still counted by ``Task.cancelling()``, so each loop checks it once per turn.
+    """
+    if _cancelling():
+        raise asyncio.CancelledError
 
 
 def _sd_notify(message: str) -> None:

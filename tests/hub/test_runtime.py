@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.request
 from pathlib import Path
@@ -248,3 +249,27 @@ async def test_hub_restart_mid_stream_applies_nothing_twice(
             endpoint = Endpoint.read(files.config.parent / "state" / "hub.duckdb.api.json")
             assert endpoint is not None
             assert endpoint.instance == hub.instance
+
+
+async def test_a_loop_stops_even_when_a_library_swallows_its_cancellation() -> None:
+    from fieldtwin.hub.runtime import _stop_if_cancelled
+
+    turns = 0
+
+    async def loop() -> None:
+        nonlocal turns
+        while True:
+            _stop_if_cancelled()
+            turns += 1
+            # what Python 3.11's wait_for (inside aiomqtt's publish) does when the
+            # awaited call completes just as the task is cancelled: the request is lost
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(loop(), name="lossy-loop")
+    await asyncio.sleep(0.05)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done, "the loop ran on after its cancellation was swallowed"
+    assert task.cancelled()
+    assert turns >= 2

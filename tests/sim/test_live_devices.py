@@ -89,6 +89,7 @@ def test_modbus_tcp_serves_the_register_map(plant: SimulatorProcess) -> None:
     assert level == pytest.approx(truth["tank-1.level"]["true"], abs=0.05)
     assert speed == pytest.approx(truth["pump-1.speed"]["true"], abs=50)
     assert float(current) * 0.01 == pytest.approx(truth["pump-1.motor_current"]["true"], abs=1.0)
+    assert truth["pump-1.motor_current"]["noise"] == pytest.approx(0.05)  # the scenario's sigma
     assert holding[0] == round(truth["pump-1.speed_sp"]["reported"])
     assert holding[1] * 0.1 == pytest.approx(truth["valve-1.position"]["reported"], abs=0.05)
     assert running is True

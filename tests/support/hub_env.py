@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -274,5 +275,14 @@ async def running_hub(config_path: Path, *, mqtt: bool = True) -> AsyncIterator[
         yield hub
     finally:
         task.cancel()
+        # a hub that swallows its cancellation fails here, not at the suite's timeout
+        done, _ = await asyncio.wait({task}, timeout=30)
+        if not done:
+            stacks = io.StringIO()
+            for stuck in asyncio.all_tasks():
+                stuck.print_stack(file=stacks)
+            raise AssertionError(
+                "the hub did not stop within 30 s of being cancelled; tasks:\n" + stacks.getvalue()
+            )
         with contextlib.suppress(asyncio.CancelledError):
             await task

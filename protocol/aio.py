@@ -1,0 +1,20 @@
+"""Small asyncio helpers shared by the agent, the hub and the simulator (no I/O here)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """``asyncio.wait_for`` without its Python 3.11 flaw.
+
+    In 3.11, ``wait_for`` can swallow a cancellation that arrives just as the inner
+    awaitable completes; a loop built on it then never stops. ``asyncio.timeout``
+    counts cancellations (``Task.uncancel``) and never loses one. Raises TimeoutError.
+    """
+    async with asyncio.timeout(seconds):
+        return await awaitable
