@@ -273,8 +273,8 @@ def as_of(store: TwinStore, at_ms: int) -> dict[str, dict[str, dict[str, Any]]]:
         """SELECT entity, attribute, kind, num, txt, ts_ms, quality FROM history
            WHERE ts_ms <= ?
            QUALIFY row_number() OVER (PARTITION BY entity, attribute
-               ORDER BY ts_ms DESC, quality ASC, kind DESC, coalesce(num, 0) DESC,
-                        coalesce(txt, '') DESC) = 1
+               ORDER BY ts_ms DESC, (quality = 3) DESC, quality ASC, kind DESC,
+                        coalesce(num, 0) DESC, coalesce(txt, '') DESC) = 1
            ORDER BY entity, attribute""",
         [at_ms],
     )

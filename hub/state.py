@@ -4,8 +4,9 @@ Pure: no I/O. Ingest computes a merge against this state, stores the result dura
 and only then folds it in, so memory never runs ahead of the database.
 
 Last-writer-wins is decided per (entity, attribute) by the *source* timestamp. Ties on
-the timestamp are broken by a total order on (quality, value) — good quality first,
-then the value's kind and content — so the result never depends on arrival order:
+the timestamp are broken by a total order on (quality, value) — a STALE verdict first
+(it re-sends an aged reading with its original timestamp), then good quality, then
+the value's kind and content — so the result never depends on arrival order:
 the same set of samples always yields the same current state. Samples that lose go
 to history only, which is how backfilled data lands without overwriting newer state.
 
@@ -81,13 +82,19 @@ def numeric(value: Value) -> float | None:
     return None
 
 
-def precedence(ts_ms: int, quality: int, value: Value) -> tuple[int, int, int, float, str]:
-    """Total order used by last-writer-wins: newer source time, then better quality,
+QUALITY_STALE = 3
+
+
+def precedence(ts_ms: int, quality: int, value: Value) -> tuple[int, int, int, int, float, str]:
+    """Total order used by last-writer-wins: newer source time; on the same source time
+    a STALE verdict (an agent re-sends a reading that aged out with its ORIGINAL
+    timestamp, so it is always later news about that reading), then better quality,
     then a deterministic order on the value itself."""
     kind, num, txt = encode_value(value)
     if kind == KIND_FLOAT:
         txt = repr(value)  # tells 0.0 from -0.0, which compare equal as numbers
-    return (ts_ms, -quality, kind, num if num is not None else 0.0, txt or "")
+    stale = 1 if quality == QUALITY_STALE else 0
+    return (ts_ms, stale, -quality, kind, num if num is not None else 0.0, txt or "")
 
 
 @dataclass(slots=True)

@@ -785,7 +785,8 @@ merged AS (
 SELECT {columns} FROM merged
 QUALIFY row_number() OVER (
     PARTITION BY entity, attribute
-    ORDER BY ts_ms DESC, quality ASC, kind DESC, coalesce(num, 0) DESC, coalesce(txt, '') DESC
+    ORDER BY ts_ms DESC, (quality = 3) DESC, quality ASC, kind DESC, coalesce(num, 0) DESC,
+             coalesce(txt, '') DESC
 ) = 1
 ORDER BY entity, attribute
 """

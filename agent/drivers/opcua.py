@@ -4,8 +4,7 @@
   monitored items sampled at each point's ``interval_ms``. If the server refuses
   subscriptions, the driver falls back to polling and says so in the log.
   Points with a ``max_silence`` are re-read when no notification came for half of it,
-  so a value that legitimately does not change still gets a heartbeat, carrying the
-  server's source timestamp (never the agent's clock).
+  so a value that legitimately does not change still gets a heartbeat.
 * ``mode = "poll"``: all nodes are read in one Read request every ``interval_ms``.
 * Session recovery: the asyncua watchdog probes the server every second; when the
   connection is lost the driver reports every point BAD once, drops the session and
@@ -13,6 +12,14 @@
   restarted server may number its namespaces differently) and re-subscribing.
 * Timestamps: the DataValue's SourceTimestamp, else its ServerTimestamp, else the
   agent's clock when the value arrived. Status codes map to GOOD / UNCERTAIN / BAD.
+  A SourceTimestamp says when the value last *changed*; a server that answers a Read
+  with a GOOD status vouches that the value still holds. So a GOOD value from a Read
+  (poll mode, heartbeat re-reads) is stamped with the time the answer arrived when
+  that is later: like a Modbus reading, which has no source time either. Without it a
+  steady value (a setpoint, a heater at constant power) could never heartbeat and
+  would turn STALE at the agent and at the hub although the server is fine.
+  Subscription notifications keep their SourceTimestamp (they report a change), but
+  for the first one per node of each subscription, which reports the current value.
 """
 
 from __future__ import annotations
@@ -102,13 +109,20 @@ class _Handler:
     def __init__(self, driver: OpcUaDriver, sink: Sink) -> None:
         self.driver = driver
         self.sink = sink
+        self._reported: set[int] = set()
 
     def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
         entry = self.driver._by_node.get(node.nodeid)
         if entry is None:
             return
         index, point = entry
-        value, stamp, quality = reading_of(point.dtype, data.monitored_item.Value, now_ms())
+        received = now_ms()
+        value, stamp, quality = reading_of(point.dtype, data.monitored_item.Value, received)
+        if index not in self._reported and quality == Quality.GOOD:
+            # The first notification of a new subscription is the current value, not a
+            # change: the server vouches for it now, like a Read (module docstring).
+            stamp = max(stamp, received)
+        self._reported.add(index)
         self.driver._last_update[index] = time.monotonic()
         self.driver.stats.success(0.0)
         self.sink.offer(index, value, stamp, quality)
@@ -207,6 +221,8 @@ class OpcUaDriver(Driver):
         for node, data_value in zip(chosen, values, strict=True):
             index, point = self._by_node[node.nodeid]
             value, stamp, quality = reading_of(point.dtype, data_value, received)
+            if quality == Quality.GOOD:
+                stamp = max(stamp, received)  # the server vouches for it now (see above)
             self._last_update[index] = mono
             sink.offer(index, value, stamp, quality)
 

@@ -463,6 +463,37 @@ async def test_opcua_falls_back_to_polling_when_the_server_refuses_subscriptions
         await hub.wait_for(lambda: len(view.samples) > before, 30, what="later polls")
 
 
+async def test_a_steady_opcua_value_keeps_getting_good_heartbeats(
+    env: AgentEnv, broker: MosquittoBroker, plant: SimProcess
+) -> None:
+    # A setpoint nobody writes: the server never changes the node, so its
+    # SourceTimestamp stays where it was; a Good re-read must still count as fresh.
+    boiler = devices_from_example("boiler", plant.endpoints)
+    for point in boiler[0]["points"]:
+        if point["attribute"] == "heater_power_sp":
+            point["max_silence_s"] = 2
+    config = env.write_config(boiler)
+    async with (
+        HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key) as hub,
+        running_agent(config),
+    ):
+        view = hub.gateways[env.gateway]
+
+        def setpoint() -> list[Sample]:
+            return [
+                s
+                for s in view.samples
+                if (s.entity, s.attribute) == ("boiler-1", "heater_power_sp")
+            ]
+
+        await hub.wait_for(lambda: len(setpoint()) >= 3, 30, what="three setpoint heartbeats")
+        samples = setpoint()
+        assert {s.quality for s in samples} == {Quality.GOOD}
+        assert len({s.value for s in samples}) == 1  # steady...
+        stamps = [s.ts_ms for s in samples]
+        assert stamps == sorted(set(stamps))  # ...yet each heartbeat is fresh
+
+
 async def test_broker_stopped_and_restarted_mid_stream_loses_no_sample(
     env: AgentEnv, broker: MosquittoBroker, plant: SimProcess
 ) -> None:

@@ -150,7 +150,7 @@ def test_opcua_and_serial_specifics(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, data))
     boiler, ambient = config.devices
     assert boiler.mode == "subscribe"
-    assert boiler.points[2].max_silence_ms == 0
+    assert boiler.points[2].max_silence_ms == 600_000  # a point overrides its device
     assert ambient.sentence == "AMB"
     assert [p.field_index for p in ambient.points] == [1, 2]
     assert ambient.points[0].max_silence_ms == 10_000

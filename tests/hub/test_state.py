@@ -90,3 +90,19 @@ def test_rate_and_change_tracking() -> None:
     assert event.ts_ms == 4000
     feed(1.0, 3500)  # older: ignored, no rate computed against it
     assert state.current[("tank-1", "level")].value == 4.5
+
+
+def test_a_stale_verdict_on_the_same_reading_wins_whatever_the_arrival_order() -> None:
+    # An agent reports a reading GOOD, later re-sends it STALE with its original source
+    # timestamp: the twin must show it stale, and must not flip back if the GOOD copy
+    # arrives again later (a backlog resend).
+    for order in ((0, 3), (3, 0)):
+        state = TwinState()
+        for quality in order:
+            state.apply(
+                state.merge(["pt-1"], ["pressure"], [1.0], [5000], [quality], "gw", 6000, {})
+            )
+        assert state.current[("pt-1", "pressure")].quality == 3
+    # ...but a newer reading replaces it, whatever its quality
+    state.apply(state.merge(["pt-1"], ["pressure"], [1.1], [5001], [0], "gw", 7000, {}))
+    assert state.current[("pt-1", "pressure")].quality == 0
