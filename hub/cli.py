@@ -218,20 +218,52 @@ def _hub_run(args: argparse.Namespace) -> int:
 async def _until_signal(coro: Any) -> None:
     """Run ``coro``; SIGINT/SIGTERM cancel it so it can shut down cleanly."""
     import asyncio
+    import logging
     import signal
 
+    from fieldtwin.protocol.aio import recancel_stuck
+    from fieldtwin.protocol.logfmt import fields
+
+    log = logging.getLogger("fieldtwin.hub")
     task = asyncio.ensure_future(coro)
     loop = asyncio.get_running_loop()
+
+    def nudge() -> None:
+        # A task whose cancellation a library swallowed would keep the hub alive.
+        if task.done():
+            return
+        stuck = recancel_stuck("hub-")
+        if stuck:
+            log.warning(
+                "hub tasks did not stop; cancelling them again",
+                extra=fields(tasks=",".join(stuck)),
+            )
+        loop.call_later(1.0, nudge)
+
+    def stop() -> None:
+        task.cancel()
+        loop.call_later(3.0, nudge)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, stop)
+    # SIGUSR1: print every asyncio task's stack, for a hub that seems stuck.
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
     try:
         await task
     except asyncio.CancelledError:
         if not task.cancelled():
             raise
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
+
+
+def _dump_tasks() -> None:
+    import asyncio
+
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _hub_check(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ def test_notify_ready_watchdog_and_stopping(tmp_path: Path, broker: MosquittoBro
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
     sock.settimeout(1.0)
-    env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="1000000")
+    env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="1000000", PYTHONFAULTHANDLER="1")
     hub = subprocess.Popen(
         [sys.executable, "-m", "fieldtwin.protocol.cli", "hub", "run", "-c", str(files.config)],
         env=env,
@@ -51,7 +51,15 @@ def test_notify_ready_watchdog_and_stopping(tmp_path: Path, broker: MosquittoBro
                 seen.append(sock.recv(256).decode())
             except TimeoutError:
                 pass
-        assert hub.wait(60) == 0
+        try:
+            code = hub.wait(60)
+        except subprocess.TimeoutExpired:
+            hub.send_signal(signal.SIGUSR1)  # the hub prints every asyncio task's stack
+            time.sleep(1)
+            hub.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is
+            out = hub.communicate(timeout=10)[0].decode(errors="replace")
+            raise AssertionError(f"the hub did not stop within 60 s of SIGTERM:\n{out}") from None
+        assert code == 0
         assert "STOPPING=1" in seen
     finally:
         if hub.poll() is None:
