@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fieldtwin.protocol.aio import recancel_stuck
 from fieldtwin.protocol.frames import FrameSigner
 from fieldtwin.protocol.keys import KeyPair, write_key_pair
 from fieldtwin.protocol.messages import Birth, Data, Death, PointMeta, Quality, Sample, Value
@@ -275,8 +276,15 @@ async def running_hub(config_path: Path, *, mqtt: bool = True) -> AsyncIterator[
         yield hub
     finally:
         task.cancel()
-        # a hub that swallows its cancellation fails here, not at the suite's timeout
-        done, _ = await asyncio.wait({task}, timeout=30)
+        # As `fieldtwin hub run` does on SIGTERM: after 3 s, tasks that were asked to
+        # stop and run on (a library swallowed the request) are cancelled again.
+        done, _ = await asyncio.wait({task}, timeout=3)
+        for _ in range(27):
+            if done:
+                break
+            recancel_stuck("hub-")
+            done, _ = await asyncio.wait({task}, timeout=1)
+        # a hub that still does not stop fails here, not at the suite's timeout
         if not done:
             stacks = io.StringIO()
             for stuck in asyncio.all_tasks():
