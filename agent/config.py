@@ -192,27 +192,6 @@ class AgentConfig:
 # -- loading ------------------------------------------------------------------------------
 
 
-def _expand(section: Section, key: str, default: Any = None) -> Path | None:
-    if not section.has(key):
-        section.raw(key, None)
-        return default  # type: ignore[no-any-return]
-    raw = section.text(key)
-    expanded = os.path.expandvars(raw)
-    if "$" in expanded:
-        raise section.error(
-            key, f"{raw!r} uses an environment variable that is not set (expanded: {expanded!r})"
-        )
-    path = Path(expanded).expanduser()
-    return path if path.is_absolute() else section.file.parent / path
-
-
-def _required_path(section: Section, key: str) -> Path:
-    path = _expand(section, key)
-    if path is None:
-        raise section.error(key, "required key is missing")
-    return path
-
-
 def default_state_dir(gateway: str) -> Path:
     """systemd's ``$STATE_DIRECTORY`` when set, else ``$XDG_STATE_HOME/fieldtwin/GATEWAY``."""
     systemd = os.environ.get("STATE_DIRECTORY")
@@ -230,18 +209,18 @@ def load_config(path: Path | str, *, state_dir: Path | None = None) -> AgentConf
         check_gateway_id(gateway)
     except BadTopic as exc:
         raise root.error("gateway", str(exc)) from None
-    chosen_state = state_dir or _expand(root, "state_dir") or default_state_dir(gateway)
+    chosen_state = state_dir or root.path("state_dir", None) or default_state_dir(gateway)
 
     keys = root.section("keys", required=True)
-    private_key = _required_path(keys, "private")
-    hub_public_key = _required_path(keys, "hub_public")
+    private_key = keys.path("private")
+    hub_public_key = keys.path("hub_public")
     keys.finish()
 
     broker = _broker(root.section("broker"), gateway)
     buffer = _buffer(root.section("buffer"), chosen_state)
 
     status = root.section("status")
-    status_file = _expand(status, "file") or (chosen_state / "status.json")
+    status_file = status.path("file", None) or (chosen_state / "status.json")
     status_interval = status.number("interval_s", 5.0, min=0.5, max=3600)
     status.finish()
 
@@ -295,19 +274,13 @@ def _broker(section: Section, gateway: str) -> BrokerConfig:
         raise section.error("password", "give either password or password_file, not both")
     if section.has("password"):
         password = section.text("password")
-    password_file = _expand(section, "password_file")
-    if password_file is not None:
-        try:
-            password = password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise section.error(
-                "password_file", f"cannot read {password_file}: {exc.strerror}"
-            ) from None
+    if section.has("password_file"):
+        password = section.secret_file("password_file")
         if not password:
-            raise section.error("password_file", f"{password_file} is empty")
-    ca_file = _expand(section, "ca_file")
-    cert_file = _expand(section, "cert_file")
-    key_file = _expand(section, "key_file")
+            raise section.error("password_file", f"{section.path('password_file')} is empty")
+    ca_file = section.path("ca_file", None)
+    cert_file = section.path("cert_file", None)
+    key_file = section.path("key_file", None)
     if (ca_file or cert_file or key_file) and not tls:
         raise section.error("url", "TLS files are set but the URL is mqtt://; use mqtts://")
     if (cert_file is None) != (key_file is None):
@@ -340,7 +313,7 @@ def _broker(section: Section, gateway: str) -> BrokerConfig:
 
 
 def _buffer(section: Section, state_dir: Path) -> BufferConfig:
-    file = _expand(section, "file") or Path("outbox.duckdb")
+    file = section.path("file", None) or Path("outbox.duckdb")
     path = file if file.is_absolute() else state_dir / file
     config = BufferConfig(
         path=path,
@@ -401,7 +374,7 @@ def _device(section: Section, index: int) -> DeviceConfig:
         )
     if protocol in ("modbus-rtu", "serial-line"):
         kwargs.update(
-            path=str(_required_path(section, "path")),
+            path=str(section.path("path")),
             baudrate=section.integer(
                 "baudrate", 19200 if protocol == "modbus-rtu" else 9600, min=50, max=4_000_000
             ),
@@ -413,15 +386,7 @@ def _device(section: Section, index: int) -> DeviceConfig:
         url = section.text("url")
         if not url.startswith("opc.tcp://"):
             raise section.error("url", f"{url!r} is not an OPC-UA URL (opc.tcp://HOST:PORT/PATH)")
-        password = ""
-        password_file = _expand(section, "password_file")
-        if password_file is not None:
-            try:
-                password = password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise section.error(
-                    "password_file", f"cannot read {password_file}: {exc.strerror}"
-                ) from None
+        password = section.secret_file("password_file") or ""
         kwargs.update(
             url=url,
             mode=section.text("mode", "subscribe", choices=("subscribe", "poll")),

@@ -312,6 +312,8 @@ class Agent:
             await self.outbox.close()
             raise
         loop = asyncio.get_running_loop()
+        # Signal handlers exist only in the main thread of a POSIX process; an agent
+        # run in-process (tests, the benchmark) is stopped through ``stop()`` instead.
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.stop)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,8 +303,8 @@ def load_hub_config(path: Path | str) -> HubConfig:
     twin_id = _ident(hub, "twin_id")
     domain = hub.text("domain", "industrial process")
     fidelity = hub.text("fidelity", "high", choices=FIDELITIES)
-    database = _path(hub, "database") or file.parent / "hub.duckdb"
-    key_file = _path(hub, "key", required=True)
+    database = hub.path("database", None) or file.parent / "hub.duckdb"
+    key_file = hub.path("key")
     assert key_file is not None
     api_port = hub.integer("api_port", 0, min=0, max=65535)
     memory_limit = hub.text("memory_limit", "512MB")
@@ -346,19 +345,6 @@ def load_hub_config(path: Path | str) -> HubConfig:
     )
 
 
-def _path(section: Section, key: str, *, required: bool = False) -> Path | None:
-    """A path; ``$VARS`` are expanded (systemd's ``$CREDENTIALS_DIRECTORY``, ``$STATE_DIRECTORY``)
-    and relative paths are relative to the config file's folder."""
-    text = section.text(key) if required else section.text(key, None)
-    if text is None:
-        return None
-    expanded = os.path.expandvars(text)
-    if "$" in expanded:
-        raise section.error(key, f"{text!r} names an environment variable that is not set")
-    path = Path(expanded).expanduser()
-    return path if path.is_absolute() else section.file.parent / path
-
-
 def _ident(section: Section, key: str) -> str:
     value = section.text(key)
     if ID_PATTERN.fullmatch(value) is None:
@@ -372,14 +358,10 @@ def _broker(section: Section) -> BrokerConfig:
     url = section.text("url", "mqtt://127.0.0.1:1883")
     host, port, tls = parse_broker_url(url, section)
     password = section.text("password", None, allow_empty=True)
-    password_file = _path(section, "password_file")
-    if password is not None and password_file is not None:
+    if password is not None and section.has("password_file"):
         raise section.error("password_file", "give either password or password_file, not both")
-    if password_file is not None:
-        try:
-            password = password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise section.error("password_file", f"cannot read {password_file}: {exc}") from None
+    if section.has("password_file"):
+        password = section.secret_file("password_file")
     config = BrokerConfig(
         host=host,
         port=port,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -173,12 +174,30 @@ class Section:
     @overload
     def path(self, key: str, default: T) -> Path | T: ...
     def path(self, key: str, default: Any = REQUIRED) -> Any:
-        """A file path; relative paths are relative to the config file's folder."""
+        """A file path. ``$VARS`` are expanded (systemd's ``$CREDENTIALS_DIRECTORY`` and
+        ``$STATE_DIRECTORY``); relative paths are relative to the config file's folder."""
         value = self.text(key, default)
         if value is default and default is not REQUIRED:
             return value
-        path = Path(value).expanduser()
+        expanded = os.path.expandvars(value)
+        if "$" in expanded:
+            raise self.error(
+                key,
+                f"{value!r} uses an environment variable that is not set (expanded: {expanded!r})",
+            )
+        path = Path(expanded).expanduser()
         return path if path.is_absolute() else (self.file.parent / path)
+
+    def secret_file(self, key: str) -> str | None:
+        """The stripped text of the file ``key`` names (a password file), or None
+        without the key: secrets stay out of config files that get copied around."""
+        path: Path | None = self.path(key, None)
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise self.error(key, f"cannot read {path}: {exc.strerror or exc}") from None
 
     @overload
     def text_list(self, key: str) -> list[str]: ...

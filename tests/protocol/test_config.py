@@ -58,3 +58,26 @@ def test_syntax_errors_and_missing_files(tmp_path: Path) -> None:
         load_toml(_write(tmp_path, "a = [1,\n"))
     with pytest.raises(ConfigError, match="file does not exist"):
         load_toml(tmp_path / "none.toml")
+
+
+def test_paths_expand_environment_variables_and_secret_files_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "broker.password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    root = load_toml(
+        _write(
+            tmp_path,
+            'password_file = "$CREDENTIALS_DIRECTORY/broker.password"\n'
+            'missing = "$NOT_SET_ANYWHERE/x"\nunreadable = "creds/none"\n',
+        )
+    )
+    assert root.path("password_file") == creds / "broker.password"
+    assert root.secret_file("password_file") == "s3cret"
+    assert root.secret_file("absent") is None
+    with pytest.raises(ConfigError, match=r"missing: .*environment variable that is not set"):
+        root.path("missing")
+    with pytest.raises(ConfigError, match=r"unreadable: cannot read .*creds/none"):
+        root.secret_file("unreadable")
