@@ -76,6 +76,8 @@ class Committed:
     kind: str
     samples: int
     frame: bytes
+    batch: Sequence[Sample] = ()
+    """The samples of a ``data`` frame (in memory only, for the agent's birth state)."""
 
 
 @dataclass(slots=True)
@@ -458,7 +460,7 @@ class Outbox:
                 continue
             held_samples += row.samples
             held_bytes += row.nbytes
-            out.append(Committed(seq, "data", row.samples, frame))
+            out.append(Committed(seq, "data", row.samples, frame, batch))
             rows.append(row)
             seq += 1
         dropped_samples = refused + sum(self._rows[s].samples for s in victims)

@@ -257,6 +257,7 @@ class Agent:
             **config.info,
         }
         self._command_tasks: set[asyncio.Task[None]] = set()
+        self._birth_state: dict[tuple[str, str], tuple[Sample, int]] = {}
         self._state = "running"
         self._check_birth_size()
 
@@ -277,6 +278,7 @@ class Agent:
             ),
             1,
             self._info,
+            state_seqs=tuple(2**62 for _ in self.point_list),
         )
         size = len(self.signer.encode(2**62, 2**62, 2**62, worst))
         if size > DEFAULT_MAX_FRAME_BYTES * 0.9:
@@ -287,9 +289,26 @@ class Agent:
             )
 
     def birth(self, low_water: int) -> Birth:
-        return Birth(self._metas, tuple(self.sampler.state()), low_water, self._info)
+        """Point metadata plus the last *committed* sample of each point, with its frame.
+
+        Only committed samples: one still in the batcher's memory may die with the
+        process, and the hub must never learn a value from a birth that no data frame
+        will carry. The seq lets the hub store each sample in history exactly once.
+        """
+        held = self._birth_state.values()
+        return Birth(
+            self._metas,
+            tuple(sample for sample, _ in held),
+            low_water,
+            self._info,
+            state_seqs=tuple(seq for _, seq in held),
+        )
 
     def _deliver(self, committed: list[Committed]) -> None:
+        state = self._birth_state
+        for item in committed:
+            for sample in item.batch:
+                state[(sample.entity, sample.attribute)] = (sample, item.seq)
         self.uplink.committed(committed)
 
     async def _write(self, point: PointConfig, value: Value) -> WriteOutcome:

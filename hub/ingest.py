@@ -180,7 +180,7 @@ class IngestCore:
         self.semantics = self._semantics()
         self.gap_since: dict[str, int] = {}
         self.last_rebirth: dict[str, int] = {}
-        self.dirty_current: set[tuple[str, str]] = set()
+        self.dirty_current: set[tuple[str, str]] = set(state.unflushed)
         self.dirty_gateways: set[str] = set()
         self.flushed_upto = next_frame_id - 1
 
@@ -278,7 +278,9 @@ class IngestCore:
                 link.online = True
             elif isinstance(body, Birth):
                 samples = len(body.state)
-                self._birth(frame, body, link, message, merge, write, points, frame_id, events)
+                self._birth(
+                    frame, body, link, message, merge, write, points, frame_id, events, work
+                )
                 work.close_below(frame.sender, frame.epoch, body.low_water)
                 outcome.births.append(frame.sender)
             elif isinstance(body, CommandResult):
@@ -417,6 +419,7 @@ class IngestCore:
         points: dict[tuple[str, str], PointInfo],
         frame_id: int,
         events: list[AuditEvent],
+        tracker: DeliveryTracker,
     ) -> None:
         for point in body.points:
             points[(point.entity, point.attribute)] = PointInfo(
@@ -439,12 +442,6 @@ class IngestCore:
             values = [s.value for s in state]
             stamps = [s.ts_ms for s in state]
             qualities = [int(s.quality) for s in state]
-            winners = merge.winners
-            current = self.state.current
-            prior = {
-                key: winners.get(key) or current.get(key)
-                for key in zip(entities, attributes, strict=True)
-            }
             self.state.merge(
                 entities,
                 attributes,
@@ -456,24 +453,26 @@ class IngestCore:
                 self.semantics,
                 into=merge,
             )
-            # Only samples new to the twin go to history: a birth repeats the current
-            # state, which history already holds.
-            fresh = [
+            # History is exactly-once per sample: a birth repeats samples that travel in
+            # data frames, so it stores only those whose data frame will never arrive
+            # (below the birth's low water and never delivered: dropped by the sender's
+            # overflow policy). A delivered frame already stored them; a frame at or above
+            # the low water is still held by the sender and will store them; a sample
+            # with no seq (0) is the sender's own to deliver in a data frame.
+            sender, epoch, low_water = frame.sender, frame.epoch, body.low_water
+            orphans = [
                 i
-                for i, key in enumerate(zip(entities, attributes, strict=True))
-                if (winner := winners.get(key)) is not None
-                and winner is not prior[key]
-                and winner.ts_ms == stamps[i]
-                and winner.quality == qualities[i]
-                and winner.value == values[i]
+                for i in range(len(state))
+                if 0 < (seq := body.seq_of(i)) < low_water
+                and not tracker.delivered(sender, epoch, seq)
             ]
-            if fresh:
+            if orphans:
                 picked = Data(
-                    tuple(entities[i] for i in fresh),
-                    tuple(attributes[i] for i in fresh),
-                    tuple(values[i] for i in fresh),
-                    tuple(stamps[i] for i in fresh),
-                    tuple(qualities[i] for i in fresh),
+                    tuple(entities[i] for i in orphans),
+                    tuple(attributes[i] for i in orphans),
+                    tuple(values[i] for i in orphans),
+                    tuple(stamps[i] for i in orphans),
+                    tuple(qualities[i] for i in orphans),
                 )
                 self._history(write, picked, frame_id)
         link.birth_seq = frame.seq

@@ -195,6 +195,8 @@ class TwinState:
         self.first_seen: dict[str, int] = {}
         self.persisted: set[Key] = set()
         """Keys that have a row in the store's ``current`` table."""
+        self.unflushed: set[Key] = set()
+        """Keys whose value (loaded from the frame journal) the ``current`` table lacks."""
 
     def link(self, gateway: str) -> GatewayLink:
         link = self.gateways.get(gateway)

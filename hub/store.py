@@ -642,9 +642,20 @@ class TwinStore:
             state.current[(entity, attribute)] = CurrentValue(
                 decode_value(kind, num, txt), ts_ms, quality, gateway, received, changed
             )
-        state.persisted = {
-            (str(entity), str(attribute))
-            for entity, attribute in self.query("SELECT entity, attribute FROM current")
+        table = {
+            (str(entity), str(attribute)): (ts_ms, quality, decode_value(kind, num, txt))
+            for entity, attribute, kind, num, txt, ts_ms, quality in self.query(
+                "SELECT entity, attribute, kind, num, txt, ts_ms, quality FROM current"
+            )
+        }
+        state.persisted = set(table)
+        # Values that come from the journal (frames after the last flush) are not in the
+        # ``current`` table yet: the next flush must write them, or a flush that moves the
+        # checkpoint past their frames would lose them.
+        state.unflushed = {
+            key
+            for key, value in state.current.items()
+            if table.get(key) != (value.ts_ms, value.quality, value.value)
         }
         for row in self.query(
             "SELECT entity, attribute, gateway, dtype, unit, writable, min, max, interval_ms, "

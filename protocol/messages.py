@@ -346,15 +346,36 @@ class Birth:
     low_water: int = 1
     info: Mapping[str, str] = field(default_factory=dict)
     session: int = 0
+    state_seqs: tuple[int, ...] = ()
+    """For each ``state`` sample, the seq of the data frame of this epoch that carries it.
+
+    A birth repeats samples that travel in data frames too; the seq tells the receiver
+    whether that frame was delivered (history has the sample), will still come (it is
+    at or above ``low_water``), or never will (below ``low_water`` and not delivered:
+    dropped by the overflow policy), so each sample reaches history exactly once.
+    Empty, or shorter than ``state``, when the sender does not know (seq 0 on the wire).
+    """
+
+    def __post_init__(self) -> None:
+        if self.state_seqs and len(self.state_seqs) != len(self.state):
+            raise SchemaViolation(
+                f"body.state.seq: {len(self.state_seqs)} seqs for {len(self.state)} samples"
+            )
+
+    def seq_of(self, index: int) -> int:
+        """The data frame seq carrying ``state[index]``, or 0 if unknown."""
+        return self.state_seqs[index] if self.state_seqs else 0
 
     def session_seq(self, seq: int) -> int:
         """The seq of the birth that opened the connection, given this birth's own seq."""
         return self.session or seq
 
     def to_wire(self) -> dict[str, Any]:
+        state: dict[str, list[Any]] = _columns_to_wire(self.state)
+        state["seq"] = [self.seq_of(i) for i in range(len(self.state))]
         return {
             "points": [p.to_wire() for p in self.points],
-            "state": _columns_to_wire(self.state),
+            "state": state,
             "low_water": self.low_water,
             "info": dict(self.info),
             "session": self.session,
@@ -368,16 +389,28 @@ class Birth:
         for key, value in info.items():
             if type(value) is not str or len(value) > MAX_TEXT_LEN:
                 raise _fail(f"body.info.{key}", "a string", value)
+        state_map = _map(_get(m, "state", "body"), "body.state")
+        columns = _check_columns(state_map, "body.state", MAX_POINTS_PER_BIRTH)
+        seqs = _list(state_map, "seq", "body.state", MAX_POINTS_PER_BIRTH)
+        if len(seqs) != len(columns[0]):
+            raise SchemaViolation(
+                f"body.state: sample columns differ in length (seq={len(seqs)}, "
+                f"entity={len(columns[0])})"
+            )
+        if seqs and (not set(map(type, seqs)) <= _INT or min(seqs) < 0 or max(seqs) > MAX_INT):
+            raise _diagnose(
+                seqs,
+                "body.state.seq",
+                "an integer in [0, 2^63) (0: unknown)",
+                lambda v: type(v) is int and 0 <= v <= MAX_INT,
+            )
         return cls(
             points=tuple(PointMeta.from_wire(p, f"body.points[{i}]") for i, p in enumerate(points)),
-            state=_samples_from_columns(
-                _check_columns(
-                    _map(_get(m, "state", "body"), "body.state"), "body.state", MAX_POINTS_PER_BIRTH
-                )
-            ),
+            state=_samples_from_columns(columns),
             low_water=_int(m, "low_water", "body", 1),
             info=dict(info),
             session=_int(m, "session", "body"),
+            state_seqs=tuple(seqs) if any(seqs) else (),
         )
 
 

@@ -82,6 +82,11 @@ class DeliveryTracker:
             expected = last + 1
         return holes
 
+    def delivered(self, sender: str, epoch: int, seq: int) -> bool:
+        """Whether ``seq`` of ``epoch`` was delivered (False for any other epoch)."""
+        window = self._windows.get(sender)
+        return window is not None and window.epoch == epoch and window.find(seq) >= 0
+
     def highest(self, sender: str) -> int:
         window = self._windows.get(sender)
         return window.lasts[-1] if window is not None and window.lasts else 0

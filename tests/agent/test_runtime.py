@@ -92,7 +92,7 @@ def test_a_birth_too_large_for_one_frame_is_refused_at_startup(
         Agent(load_config(env.write_config([device])))
 
 
-def test_birth_carries_metadata_state_and_low_water(
+async def test_birth_carries_metadata_committed_state_and_low_water(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
     env = AgentEnv.create(tmp_path, "gw-birth", broker)
@@ -117,7 +117,16 @@ def test_birth_carries_metadata_state_and_low_water(
     assert agent.birth(7).state == ()
     stamp = now_ms()
     agent.sink.offer(0, 2.5, stamp, Quality.GOOD)
+    # read, but not committed yet: a crash now loses it, so no birth may announce it
+    assert agent.birth(9).state == ()
+    await agent.outbox.open()
+    try:
+        committed = await agent.outbox.call(agent.outbox.sync.commit_data, [agent.batcher.pending])
+        agent._deliver(committed)
+    finally:
+        await agent.outbox.close()
     birth = agent.birth(9)
     assert birth.state == (Sample("tank-1", "level", 2.5, stamp, Quality.GOOD),)
+    assert birth.state_seqs == (committed[0].seq,)
     assert birth.points[0].source == "plc unit 1 ir 0-1"
     assert birth.info["agent"] == "fieldtwin-agent"

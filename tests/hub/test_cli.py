@@ -78,12 +78,12 @@ async def test_hub_run_and_twin_commands_live_and_offline(
         await wait_for(endpoint_file.exists, within=30)
         gw = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
         t0 = now_ms()
+        first = [sample("tank-1", "level", 2.0, t0), sample("pump-1", "running", True, t0)]
         await publish(
             broker,
             [
-                gw.birth(
-                    [], [sample("tank-1", "level", 2.0, t0), sample("pump-1", "running", True, t0)]
-                ),
+                gw.data(first),
+                gw.birth([], first, state_seqs=[1, 1]),
                 gw.data(
                     [sample("tank-1", "level", 4.7, t0 + 10), sample("pump-1", "speed", 900, t0)]
                 ),

@@ -195,9 +195,10 @@ def _one(
 
 
 DATA = [1, "data", "gw-01", None, 1, 1, 0]
+STATE = {"entity": [], "attribute": [], "value": [], "ts_ms": [], "quality": [], "seq": []}
 BIRTH_BODY = {
     "points": [],
-    "state": {"entity": [], "attribute": [], "value": [], "ts_ms": [], "quality": []},
+    "state": STATE,
     "low_water": 1,
     "info": {},
 }
@@ -232,6 +233,10 @@ BIRTH_BODY = {
             "body.session: names birth 5, later than",
         ),
         ([1, "birth", "gw-01", None, 1, 4, 0, {**BIRTH_BODY, "session": -1}], "body.session"),
+        (
+            [1, "birth", "gw-01", None, 1, 4, 0, {**BIRTH_BODY, "state": {**STATE, "seq": [1]}}],
+            r"body\.state: sample columns differ in length \(seq=1",
+        ),
     ],
 )
 def test_schema_violations_name_the_field(inner: list[object], message: str) -> None:

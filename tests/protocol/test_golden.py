@@ -35,7 +35,7 @@ SENT_AT = 1_763_700_001_234
 VECTORS: dict[str, tuple[str, int, AnyBody]] = {
     "birth": (
         "gw-01",
-        1,
+        5,
         Birth(
             points=(
                 PointMeta(
@@ -62,8 +62,9 @@ VECTORS: dict[str, tuple[str, int, AnyBody]] = {
                 ),
             ),
             state=(Sample("tank-1", "level", 2.5, SENT_AT - 10, Quality.GOOD),),
-            low_water=1,
+            low_water=3,
             info={"agent": "fieldtwin 0.1.0"},
+            state_seqs=(4,),
         ),
     ),
     "data": (

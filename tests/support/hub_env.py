@@ -209,8 +209,12 @@ class GatewaySigner:
         low_water: int = 1,
         info: dict[str, str] | None = None,
         rebirth: bool = False,
+        state_seqs: Iterable[int] = (),
     ) -> tuple[str, bytes]:
-        """A birth opening a new connection, or with ``rebirth`` one within the current."""
+        """A birth opening a new connection, or with ``rebirth`` one within the current.
+
+        ``state_seqs`` names the data frame that carries each state sample (as an agent's
+        birth does); without it the hub takes the state as current but not as history."""
         seq = self.next_seq()
         self.birth_seq = seq
         if not rebirth or not self.session:
@@ -221,6 +225,7 @@ class GatewaySigner:
             low_water,
             info or {"agent": "test"},
             session=0 if self.session == seq else self.session,
+            state_seqs=tuple(state_seqs),
         )
         return uplink_topic(self.gateway, "birth"), self.signer.encode(
             self.epoch, seq, now_ms(), body
