@@ -15,6 +15,7 @@ it as a BAD sample, never as a number.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -254,6 +255,20 @@ class RegisterCodec:
         if not math.isfinite(self._struct.unpack(packed)[0]):
             raise CodecError(f"{value!r} does not fit in a {self.dtype}")
         return packed
+
+
+@functools.cache
+def shared_codec(
+    dtype: str,
+    byte_order: str = "big",
+    word_order: str = "big",
+    scale: float = 1.0,
+    offset: float = 0.0,
+    length: int = 1,
+) -> RegisterCodec:
+    """One codec object per distinct layout: a 5,000-point gateway of uint16 registers
+    holds one codec instead of 5,000 (codecs are immutable, so sharing is safe)."""
+    return RegisterCodec(dtype, byte_order, word_order, scale, offset, length)
 
 
 def decode_all_orders(codec: RegisterCodec, registers: Sequence[int]) -> dict[str, Value]:

@@ -26,6 +26,7 @@ from fieldtwin.agent.codec import (
     ORDERS,
     REGISTER_DTYPES,
     RegisterCodec,
+    shared_codec,
 )
 from fieldtwin.agent.errors import CodecError
 from fieldtwin.agent.outbox import OVERFLOW_POLICIES
@@ -40,6 +41,7 @@ ENTITY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 ATTRIBUTE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
 NODE_ID_PATTERN = re.compile(r"(?:(?:ns=\d+|nsu=[^;]+);)?(?:s=.+|i=\d+|g=[0-9a-fA-F-]{36}|b=.+)")
 PARITIES = ("N", "E", "O")
+OUT_OF_RANGE_QUALITIES = ("bad", "uncertain")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,11 @@ class PointConfig:
     writable: bool = False
     min: float | None = None
     max: float | None = None
+    # Plausibility of readings (agent/plausible.py): outside [valid_min, valid_max] a
+    # reading is sent with quality ``out_of_range`` ("bad": no value; "uncertain").
+    valid_min: float | None = None
+    valid_max: float | None = None
+    out_of_range: str = "bad"
     # Modbus
     unit_id: int = 1
     table: str = ""
@@ -81,13 +88,17 @@ class PointConfig:
         return f"{self.entity}.{self.attribute}"
 
     def codec(self) -> RegisterCodec:
-        return RegisterCodec(
+        return shared_codec(
             self.dtype, self.byte_order, self.word_order, self.scale, self.offset, self.length
         )
 
     @property
     def register_count(self) -> int:
         return 1 if self.table in BIT_TABLES else self.codec().count
+
+    @property
+    def has_valid_range(self) -> bool:
+        return self.valid_min is not None or self.valid_max is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +220,9 @@ def load_config(path: Path | str, *, state_dir: Path | None = None) -> AgentConf
         check_gateway_id(gateway)
     except BadTopic as exc:
         raise root.error("gateway", str(exc)) from None
-    chosen_state = state_dir or root.path("state_dir", None) or default_state_dir(gateway)
+    # Read the key even when --state-dir overrides it, so it counts as known.
+    configured_state = root.path("state_dir", None)
+    chosen_state = state_dir or configured_state or default_state_dir(gateway)
 
     keys = root.section("keys", required=True)
     private_key = keys.path("private")
@@ -352,6 +365,7 @@ def _device(section: Section, index: int) -> DeviceConfig:
         "unit_id": 1,
         "byte_order": "big",
         "word_order": "big",
+        "out_of_range": section.text("out_of_range", "bad", choices=OUT_OF_RANGE_QUALITIES),
     }
     if protocol in ("modbus-tcp", "modbus-rtu"):
         defaults["unit_id"] = section.integer("unit_id", 1, min=0, max=247)
@@ -459,6 +473,7 @@ def _point(section: Section, protocol: str, defaults: dict[str, Any], device: st
     if lo is not None and hi is not None and lo > hi:
         raise section.error("max", f"max ({hi}) is below min ({lo})")
     values.update(min=lo, max=hi)
+    values.update(_valid_range(section, dtype, defaults))
     if modbus:
         values.update(_modbus_point(section, table, dtype, defaults))
         where = f"{_TABLE_SHORT[table]} {values['address']}"
@@ -481,6 +496,23 @@ def _point(section: Section, protocol: str, defaults: dict[str, Any], device: st
             raise section.error("writable", "serial line sensors are read-only")
     section.finish()
     return PointConfig(**values)
+
+
+def _valid_range(section: Section, dtype: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``valid_min``/``valid_max``/``out_of_range``: what a believable reading looks like."""
+    lo = section.number("valid_min", None)
+    hi = section.number("valid_max", None)
+    out_of_range = section.text(
+        "out_of_range", defaults["out_of_range"], choices=OUT_OF_RANGE_QUALITIES
+    )
+    if (lo is not None or hi is not None) and dtype not in NUMERIC_DTYPES:
+        raise section.error(
+            "valid_min" if lo is not None else "valid_max",
+            f"a valid range applies to numbers, not to {dtype} points",
+        )
+    if lo is not None and hi is not None and lo > hi:
+        raise section.error("valid_max", f"valid_max ({hi}) is below valid_min ({lo})")
+    return {"valid_min": lo, "valid_max": hi, "out_of_range": out_of_range}
 
 
 _TABLE_SHORT = {"holding": "hr", "input": "ir", "coil": "co", "discrete": "di"}

@@ -48,6 +48,26 @@ log = logging.getLogger("fieldtwin.agent.outbox")
 FORMAT_VERSION = 1
 OVERFLOW_POLICIES = ("drop_oldest", "drop_newest")
 
+
+def duckdb_core() -> Any:
+    """DuckDB's compiled engine without its Python query-builder layer.
+
+    duckdb 2.x ships the engine as the top-level extension ``_duckdb`` and wraps it in
+    a pure-Python package (relations, expressions, Arrow/Polars adapters) that the
+    outbox never uses; importing only the engine saves about 5 MB of anonymous memory
+    on a gateway (docs/benchmarks.md, "Agent"). Where there is no ``_duckdb`` (older
+    versions) the package is imported as before.
+    Exceptions are the same classes either way (``duckdb.Error is _duckdb.Error``).
+    """
+    try:
+        import _duckdb
+    except ImportError:
+        import duckdb
+
+        return duckdb
+    return _duckdb
+
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value BIGINT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS frames (
@@ -168,7 +188,7 @@ class Outbox:
 
     def open(self) -> None:
         """Open (or create) the buffer; a corrupt file is quarantined and replaced."""
-        import duckdb
+        duckdb = duckdb_core()
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +211,7 @@ class Outbox:
                 raise OutboxError(f"cannot create a new buffer at {self.path}: {again}") from None
 
     def _connect(self) -> Any:
-        import duckdb
+        duckdb = duckdb_core()
 
         try:
             return duckdb.connect(
@@ -214,7 +234,7 @@ class Outbox:
             raise OutboxCorrupt(text) from None
 
     def _open_existing(self) -> None:
-        import duckdb
+        duckdb = duckdb_core()
 
         db = self._connect()
         try:
@@ -375,7 +395,7 @@ class Outbox:
     # -- writes -----------------------------------------------------------------------
 
     def _execute(self, sql: str, params: Sequence[Any] | None = None) -> Any:
-        import duckdb
+        duckdb = duckdb_core()
 
         if self._db is None:
             raise OutboxError("the buffer is not open")
@@ -608,7 +628,7 @@ class Outbox:
 
 def read_summary(path: Path) -> dict[str, Any]:
     """What ``agent status`` shows when no agent holds the file (opened read-only)."""
-    import duckdb
+    duckdb = duckdb_core()
 
     try:
         db = duckdb.connect(str(path), read_only=True)

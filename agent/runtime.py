@@ -38,6 +38,9 @@ from fieldtwin.protocol.messages import Birth, PointMeta, Quality, Sample, Value
 
 log = logging.getLogger("fieldtwin.agent")
 
+IMPLAUSIBLE_LOG_INTERVAL_S = 30.0
+"""At most one ``implausible_value`` log line this often (the rest are counted)."""
+
 
 def _version() -> str:
     try:
@@ -200,11 +203,21 @@ class Agent:
         )
         self.sampler = Sampler(
             [
-                FilterSpec(p.entity, p.attribute, p.deadband, p.max_silence_ms)
+                FilterSpec(
+                    p.entity,
+                    p.attribute,
+                    p.deadband,
+                    p.max_silence_ms,
+                    p.valid_min,
+                    p.valid_max,
+                    Quality[p.out_of_range.upper()],
+                )
                 for _, p in self.point_list
             ],
             self.batcher.add,
+            self._on_implausible,
         )
+        self._implausible_log = Throttle(IMPLAUSIBLE_LOG_INTERVAL_S)
         self.sink = SamplerSink(self.sampler)
         self.drivers: list[Driver] = []
         self._driver_of: dict[tuple[str, str], Driver] = {}
@@ -310,6 +323,30 @@ class Agent:
             for sample in item.batch:
                 state[(sample.entity, sample.attribute)] = (sample, item.seq)
         self.uplink.committed(committed)
+
+    def _on_implausible(self, entity: str, attribute: str, value: Value, ts_ms: int) -> None:
+        """A reading outside its valid range: one log line per interval, with a count."""
+        if not self._implausible_log.ready():
+            return
+        point = self.points[(entity, attribute)]
+        hint = ""
+        if point.table in ("holding", "input") and point.dtype != "string":
+            hint = "a wrong byte_order/word_order? compare the orders with `fieldtwin agent check`"
+        log.warning(
+            "implausible value: outside the point's valid range",
+            extra=fields(
+                alarm="implausible_value",
+                point=point.name,
+                value=value,
+                valid_min=point.valid_min,
+                valid_max=point.valid_max,
+                sent_as=point.out_of_range,
+                source=point.source,
+                hint=hint,
+                total=self.sampler.counters.implausible,
+                suppressed=self._implausible_log.take_suppressed(),
+            ),
+        )
 
     async def _write(self, point: PointConfig, value: Value) -> WriteOutcome:
         return await self._driver_of[point.key].write(point, value)

@@ -15,6 +15,11 @@ Rules, per point (``now`` is the agent's wall clock in ms, ``ts`` the source tim
   and reports them STALE once, again with the original timestamp.
 * ``fail`` (the device stopped answering) reports BAD with value ``None`` once; the
   timestamp is when the agent gave up on the device, since there is no source time.
+* A numeric reading outside the point's valid range (``valid_min``/``valid_max``) is
+  implausible: it is counted, handed to ``on_implausible`` (the agent logs it, rate
+  limited), and sent with the point's ``out_of_range`` quality: BAD without a value, or
+  UNCERTAIN with it. A wrong byte order or a broken transmitter is then visible at the
+  hub instead of arriving as good data.
 
 A value is never re-stamped: every timestamp sent is either one a source gave or the
 moment a failure was detected. ``max_silence = 0`` turns heartbeats and STALE off.
@@ -22,6 +27,7 @@ moment a failure was detected. ``max_silence = 0`` turns heartbeats and STALE of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +43,13 @@ class FilterSpec:
     attribute: str
     deadband: float = 0.0
     max_silence_ms: int = 60_000
+    valid_min: float | None = None
+    valid_max: float | None = None
+    out_of_range: Quality = BAD
+
+
+Implausible = Callable[[str, str, Value, int], None]
+"""``(entity, attribute, value, ts_ms)`` of a reading outside its valid range."""
 
 
 class _Point:
@@ -44,12 +57,17 @@ class _Point:
         "attribute",
         "deadband",
         "entity",
+        "implausible",
         "latest_quality",
         "latest_ts",
         "latest_value",
         "max_silence",
+        "out_of_range",
+        "ranged",
         "sent",
         "sent_at",
+        "valid_max",
+        "valid_min",
     )
 
     def __init__(self, spec: FilterSpec) -> None:
@@ -62,6 +80,11 @@ class _Point:
         self.latest_value: Value = None
         self.latest_ts = -1
         self.latest_quality = BAD
+        self.ranged = spec.valid_min is not None or spec.valid_max is not None
+        self.valid_min = -math.inf if spec.valid_min is None else spec.valid_min
+        self.valid_max = math.inf if spec.valid_max is None else spec.valid_max
+        self.out_of_range = spec.out_of_range
+        self.implausible = 0
 
 
 @dataclass(slots=True)
@@ -71,14 +94,21 @@ class SamplerCounters:
     heartbeats: int = 0
     stale: int = 0
     bad: int = 0
+    implausible: int = 0
 
 
 class Sampler:
     """Turns readings into the samples worth sending; ``emit`` receives each one."""
 
-    def __init__(self, specs: Sequence[FilterSpec], emit: Callable[[Sample], None]) -> None:
+    def __init__(
+        self,
+        specs: Sequence[FilterSpec],
+        emit: Callable[[Sample], None],
+        on_implausible: Implausible | None = None,
+    ) -> None:
         self._points = [_Point(spec) for spec in specs]
         self._emit = emit
+        self._on_implausible = on_implausible
         self.counters = SamplerCounters()
 
     def __len__(self) -> int:
@@ -97,8 +127,21 @@ class Sampler:
         self.counters.offered += 1
         if value is None or quality == BAD:
             value, quality = None, BAD
-        elif point.max_silence and now_ms - ts_ms > point.max_silence:
-            quality = STALE
+        else:
+            if (
+                point.ranged
+                and type(value) in _NUMBERS
+                and not point.valid_min <= value <= point.valid_max  # type: ignore[operator]
+            ):
+                point.implausible += 1
+                self.counters.implausible += 1
+                if self._on_implausible is not None:
+                    self._on_implausible(point.entity, point.attribute, value, ts_ms)
+                quality = point.out_of_range
+                if quality == BAD:
+                    value = None
+            if quality != BAD and point.max_silence and now_ms - ts_ms > point.max_silence:
+                quality = STALE
         point.latest_value, point.latest_ts, point.latest_quality = value, ts_ms, quality
         sent = point.sent
         if sent is None or sent.quality != quality:
@@ -157,3 +200,7 @@ class Sampler:
 
     def last_sent(self, index: int) -> Sample | None:
         return self._points[index].sent
+
+    def implausible_counts(self) -> dict[int, int]:
+        """Readings outside the valid range so far, by point index (only points with any)."""
+        return {i: p.implausible for i, p in enumerate(self._points) if p.implausible}

@@ -15,13 +15,21 @@ verifies, de-duplicates and acks them in this process. Agent CPU and memory come
    over the same window says whether one core carried it.
 2. A 500-point gateway at 1 Hz (3 devices: 200 + 200 + 100 points): CPU share of one
    core and peak RSS over the window.
-3. Backlog drain: the same 500-point gateway, the broker stopped for ``--outage-s``
+3. A 5,000-point gateway at 1 Hz (25 devices x 200 points): peak RSS.
+4. Backlog drain: the same 500-point gateway, the broker stopped for ``--outage-s``
    while the agent keeps reading (live data keeps flowing into the buffer), then
    started again. Drain rate = samples read during the outage / time from the agent's
    first birth after the outage to the arrival of the last of those samples, while
    live samples keep arriving.
+5. Soak (only with ``--soak-s``): the 500-point gateway for that long; RSS and
+   anonymous memory after warm-up, at the end, and the growth in between.
 
-Prints a table, then one JSON object as the last line.
+Memory: peak RSS is the kernel's VmHWM for the agent process; anonymous memory is the
+``Anonymous`` line of /proc/<pid>/smaps_rollup (heaps, DuckDB's buffers, thread
+stacks: what no other process can share), its maximum over the window.
+
+``--phases`` picks phases (default: all but soak). Prints a table, then one JSON
+object as the last line, with a key for each figure measured in this run only.
 """
 
 from __future__ import annotations
@@ -261,6 +269,71 @@ async def idle_gateway(
     return result
 
 
+async def gateway_5000(
+    root: Path, broker: MosquittoBroker, sim: SimProcess, seconds: float
+) -> dict[str, float]:
+    gateway = Gateway(root, "gw-bench-5000", broker)
+    await gateway.peer.start()
+    try:
+        gateway.start(load_devices(sim, 25, 1000))
+        await wait(lambda: gateway.arrivals.samples > 20_000, 120, "data flowing")
+        await asyncio.sleep(5)
+        result = await measure_window(gateway, seconds)
+    finally:
+        gateway.stop()
+        await gateway.peer.stop()
+    return result
+
+
+async def soak(
+    root: Path, broker: MosquittoBroker, sim: SimProcess, seconds: float
+) -> dict[str, float]:
+    """RSS and anonymous memory of the 500-point gateway after warm-up and at the end."""
+    gateway = Gateway(root, "gw-bench-soak", broker)
+    await gateway.peer.start()
+    try:
+        gateway.start(load_devices(sim, 3, 1000, points_last=100))
+        await wait(lambda: gateway.arrivals.samples > 2_000, 120, "data flowing")
+        await asyncio.sleep(60)  # warm-up: first checkpoint, first ack cycles
+        start_rss, _ = memory_mb(gateway.pid)
+        start_anon = memory_breakdown(gateway.pid)["anon_mb"]
+        end = time.monotonic() + seconds
+        trace: list[tuple[float, float]] = []
+        while time.monotonic() < end:
+            await asyncio.sleep(min(10.0, seconds))
+            rss, _ = memory_mb(gateway.pid)
+            trace.append((time.monotonic(), rss))
+        samples = gateway.arrivals.samples
+        end_rss, peak = memory_mb(gateway.pid)
+        end_anon = memory_breakdown(gateway.pid)["anon_mb"]
+        # Growth as the least-squares slope over the window, per hour: robust to one
+        # sample taken just before or after a DuckDB checkpoint.
+        slope = 0.0
+        if len(trace) >= 2:
+            t0 = trace[0][0]
+            xs = [(t - t0) / 3600 for t, _ in trace]
+            ys = [r for _, r in trace]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            var = sum((x - mx) ** 2 for x in xs)
+            if var > 0:
+                slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+        result = {
+            "seconds": seconds,
+            "start_rss_mb": start_rss,
+            "end_rss_mb": end_rss,
+            "peak_rss_mb": peak,
+            "start_anon_mb": start_anon,
+            "end_anon_mb": end_anon,
+            "rss_growth_mb": end_rss - start_rss,
+            "rss_slope_mb_per_h": slope,
+            "samples": float(samples),
+        }
+    finally:
+        gateway.stop()
+        await gateway.peer.stop()
+    return result
+
+
 async def backlog_drain(
     root: Path, broker: MosquittoBroker, sim: SimProcess, outage_s: float
 ) -> dict[str, float]:
@@ -331,12 +404,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         stderr_path=root / "sim.log",
     )
     results: dict[str, Any] = {}
+    phases = args.phases
     try:
-        results["throughput"] = await throughput(
-            root, broker, sim, args.throughput_s, args.interval_ms
-        )
-        results["gateway_500"] = await idle_gateway(root, broker, sim, args.idle_s)
-        results["drain"] = await backlog_drain(root, broker, sim, args.outage_s)
+        if "throughput" in phases:
+            results["throughput"] = await throughput(
+                root, broker, sim, args.throughput_s, args.interval_ms
+            )
+        if "gateway_500" in phases:
+            results["gateway_500"] = await idle_gateway(root, broker, sim, args.idle_s)
+        if "gateway_5000" in phases:
+            results["gateway_5000"] = await gateway_5000(root, broker, sim, args.idle_s)
+        if "drain" in phases:
+            results["drain"] = await backlog_drain(root, broker, sim, args.outage_s)
+        if "soak" in phases:
+            results["soak"] = await soak(root, broker, sim, args.soak_s)
     finally:
         sim.stop()
         broker.stop()
@@ -344,70 +425,127 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    rate, idle, drain = results["throughput"], results["gateway_500"], results["drain"]
     print(
         f"fieldtwin agent benchmark: {platform.python_implementation()} "
         f"{platform.python_version()}, {os.cpu_count()} cores, {platform.machine()}"
     )
     print()
-    rows = [
-        ("measurement", "result", "target"),
-        (
-            f"sustained points/s (5,000 points every {args.interval_ms} ms, "
-            f"{rate['offered_points_per_s']:,.0f} changes/s offered)",
-            f"{rate['points_per_s']:,.0f}",
-            ">= 20,000",
-        ),
-        ("agent CPU meanwhile (share of one core)", f"{rate['cpu_share']:.2f}", "<= 1.00"),
-        (
-            "read-to-hub latency of a frame's newest sample, p50 / p99",
-            f"{rate['latency_ms_p50']:.0f} / {rate['latency_ms_p99']:.0f} ms",
-            "",
-        ),
-        ("500 points at 1 Hz: CPU share of one core", f"{100 * idle['cpu_share']:.2f} %", "<= 5 %"),
-        ("500 points at 1 Hz: peak RSS", f"{idle['peak_rss_mb']:.1f} MB", "<= 80 MB"),
-        (
-            "  of it: file-backed library pages / of which DuckDB's library",
-            f"{idle['file_mb']:.1f} / {idle['duckdb_lib_mb']:.1f} MB",
-            "",
-        ),
-        ("  of it: anonymous memory (heaps, buffers)", f"{idle['anon_mb']:.1f} MB", ""),
-        (
-            f"backlog after a {drain['outage_s']:.0f} s broker outage",
-            f"{drain['backlog_samples']:,.0f} samples",
-            "",
-        ),
-        (
-            "backlog drain rate, live data flowing",
-            f"{drain['backlog_drain_points_per_s']:,.0f} points/s",
-            ">= 20,000",
-        ),
-        (
-            "live samples delivered during the drain",
-            f"{drain['live_samples_during_drain']:,.0f}",
-            "",
-        ),
-        ("peak RSS of the draining agent", f"{drain['peak_rss_mb']:.1f} MB", ""),
-    ]
+    rows = [("measurement", "result", "target")]
+    summary: dict[str, Any] = {}
+    rate = results.get("throughput")
+    if rate:
+        rows += [
+            (
+                f"sustained points/s (5,000 points every {args.interval_ms} ms, "
+                f"{rate['offered_points_per_s']:,.0f} changes/s offered)",
+                f"{rate['points_per_s']:,.0f}",
+                ">= 20,000",
+            ),
+            ("agent CPU meanwhile (share of one core)", f"{rate['cpu_share']:.2f}", "<= 1.00"),
+            (
+                "read-to-hub latency of a frame's newest sample, p50 / p99",
+                f"{rate['latency_ms_p50']:.0f} / {rate['latency_ms_p99']:.0f} ms",
+                "",
+            ),
+        ]
+        summary.update(
+            points_per_s=round(rate["points_per_s"]),
+            cpu_share_sustained=round(rate["cpu_share"], 3),
+            latency_ms_p50=rate["latency_ms_p50"],
+            latency_ms_p99=rate["latency_ms_p99"],
+        )
+    idle = results.get("gateway_500")
+    if idle:
+        rows += [
+            (
+                "500 points at 1 Hz: CPU share of one core",
+                f"{100 * idle['cpu_share']:.2f} %",
+                "<= 5 %",
+            ),
+            ("500 points at 1 Hz: peak RSS", f"{idle['peak_rss_mb']:.1f} MB", "<= 90 MB"),
+            (
+                "  of it: file-backed library pages / of which DuckDB's library",
+                f"{idle['file_mb']:.1f} / {idle['duckdb_lib_mb']:.1f} MB",
+                "",
+            ),
+            (
+                "  of it: anonymous memory (heaps, buffers)",
+                f"{idle['anon_mb']:.1f} MB",
+                "<= 30 MB",
+            ),
+        ]
+        summary.update(
+            cpu_share_500pts_1hz=round(idle["cpu_share"], 4),
+            rss_mb_500pts_1hz=round(idle["peak_rss_mb"], 1),
+            anon_mb_500pts_1hz=round(idle["anon_mb"], 1),
+        )
+    big = results.get("gateway_5000")
+    if big:
+        rows += [
+            ("5,000 points at 1 Hz: CPU share of one core", f"{100 * big['cpu_share']:.2f} %", ""),
+            ("5,000 points at 1 Hz: peak RSS", f"{big['peak_rss_mb']:.1f} MB", "<= 100 MB"),
+            ("  of it: anonymous memory", f"{big['anon_mb']:.1f} MB", ""),
+        ]
+        summary.update(
+            rss_mb_5000pts=round(big["peak_rss_mb"], 1),
+            anon_mb_5000pts=round(big["anon_mb"], 1),
+        )
+    drain = results.get("drain")
+    if drain:
+        rows += [
+            (
+                f"backlog after a {drain['outage_s']:.0f} s broker outage",
+                f"{drain['backlog_samples']:,.0f} samples",
+                "",
+            ),
+            (
+                "backlog drain rate, live data flowing",
+                f"{drain['backlog_drain_points_per_s']:,.0f} points/s",
+                ">= 20,000",
+            ),
+            (
+                "live samples delivered during the drain",
+                f"{drain['live_samples_during_drain']:,.0f}",
+                "",
+            ),
+            ("peak RSS of the draining agent", f"{drain['peak_rss_mb']:.1f} MB", ""),
+        ]
+        summary.update(
+            backlog_drain_points_per_s=round(drain["backlog_drain_points_per_s"]),
+            backlog_samples=round(drain["backlog_samples"]),
+            outage_s=args.outage_s,
+        )
+    soaked = results.get("soak")
+    if soaked:
+        rows += [
+            (
+                f"soak, 500 points at 1 Hz for {soaked['seconds']:.0f} s: RSS after warm-up -> end",
+                f"{soaked['start_rss_mb']:.1f} -> {soaked['end_rss_mb']:.1f} MB",
+                "no growth",
+            ),
+            (
+                "  RSS trend (least squares) / anonymous memory start -> end",
+                f"{soaked['rss_slope_mb_per_h']:+.2f} MB/h / "
+                f"{soaked['start_anon_mb']:.1f} -> {soaked['end_anon_mb']:.1f} MB",
+                "",
+            ),
+        ]
+        summary.update(
+            soak_s=soaked["seconds"],
+            soak_rss_growth_mb=round(soaked["rss_growth_mb"], 1),
+            soak_rss_slope_mb_per_h=round(soaked["rss_slope_mb_per_h"], 2),
+            soak_peak_rss_mb=round(soaked["peak_rss_mb"], 1),
+        )
     for index, (name, result, target) in enumerate(rows):
         print(f"| {name} | {result} | {target} |")
         if index == 0:
             print("|---|---:|---:|")
-    summary = {
-        "points_per_s": round(rate["points_per_s"]),
-        "cpu_share_sustained": round(rate["cpu_share"], 3),
-        "latency_ms_p50": rate["latency_ms_p50"],
-        "latency_ms_p99": rate["latency_ms_p99"],
-        "cpu_share_500pts_1hz": round(idle["cpu_share"], 4),
-        "rss_mb_500pts_1hz": round(idle["peak_rss_mb"], 1),
-        "anon_mb_500pts_1hz": round(idle["anon_mb"], 1),
-        "backlog_drain_points_per_s": round(drain["backlog_drain_points_per_s"]),
-        "backlog_samples": round(drain["backlog_samples"]),
-        "outage_s": args.outage_s,
-    }
     print()
     print(json.dumps(summary))
     return summary
+
+
+PHASES = ("throughput", "gateway_500", "gateway_5000", "drain", "soak")
 
 
 if __name__ == "__main__":
@@ -424,7 +562,23 @@ if __name__ == "__main__":
         default=1.0,
         help="simulator speed: registers change 10 x speed times a second (default 1)",
     )
+    parser.add_argument(
+        "--phases",
+        default="throughput,gateway_500,gateway_5000,drain",
+        help=f"comma-separated phases to run, of {', '.join(PHASES)} (soak also needs --soak-s)",
+    )
+    parser.add_argument(
+        "--soak-s", type=float, default=0.0, help="length of the soak phase (default: no soak)"
+    )
     arguments = parser.parse_args()
+    arguments.phases = {p.strip() for p in arguments.phases.split(",") if p.strip()}
+    unknown = arguments.phases - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
+    if arguments.soak_s > 0:
+        arguments.phases.add("soak")
+    elif "soak" in arguments.phases:
+        parser.error("the soak phase needs --soak-s")
     measured = asyncio.run(main(arguments))
     print("raw: " + json.dumps(measured), file=sys.stderr)
     report(measured, arguments)

@@ -71,8 +71,17 @@ class Section:
         if key in self.data:
             return self.data[key]
         if default is REQUIRED:
-            raise self.error(key, "required key is missing")
+            raise self.error(key, "required key is missing" + self._typo_hint(key))
         return default
+
+    def _typo_hint(self, key: str) -> str:
+        """Name a key of this table that looks like a misspelling of the missing one,
+        so ``adress = 3`` is reported as the typo it is, not only as a missing key."""
+        candidates = [k for k in self.data if k not in self._seen and isinstance(k, str)]
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        if not close:
+            return ""
+        return f"; this table has an unknown key '{close[0]}': a typo of '{key}'?"
 
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self._seen)
