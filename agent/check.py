@@ -48,9 +48,11 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 def _hint(row: CheckRow) -> str:
     if row.ok or not row.alternatives:
         return ""
-    good = [name for name in ORDERS if name not in row.implausible]
+    good = [name for name in ORDERS if name in row.alternatives and name not in row.implausible]
     if len(good) == 1:
         byte_order, word_order = next(k for k, v in ORDER_NAMES.items() if v == good[0])
+        if row.point.register_count == 1:
+            return f" (only {good[0]} looks plausible: byte_order={byte_order!r})"
         return (
             f" (only {good[0]} looks plausible: "
             f"byte_order={byte_order!r}, word_order={word_order!r})"

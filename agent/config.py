@@ -12,6 +12,7 @@ so a systemd unit can point at ``$CREDENTIALS_DIRECTORY/gateway.key``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -195,6 +196,9 @@ class AgentConfig:
     status_file: Path
     status_interval_s: float = 5.0
     info: dict[str, str] = field(default_factory=dict)
+    metrics_host: str = ""
+    """Loopback address of the Prometheus endpoint (``[metrics] listen``); "" = off."""
+    metrics_port: int = 0
 
     def points(self) -> list[tuple[DeviceConfig, PointConfig]]:
         return [(device, point) for device in self.devices for point in device.points]
@@ -237,6 +241,8 @@ def load_config(path: Path | str, *, state_dir: Path | None = None) -> AgentConf
     status_interval = status.number("interval_s", 5.0, min=0.5, max=3600)
     status.finish()
 
+    metrics_host, metrics_port = metrics_listen(root.section("metrics"))
+
     info_section = root.section("info")
     info = {k: info_section.text(k) for k in list(info_section.data)}
     info_section.finish()
@@ -260,7 +266,35 @@ def load_config(path: Path | str, *, state_dir: Path | None = None) -> AgentConf
         status_file=status_file,
         status_interval_s=status_interval,
         info=info,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
     )
+
+
+def metrics_listen(section: Section) -> tuple[str, int]:
+    """``[metrics] listen = "127.0.0.1:9471"``: where to serve Prometheus text, or off.
+
+    Loopback only: the endpoint has no authentication; a scraper on the gateway
+    (Prometheus agent, Telegraf, Grafana Alloy) reads it locally."""
+    listen = section.text("listen", "")
+    section.finish()
+    if not listen:
+        return "", 0
+    host, sep, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise section.error("listen", f"{listen!r} is not HOST:PORT, e.g. '127.0.0.1:9471'")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise section.error(
+            "listen",
+            f"{host!r} is not a loopback address; the metrics endpoint has no authentication, "
+            "so it listens on 127.0.0.1 or ::1 only (scrape it from the gateway itself)",
+        )
+    return host, int(port_text)
 
 
 def _broker(section: Section, gateway: str) -> BrokerConfig:

@@ -33,7 +33,35 @@ def plausible(point: PointConfig, value: Value) -> bool:
         return False
     if point.min is not None and value < point.min:
         return False
-    return not (point.max is not None and value > point.max)
+    if point.max is not None and value > point.max:
+        return False
+    return in_valid_range(point, value)
+
+
+def in_valid_range(point: PointConfig, value: Value) -> bool:
+    """Inside the point's configured valid range (or it has none, or it is no number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return True
+    if point.valid_min is not None and value < point.valid_min:
+        return False
+    return not (point.valid_max is not None and value > point.valid_max)
+
+
+def byte_order_alternatives(point: PointConfig, registers: list[int]) -> dict[str, Value]:
+    """A one-register number under both byte orders, keyed like the four-order columns.
+
+    A swapped uint16 (898 rpm read as 33,283) is a believable number on its own, so
+    ``check`` compares both orders only when the point has a range to judge them by
+    (``valid_min``/``valid_max`` or the write limits ``min``/``max``)."""
+    ranged = point.has_valid_range or point.min is not None or point.max is not None
+    if not ranged or len(registers) != 1 or point.dtype not in ("int16", "uint16"):
+        return {}
+    codec = point.codec()
+    out: dict[str, Value] = {}
+    for byte_order in ("big", "little"):
+        alternative = codec.with_order(byte_order, codec.word_order)
+        out[alternative.order_name] = alternative.decode(registers)
+    return out
 
 
 def implausible_orders(

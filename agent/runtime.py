@@ -29,6 +29,7 @@ from fieldtwin.agent.outbox import AsyncOutbox, Committed, Outbox
 from fieldtwin.agent.sampler import FilterSpec, Sampler
 from fieldtwin.agent.sdnotify import Notifier
 from fieldtwin.agent.status import STATUS_FORMAT, write_status
+from fieldtwin.agent.takeover import TakeoverDetector
 from fieldtwin.agent.uplink import Uplink
 from fieldtwin.agent.util import Backoff, Throttle, cancel_and_wait, now_ms, within
 from fieldtwin.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameSigner
@@ -269,6 +270,8 @@ class Agent:
             "started_at_ms": str(self.started_at_ms),
             **config.info,
         }
+        self.takeover = TakeoverDetector()
+        self.metrics: Any = None
         self._command_tasks: set[asyncio.Task[None]] = set()
         self._birth_state: dict[tuple[str, str], tuple[Sample, int]] = {}
         self._state = "running"
@@ -387,6 +390,7 @@ class Agent:
             ),
         )
         try:
+            await self._start_metrics()
             async with asyncio.TaskGroup() as group:
                 uplink_task = group.create_task(self.uplink.run(), name="uplink")
                 batcher_task = group.create_task(self.batcher.run(), name="batcher")
@@ -418,6 +422,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
+            if self.metrics is not None:
+                await self.metrics.stop()
             await self.outbox.close()
         log.info("agent stopped", extra=fields(gateway=self.config.gateway))
         return 0
@@ -446,6 +452,61 @@ class Agent:
         while True:
             await asyncio.sleep(1.0)
             self.sampler.tick(now_ms())
+            self._watch_uplink()
+
+    def _watch_uplink(self) -> None:
+        """Say so when the broker's behaviour points at a second agent with our id."""
+        stats = self.uplink.stats
+        suspicion = self.takeover.observe(
+            time.monotonic(),
+            connects=stats.connects,
+            connected=stats.connected,
+            foreign_acks=stats.rejected.get("other_epoch", 0),
+        )
+        if suspicion is None:
+            return
+        gateway = self.config.gateway
+        log.error(
+            "the broker keeps ending this gateway's connections: probably another agent "
+            "is running with the same gateway id",
+            extra=fields(
+                alarm="gateway_id_conflict",
+                gateway=gateway,
+                client_id=self.uplink.client_id,
+                short_sessions=suspicion.short_sessions,
+                window_s=int(suspicion.window_s),
+                acks_for_another_epoch=suspicion.foreign_acks,
+                why=(
+                    "MQTT allows one connection per client id; the broker drops the older "
+                    "one whenever the other agent connects, so both keep kicking each "
+                    "other off"
+                ),
+                fix=(
+                    f"run exactly one agent with gateway = {gateway!r} (a copied config, a "
+                    "second host or a forgotten test run?); give any other its own gateway "
+                    "id, key and broker login"
+                ),
+            ),
+        )
+
+    async def _start_metrics(self) -> None:
+        config = self.config
+        if not config.metrics_host:
+            return
+        from fieldtwin.agent.metrics import MetricsServer
+
+        server = MetricsServer(
+            config.metrics_host, config.metrics_port, self._metrics_status, now_ms
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            raise AgentError(f"{config.file}: metrics.listen: {exc}") from None
+        self.metrics = server
+
+    async def _metrics_status(self) -> dict[str, Any]:
+        stats = await within(5, self.outbox.call(self.outbox.sync.stats))
+        return self.status(asdict(stats))
 
     async def _watchdog_loop(self, *critical: asyncio.Task[Any]) -> None:
         interval = self.notifier.watchdog_interval()
@@ -475,6 +536,7 @@ class Agent:
             "format": STATUS_FORMAT,
             "state": self._state,
             "gateway": self.config.gateway,
+            "version": self._info["version"],
             "pid": os.getpid(),
             "started_at_ms": self.started_at_ms,
             "written_at_ms": now_ms(),
@@ -489,6 +551,9 @@ class Agent:
             },
             "uplink": self.uplink.stats.as_dict(),
             "sampler": asdict(self.sampler.counters),
+            **self._plausibility_status(),
+            "gateway_id_conflict_suspected": self.takeover.suspected_at_s is not None
+            and time.monotonic() - self.takeover.suspected_at_s < self.takeover.window_s,
             "commands": dict(self.executor.outcomes),
             "sources": {
                 driver.id: {
@@ -500,6 +565,16 @@ class Agent:
                 for driver in self.drivers
             },
         }
+
+    def _plausibility_status(self) -> dict[str, Any]:
+        """Readings outside their valid range, by device and by point (only those with any)."""
+        by_point: dict[str, int] = {}
+        by_device: dict[str, int] = {d.id: 0 for d in self.config.devices if _has_range(d)}
+        for index, count in self.sampler.implausible_counts().items():
+            device_id, point = self.point_list[index]
+            by_point[point.name] = count
+            by_device[device_id] = by_device.get(device_id, 0) + count
+        return {"implausible_by_device": by_device, "implausible_points": by_point}
 
     async def _write_status(self) -> None:
         try:
@@ -519,6 +594,10 @@ class Agent:
         while True:
             await self._write_status()
             await asyncio.sleep(self.config.status_interval_s)
+
+
+def _has_range(device: Any) -> bool:
+    return any(point.has_valid_range for point in device.points)
 
 
 async def run_agent(config: AgentConfig) -> int:

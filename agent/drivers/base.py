@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -147,3 +148,22 @@ async def sleep_or(event: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def serial_port_problem(path: str) -> str:
+    """Why a serial port cannot be opened, in words a technician can act on ("" if it
+    looks usable). pymodbus reports a missing port only as a failed connect, which
+    reads like a refused TCP connection."""
+    if not os.path.exists(path):
+        if os.path.islink(path):
+            return f"serial port {path} is a link to a device that does not exist"
+        return (
+            f"serial port {path} does not exist (adapter unplugged? see /dev/serial/by-id/ "
+            "for stable names)"
+        )
+    if not os.access(path, os.R_OK | os.W_OK):
+        return (
+            f"no permission to open serial port {path} (add the agent's user to the port's "
+            "group, usually dialout)"
+        )
+    return ""

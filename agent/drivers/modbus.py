@@ -33,7 +33,14 @@ from fieldtwin.agent.breaker import Breaker
 from fieldtwin.agent.codec import RegisterCodec, decode_all_orders, pack_registers
 from fieldtwin.agent.commands import WriteOutcome
 from fieldtwin.agent.config import DeviceConfig, PointConfig
-from fieldtwin.agent.drivers.base import CheckRow, Driver, Sink, Timer, sleep_or
+from fieldtwin.agent.drivers.base import (
+    CheckRow,
+    Driver,
+    Sink,
+    Timer,
+    serial_port_problem,
+    sleep_or,
+)
 from fieldtwin.agent.errors import (
     CodecError,
     DeviceError,
@@ -41,7 +48,11 @@ from fieldtwin.agent.errors import (
     DeviceTimeout,
     DeviceUnavailable,
 )
-from fieldtwin.agent.plausible import implausible_orders
+from fieldtwin.agent.plausible import (
+    byte_order_alternatives,
+    implausible_orders,
+    in_valid_range,
+)
 from fieldtwin.agent.util import now_ms, within
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.messages import Quality, Value
@@ -160,6 +171,10 @@ class ModbusDriver(Driver):
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
+        if self.device.protocol == "modbus-rtu":
+            problem = serial_port_problem(self.device.path)
+            if problem:
+                raise DeviceUnavailable(problem)
         client = self._new_client()
         # A dead unit must not make pymodbus drop a bus the other units still answer on.
         client.set_max_no_responses(1_000_000_000)
@@ -169,7 +184,11 @@ class ModbusDriver(Driver):
             ok = False
             error = str(exc) or type(exc).__name__
         else:
-            error = "connection refused or port unavailable"
+            error = (
+                "the serial port could not be opened"
+                if self.device.protocol == "modbus-rtu"
+                else "connection refused"
+            )
         if not ok:
             with contextlib.suppress(Exception):
                 client.close()
@@ -479,7 +498,11 @@ def _check_row(member: _Member, data: bytes | list[bool], offset: int, stamp: in
     ]
     raw = " ".join(f"{r:04x}" for r in registers)
     value = codec.decode_from(data, offset)
-    alternatives = decode_all_orders(codec, registers) if codec.count > 1 else {}
+    alternatives = (
+        decode_all_orders(codec, registers)
+        if codec.count > 1
+        else byte_order_alternatives(point, registers)
+    )
     bad = implausible_orders(point, codec.order_name, value, alternatives)
     configured_ok = value is not None and codec.order_name not in bad
     return CheckRow(
@@ -490,6 +513,14 @@ def _check_row(member: _Member, data: bytes | list[bool], offset: int, stamp: in
         raw=raw,
         alternatives=alternatives,
         implausible=bad,
-        error="" if configured_ok else "implausible value under the configured byte/word order",
+        error="" if configured_ok else _implausible_reason(point, value),
         ts_ms=stamp,
     )
+
+
+def _implausible_reason(point: PointConfig, value: Value) -> str:
+    if value is not None and not in_valid_range(point, value):
+        low = "" if point.valid_min is None else f"{point.valid_min:g}"
+        high = "" if point.valid_max is None else f"{point.valid_max:g}"
+        return f"{value} is outside the valid range {low}..{high}"
+    return "implausible value under the configured byte/word order"

@@ -24,7 +24,7 @@ from typing import Any
 
 from fieldtwin.agent.commands import WriteOutcome
 from fieldtwin.agent.config import DeviceConfig, PointConfig
-from fieldtwin.agent.drivers.base import CheckRow, Driver, Sink
+from fieldtwin.agent.drivers.base import CheckRow, Driver, Sink, serial_port_problem
 from fieldtwin.agent.errors import DeviceRejected, DeviceTimeout, DeviceUnavailable, LineError
 from fieldtwin.agent.lineproto import LineSplitter, Sentence, parse_sentence
 from fieldtwin.agent.plausible import plausible
@@ -75,7 +75,8 @@ class SerialLineDriver(Driver):
                 exclusive=True,
             )
         except (serial.SerialException, OSError, ValueError) as exc:
-            raise DeviceUnavailable(f"cannot open {self.device.path}: {exc}") from None
+            problem = serial_port_problem(self.device.path)
+            raise DeviceUnavailable(problem or f"cannot open {self.device.path}: {exc}") from None
         self._serial = port
         self.stats.connected = True
         self.stats.reconnects += 1
