@@ -38,13 +38,32 @@ def plausible(point: PointConfig, value: Value) -> bool:
     return in_valid_range(point, value)
 
 
+TINY_SHARE_OF_RANGE = 1e-6
+
+
+def tiny_threshold(point: PointConfig) -> float:
+    """Magnitude below which a non-zero reading of a float *register* point with both
+    range bounds is implausible: a millionth of the range, far below any instrument's
+    resolution, and where a wrong byte order lands (2.5 m read as BADC is 4.1e-20 m)."""
+    if (
+        point.valid_min is None
+        or point.valid_max is None
+        or point.table not in ("holding", "input")
+        or point.dtype not in ("float32", "float64")
+    ):
+        return 0.0
+    return (point.valid_max - point.valid_min) * TINY_SHARE_OF_RANGE
+
+
 def in_valid_range(point: PointConfig, value: Value) -> bool:
     """Inside the point's configured valid range (or it has none, or it is no number)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return True
     if point.valid_min is not None and value < point.valid_min:
         return False
-    return not (point.valid_max is not None and value > point.valid_max)
+    if point.valid_max is not None and value > point.valid_max:
+        return False
+    return not (value and abs(value) < tiny_threshold(point))
 
 
 def byte_order_alternatives(point: PointConfig, registers: list[int]) -> dict[str, Value]:

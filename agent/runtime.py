@@ -26,6 +26,7 @@ from fieldtwin.agent.config import AgentConfig, PointConfig
 from fieldtwin.agent.drivers import Driver, make_driver
 from fieldtwin.agent.errors import AgentError, OutboxError
 from fieldtwin.agent.outbox import AsyncOutbox, Committed, Outbox
+from fieldtwin.agent.plausible import tiny_threshold
 from fieldtwin.agent.sampler import FilterSpec, Sampler
 from fieldtwin.agent.sdnotify import Notifier
 from fieldtwin.agent.status import STATUS_FORMAT, write_status
@@ -212,6 +213,7 @@ class Agent:
                     p.valid_min,
                     p.valid_max,
                     Quality[p.out_of_range.upper()],
+                    tiny_threshold(p),
                 )
                 for _, p in self.point_list
             ],

@@ -15,11 +15,12 @@ Rules, per point (``now`` is the agent's wall clock in ms, ``ts`` the source tim
   and reports them STALE once, again with the original timestamp.
 * ``fail`` (the device stopped answering) reports BAD with value ``None`` once; the
   timestamp is when the agent gave up on the device, since there is no source time.
-* A numeric reading outside the point's valid range (``valid_min``/``valid_max``) is
-  implausible: it is counted, handed to ``on_implausible`` (the agent logs it, rate
-  limited), and sent with the point's ``out_of_range`` quality: BAD without a value, or
-  UNCERTAIN with it. A wrong byte order or a broken transmitter is then visible at the
-  hub instead of arriving as good data.
+* A numeric reading outside the point's valid range (``valid_min``/``valid_max``), or
+  a non-zero one below ``tiny`` in magnitude, is implausible: it is counted, handed to
+  ``on_implausible`` (the agent logs it, rate limited), and sent with the point's
+  ``out_of_range`` quality: BAD without a value, or UNCERTAIN with it. A wrong byte
+  order or a broken transmitter is then visible at the hub instead of arriving as good
+  data.
 
 A value is never re-stamped: every timestamp sent is either one a source gave or the
 moment a failure was detected. ``max_silence = 0`` turns heartbeats and STALE off.
@@ -46,6 +47,10 @@ class FilterSpec:
     valid_min: float | None = None
     valid_max: float | None = None
     out_of_range: Quality = BAD
+    tiny: float = 0.0
+    """A non-zero reading smaller than this in magnitude is implausible too (float
+    registers with a range: a wrong byte order turns 2.5 m into 4e-20 m, which sits
+    inside a 0..5 m range)."""
 
 
 Implausible = Callable[[str, str, Value, int], None]
@@ -66,6 +71,7 @@ class _Point:
         "ranged",
         "sent",
         "sent_at",
+        "tiny",
         "valid_max",
         "valid_min",
     )
@@ -84,6 +90,7 @@ class _Point:
         self.valid_min = -math.inf if spec.valid_min is None else spec.valid_min
         self.valid_max = math.inf if spec.valid_max is None else spec.valid_max
         self.out_of_range = spec.out_of_range
+        self.tiny = spec.tiny
         self.implausible = 0
 
 
@@ -131,7 +138,10 @@ class Sampler:
             if (
                 point.ranged
                 and type(value) in _NUMBERS
-                and not point.valid_min <= value <= point.valid_max  # type: ignore[operator]
+                and (
+                    not point.valid_min <= value <= point.valid_max  # type: ignore[operator]
+                    or (value and abs(value) < point.tiny)  # type: ignore[arg-type]
+                )
             ):
                 point.implausible += 1
                 self.counters.implausible += 1

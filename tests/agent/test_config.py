@@ -117,6 +117,10 @@ CASES = [
     ("devices.0.points.7.type", "uint16", "devices[0].points[7].type", "not one of: bool"),
     ("devices.0.points.1.attribute", "level", "devices[0].points[1]", "exactly one source"),
     ("devices", [], "devices", "at least one"),
+    ("devices.0.points.6.valid_min", 0, "devices[0].points[6].valid_min", "applies to numbers"),
+    ("devices.0.points.2.out_of_range", "good", "devices[0].points[2].out_of_range", "bad"),
+    ("metrics", {"listen": "0.0.0.0:9471"}, "metrics.listen", "not a loopback address"),
+    ("metrics", {"listen": "9471"}, "metrics.listen", "not HOST:PORT"),
 ]
 
 
@@ -160,4 +164,45 @@ def test_opcua_and_serial_specifics(tmp_path: Path) -> None:
     data["devices"][0]["points"][0]["node"] = "ns=2;s=ok"
     data["devices"][1]["points"][0]["writable"] = True
     with pytest.raises(ConfigError, match=r"devices\[1\].points\[0\].writable: serial line"):
+        load_config(write(tmp_path, data))
+
+
+def test_state_dir_override_accepts_a_file_that_sets_state_dir(tmp_path: Path) -> None:
+    data = base(tmp_path)  # has state_dir
+    config = load_config(write(tmp_path, data), state_dir=tmp_path / "elsewhere")
+    assert config.state_dir == tmp_path / "elsewhere"
+    assert config.buffer.path == tmp_path / "elsewhere" / "outbox.duckdb"
+
+
+def test_a_misspelt_required_key_is_named_as_the_typo(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    point = data["devices"][0]["points"][2]
+    point["adress"] = point.pop("address")
+    config = write(tmp_path, data)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    message = str(caught.value)
+    assert message.startswith(f"{config}: devices[0].points[2].address: required key is missing")
+    assert "unknown key 'adress'" in message
+
+
+def test_valid_range_and_metrics_keys(tmp_path: Path) -> None:
+    data = base(tmp_path)
+    data["devices"][0]["out_of_range"] = "uncertain"
+    data["devices"][0]["points"][2].update(valid_min=0, valid_max=1800)
+    data["devices"][0]["points"][0].update(valid_min=0, valid_max=5, out_of_range="bad")
+    data["metrics"] = {"listen": "127.0.0.1:9471"}
+    config = load_config(write(tmp_path, data))
+    level, _, speed = config.devices[0].points[:3]
+    assert (speed.valid_min, speed.valid_max, speed.out_of_range) == (0, 1800, "uncertain")
+    assert (level.valid_max, level.out_of_range) == (5, "bad")
+    assert config.devices[0].points[3].out_of_range == "uncertain"  # the device's default
+    assert not config.devices[0].points[3].has_valid_range
+    assert (config.metrics_host, config.metrics_port) == ("127.0.0.1", 9471)
+    data["metrics"] = {"listen": "[::1]:0"}
+    assert load_config(write(tmp_path, data)).metrics_host == "::1"
+    del data["metrics"]
+    assert load_config(write(tmp_path, data)).metrics_host == ""
+    data["devices"][0]["points"][2].update(valid_min=10, valid_max=5)
+    with pytest.raises(ConfigError, match=r"points\[2\].valid_max: valid_max \(5.0\) is below"):
         load_config(write(tmp_path, data))

@@ -141,3 +141,58 @@ def test_never_restamps_and_never_repeats_a_sample(
         assert (sample.value is None) == (sample.quality == BAD)
         if sample.quality == STALE:
             assert silence > 0
+
+
+def test_readings_outside_the_valid_range_are_bad_and_counted() -> None:
+    seen: list[tuple[str, str, object, int]] = []
+    out: list[Sample] = []
+    sampler = Sampler(
+        [FilterSpec("pump-1", "speed", 0, 10_000, valid_min=0, valid_max=1800)],
+        out.append,
+        lambda *args: seen.append(args),
+    )
+    sampler.offer(0, 898, 1000, GOOD, 1000)
+    sampler.offer(0, 34_051, 2000, GOOD, 2000)  # a byte-swapped uint16
+    sampler.offer(0, 33_000, 3000, GOOD, 3000)  # still implausible: BAD is sent once
+    sampler.offer(0, 901, 4000, GOOD, 4000)
+    assert [(s.value, s.quality) for s in out] == [(898, GOOD), (None, BAD), (901, GOOD)]
+    assert out[1].ts_ms == 2000  # the reading's own time
+    assert sampler.counters.implausible == 2
+    assert sampler.implausible_counts() == {0: 2}
+    assert seen == [("pump-1", "speed", 34_051, 2000), ("pump-1", "speed", 33_000, 3000)]
+
+
+def test_out_of_range_can_be_sent_uncertain_with_its_value() -> None:
+    out: list[Sample] = []
+    spec = FilterSpec("tank-1", "level", 0, 10_000, valid_max=5.0, out_of_range=UNCERTAIN)
+    sampler = Sampler([spec], out.append)
+    sampler.offer(0, 2.5, 1000, GOOD, 1000)
+    sampler.offer(0, 7.5, 2000, GOOD, 2000)
+    sampler.offer(0, 7.6, 3000, GOOD, 3000)  # a change within UNCERTAIN is still reported
+    sampler.offer(0, 4.0, 4000, GOOD, 4000)
+    assert [(s.value, s.quality) for s in out] == [
+        (2.5, GOOD),
+        (7.5, UNCERTAIN),
+        (7.6, UNCERTAIN),
+        (4.0, GOOD),
+    ]
+
+
+def test_tiny_floats_count_as_implausible_but_zero_does_not() -> None:
+    out: list[Sample] = []
+    spec = FilterSpec("tank-1", "level", 0, 10_000, 0.0, 5.0, BAD, tiny=5e-6)
+    sampler = Sampler([spec], out.append)
+    sampler.offer(0, 0.0, 1000, GOOD, 1000)
+    sampler.offer(0, 4.07e-20, 2000, GOOD, 2000)  # 2.5 m under the BADC byte order
+    sampler.offer(0, 2.5, 3000, GOOD, 3000)
+    assert [(s.value, s.quality) for s in out] == [(0.0, GOOD), (None, BAD), (2.5, GOOD)]
+
+
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=40))
+def test_no_value_outside_the_range_is_ever_sent_good(values: list[float]) -> None:
+    out: list[Sample] = []
+    sampler = Sampler([FilterSpec("x", "y", 0, 0, valid_min=-10, valid_max=10)], out.append)
+    for ts, value in enumerate(values, start=1):
+        sampler.offer(0, value, ts, GOOD, ts)
+    assert all(-10 <= s.value <= 10 for s in out if s.quality == GOOD)  # type: ignore[operator]
+    assert sampler.counters.implausible == sum(1 for v in values if not -10 <= v <= 10)
