@@ -506,6 +506,13 @@ class Agent:
             raise AgentError(f"{config.file}: metrics.listen: {exc}") from None
         self.metrics = server
 
+    def _metrics_url(self) -> str | None:
+        if self.metrics is None:
+            return None
+        host = self.config.metrics_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.metrics.bound_port}/metrics"
+
     async def _metrics_status(self) -> dict[str, Any]:
         stats = await within(5, self.outbox.call(self.outbox.sync.stats))
         return self.status(asdict(stats))
@@ -545,6 +552,7 @@ class Agent:
             "interval_s": self.config.status_interval_s,
             "epoch": self.outbox.sync.epoch,
             "broker_url": self.config.broker.url,
+            "metrics_url": self._metrics_url(),
             "buffer": {
                 **buffer,
                 "pending_in_memory": len(self.batcher.pending),

@@ -144,6 +144,23 @@ def render_status(status: dict[str, Any], *, live: bool, now_ms: int | None = No
             f"{uplink.get('backlog_frames', 0):,} from backlog, "
             f"{uplink.get('resent_frames', 0):,} resent"
         )
+    implausible = status.get("implausible_points") or {}
+    if implausible:
+        worst = sorted(implausible.items(), key=lambda item: -item[1])
+        shown = ", ".join(f"{name} {count:,}" for name, count in worst[:5])
+        more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""
+        lines.append(
+            f"WARNING  readings outside their valid range: {shown}{more} "
+            "(sent as out_of_range quality; `fieldtwin agent check` shows the byte orders)"
+        )
+    if status.get("gateway_id_conflict_suspected"):
+        lines.append(
+            "ALARM    the broker keeps ending this gateway's connections: probably another "
+            f"agent is running with gateway id {gateway!r}"
+        )
+    metrics = status.get("metrics_url")
+    if metrics:
+        lines.append(f"metrics  {metrics}")
     sources = status.get("sources") or {}
     if sources:
         lines.append("")

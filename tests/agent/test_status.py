@@ -98,3 +98,21 @@ def test_rendering_shows_what_an_operator_asks_for() -> None:
     assert "DISCONNECTED" in down
     assert "Connection refused" in down
     assert "ALARM    7 samples dropped" in down
+
+
+def test_rendering_names_implausible_points_and_a_gateway_id_conflict() -> None:
+    text = render_status(
+        status(
+            implausible_points={"pump-1.speed": 120, "tank-1.level": 3},
+            gateway_id_conflict_suspected=True,
+            metrics_url="http://127.0.0.1:9471/metrics",
+        ),
+        live=True,
+        now_ms=NOW,
+    )
+    assert "readings outside their valid range: pump-1.speed 120, tank-1.level 3" in text
+    assert "probably another agent is running with gateway id 'gw-pumps'" in text
+    assert "metrics  http://127.0.0.1:9471/metrics" in text
+    quiet = render_status(status(), live=True, now_ms=NOW)
+    assert "valid range" not in quiet
+    assert "another agent" not in quiet
