@@ -230,3 +230,22 @@ async def test_two_agents_with_one_gateway_id_are_told_why_they_flap(
         assert env.gateway in extra["fix"]
         flagged = [a for a in (one, two) if a.status({})["gateway_id_conflict_suspected"]]
         assert flagged
+
+
+async def test_a_metrics_port_in_use_is_a_clear_startup_error(env: AgentEnv) -> None:
+    import socket
+
+    from fieldtwin.agent.config import load_config
+    from fieldtwin.agent.errors import AgentError
+    from fieldtwin.agent.runtime import Agent
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = env.config(devices_from_example("pumps"))
+        data["metrics"] = {"listen": f"127.0.0.1:{port}"}
+        env.config_path.write_text(toml_dumps(data))
+        agent = Agent(load_config(env.config_path))
+        with pytest.raises(AgentError, match=rf"metrics.listen: cannot listen on 127.0.0.1:{port}"):
+            await agent.run()
