@@ -81,3 +81,19 @@ def test_paths_expand_environment_variables_and_secret_files_are_read(
         root.path("missing")
     with pytest.raises(ConfigError, match=r"unreadable: cannot read .*creds/none"):
         root.secret_file("unreadable")
+
+
+def test_a_missing_key_names_a_look_alike_unknown_key(tmp_path: Path) -> None:
+    root = load_toml(_write(tmp_path, "adress = 3\nunit = 1\n"))
+    assert root.integer("unit") == 1
+    with pytest.raises(ConfigError) as caught:
+        root.integer("address")
+    assert str(caught.value).endswith(
+        "address: required key is missing; this table has an unknown key 'adress': "
+        "a typo of 'address'?"
+    )
+    # A key already read, or one that looks nothing alike, is not offered.
+    other = load_toml(_write(tmp_path, 'unit = 1\ncolour = "red"\n'))
+    other.integer("unit")
+    with pytest.raises(ConfigError, match=r"address: required key is missing$"):
+        other.integer("address")
