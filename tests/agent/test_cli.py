@@ -117,3 +117,25 @@ def test_run_explains_an_unusable_state_directory(env: AgentEnv, tmp_path: Path)
     assert result.returncode == 1
     assert "cannot create the state directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_agent_commands_load_no_hub_or_simulator_code(tmp_path: Path) -> None:
+    """A gateway runs ``fieldtwin agent run`` for months: the root command registers
+    only the subcommand it was given, so the hub's and simulator's CLIs stay unloaded."""
+    script = (
+        "import sys\n"
+        "from fieldtwin.protocol.cli import main\n"
+        f"code = main(['--log-level', 'warning', 'agent', 'status', '-c', {str(tmp_path)!r}])\n"
+        "others = ('fieldtwin.hub', 'fieldtwin.sim')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(others))\n"
+        "print(code, loaded)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stdout.strip() == "1 []", result.stdout + result.stderr
+    # The full tree is still there for help and for a mistyped command.
+    typo = run("agnet", "status")
+    assert typo.returncode == 2
+    assert "choose from" in typo.stderr
+    assert "'hub'" in typo.stderr
