@@ -162,7 +162,8 @@ async def test_hub_run_and_twin_commands_live_and_offline(
             check=False,
         )
         assert viewer.returncode == 1
-        assert "forbidden" in viewer.stderr and "vic (viewer) may not alarm.shelve" in viewer.stderr
+        assert "forbidden" in viewer.stderr
+        assert "vic (viewer) may not alarm.shelve" in viewer.stderr
         shelved = await cli_json(
             "twin",
             "alarms",
