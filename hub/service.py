@@ -839,7 +839,13 @@ class HubService:
                 rollback_of=command.rollback_of or "",
             )
             outcome = Outcome()
-            hard = [c for c in verdict.checks if not c.ok and c.name not in ("gateway",)]
+            offline = any(c.name == "gateway" and not c.ok for c in verdict.checks)
+            if offline:
+                # wait for the gateway within the select window (its inputs go stale
+                # while it is away; they are judged when it is back)
+                command.policy = verdict.rows()
+                continue
+            hard = [c for c in verdict.checks if not c.ok]
             # The restore value was approved with the command: if the point moved since,
             # the approvals no longer describe what the command would undo.
             moved = self._checkpoint_moved(command)
@@ -847,8 +853,6 @@ class HubService:
                 hard.append(_check("checkpoint", moved))
             if hard:
                 outcome.extend(self.commands.send_refused(command.id, Verdict(tuple(hard)), now))
-            elif not verdict.ok:
-                continue  # gateway offline: wait, within the select window
             else:
                 frame = self._command_frame(command, now)
                 expires = now + command.expiry_ms
@@ -1063,9 +1067,7 @@ class HubService:
             request=request.signature_ref,
         )
         command = outcome.transitions[-1].command
-        return self._operator_commit(
-            request, outcome, now, command.id, answer=self._command_view(command.id)
-        )
+        return self._operator_commit(request, outcome, now, command.id, answer=None)
 
     def op_dry_run(self, request: VerifiedRequest, args: Mapping[str, Any], now: int) -> Any:
         entity, attribute = _target(args)
