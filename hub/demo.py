@@ -141,6 +141,7 @@ def agent_config(
     endpoints: Mapping[str, Any],
     broker_url: str,
     heartbeat_s: float | None = None,
+    approvers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """An example agent config pointed at this run's simulator, broker and keys.
 
@@ -175,6 +176,12 @@ def agent_config(
         broker["password_file"] = str(layout.password_file(gateway))
     broker.setdefault("reconnect_max_s", 5.0)
     data["broker"] = broker
+    if approvers:
+        # defence in depth: the gateway itself checks the operators' approvals
+        data["approvals"] = {
+            "operators": {name: str(layout.keys / f"{name}.pub") for name in approvers},
+            "required": 1,
+        }
     return data
 
 
@@ -426,6 +433,7 @@ class Plant:
                 self.endpoints,
                 self.broker_url,
                 self.options.heartbeat_s,
+                [n for n, roles in self.operators.items() if {"approver", "admin"} & set(roles)],
             )
             if self.options.agent_edit is not None:
                 self.options.agent_edit(gateway, data)
