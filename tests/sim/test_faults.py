@@ -85,3 +85,25 @@ def test_link_view_scopes_and_combines() -> None:
     assert book.point_exception("pt-1.pressure") == 4
     assert book.point_status("boiler", "boiler-1.pressure") == "BadNoCommunication"
     assert book.point_status("bus", "pt-1.pressure") is None
+
+
+def test_actuator_and_process_faults_stay_out_of_the_link_and_value_views() -> None:
+    book = FaultBook(seed=1)
+    ignore = book.add(
+        FaultRequest("ignore_writes", "plc", point="pump-1.speed_sp"), 3, 6, "runtime"
+    )
+    leak = book.add(
+        FaultRequest("leak", params={"cv": 1.0}, component="tank-1"), 1, None, "runtime"
+    )
+    # An actuator fault decides writes taking effect in its window, even before it opens.
+    assert book.actuator_fault("pump-1.speed_sp", 2) is None
+    assert book.actuator_fault("pump-1.speed_sp", 3) is ignore
+    assert book.actuator_fault("pump-1.speed_sp", 6) is None
+    assert book.actuator_fault("valve-1.position", 3) is None
+    for tick in range(1, 5):
+        book.advance(tick)
+    assert book.link("plc").healthy
+    assert book.value_faults("pump-1.speed_sp") == []
+    assert book.process_faults() == [leak]
+    assert ignore.to_json(0.1)["writes_affected"] == 0
+    assert leak.to_json(0.1)["component"] == "tank-1"
