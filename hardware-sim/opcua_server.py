@@ -191,6 +191,7 @@ class OpcUaDevice:
         )
         shown = (1.0 if value >= 0.5 else 0.0) if point.boolean else float(value)
         self._published[point.name] = (shown, "Good")
+        self.ctx.served(self.device.id, "opcua", point.name, shown, "good", "publish")
 
     # -- values ------------------------------------------------------------------------
 
