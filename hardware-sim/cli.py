@@ -321,6 +321,8 @@ def _describe(fault: dict[str, Any]) -> str:
     if fault.get("unit_id") is not None:
         target = f"{target} unit {fault['unit_id']}"
     params = ", ".join(f"{k}={v}" for k, v in (fault.get("params") or {}).items())
+    if "writes_affected" in fault:  # actuator faults
+        params = ", ".join(p for p in (params, f"writes affected={fault['writes_affected']}") if p)
     end = "until cleared" if fault.get("end_tick") is None else f"to tick {fault['end_tick']}"
     return (
         f"{fault['id']:>4}  {fault['status']:<9} {fault['kind']:<13} {target}  "

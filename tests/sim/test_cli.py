@@ -191,6 +191,9 @@ def test_actuator_and_process_faults_from_the_cli(plant: SimulatorProcess) -> No
         ("rejected", 5000.0, None),  # in arrival order, whatever tick each was recorded at
     ]
     assert [w["seq"] for w in records] == sorted(w["seq"] for w in records)
+    listed = fieldtwin("sim", "fault", "list", "--control", control).stdout
+    assert "ignore_writes pump-1.speed_sp" in listed
+    assert "count=1, writes affected=1" in listed
     table = fieldtwin(*query, "--control", control)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
