@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,24 @@ class BufferConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalConfig:
+    """Operators whose approvals this gateway accepts, and how many a command needs.
+
+    With approvers configured, a ``cmd`` is written only if it carries ``required``
+    valid approvals from distinct listed operators over its digest, so a compromised
+    hub alone cannot actuate. Points listed in ``unattended`` take commands without
+    operator approval (automatic corrections within the point's limits)."""
+
+    keys: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
+    required: int = 1
+    unattended: frozenset[str] = frozenset()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     file: Path
     gateway: str
@@ -199,6 +218,7 @@ class AgentConfig:
     metrics_host: str = ""
     """Loopback address of the Prometheus endpoint (``[metrics] listen``); "" = off."""
     metrics_port: int = 0
+    approvals: ApprovalConfig = field(default_factory=ApprovalConfig)
 
     def points(self) -> list[tuple[DeviceConfig, PointConfig]]:
         return [(device, point) for device in self.devices for point in device.points]
@@ -242,6 +262,7 @@ def load_config(path: Path | str, *, state_dir: Path | None = None) -> AgentConf
     status.finish()
 
     metrics_host, metrics_port = metrics_listen(root.section("metrics"))
+    approvals = _approvals(root.section("approvals"))
 
     info_section = root.section("info")
     info = {k: info_section.text(k) for k in list(info_section.data)}
@@ -268,6 +289,7 @@ def load_config(path: Path | str, *, state_dir: Path | None = None) -> AgentConf
         info=info,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        approvals=approvals,
     )
 
 
@@ -295,6 +317,34 @@ def metrics_listen(section: Section) -> tuple[str, int]:
             "so it listens on 127.0.0.1 or ::1 only (scrape it from the gateway itself)",
         )
     return host, int(port_text)
+
+
+def _approvals(section: Section) -> ApprovalConfig:
+    """``[approvals]``: ``operators = { bob = "keys/bob.pub", ... }``, ``required``,
+    ``unattended = ["ENTITY.ATTRIBUTE", ...]``."""
+    raw = section.raw("operators", {})
+    if not isinstance(raw, dict):
+        raise section.error("operators", "expected a table of operator id = public key file")
+    keys: dict[str, tuple[Path, ...]] = {}
+    for operator, value in raw.items():
+        files = [value] if isinstance(value, str) else value
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            raise section.error(
+                f"operators.{operator}", "expected a public key file (or a list of them)"
+            )
+        paths = []
+        for item in files:
+            candidate = Path(os.path.expandvars(item)).expanduser()
+            paths.append(candidate if candidate.is_absolute() else section.file.parent / candidate)
+        keys[operator] = tuple(paths)
+    required = section.integer("required", 1, min=1, max=8)
+    unattended = section.text_list("unattended", [])
+    section.finish()
+    if keys and required > len(keys):
+        raise section.error(
+            "required", f"{required} approvals needed but only {len(keys)} approvers are listed"
+        )
+    return ApprovalConfig(keys=keys, required=required, unattended=frozenset(unattended))
 
 
 def _broker(section: Section, gateway: str) -> BrokerConfig:
