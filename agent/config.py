@@ -176,7 +176,7 @@ class BufferConfig:
     backlog_samples_per_s: float = 50_000.0
     ack_timeout_s: float = 60.0
     memory_limit_mb: int = 64
-    checkpoint_mb: int = 4
+    checkpoint_mb: int = 1
     threads: int = 1
 
     @property
@@ -422,7 +422,9 @@ def _buffer(section: Section, state_dir: Path) -> BufferConfig:
         backlog_samples_per_s=section.number("backlog_samples_per_s", 50_000.0, min=1),
         ack_timeout_s=section.number("ack_timeout_s", 60.0, min=1, max=86_400),
         memory_limit_mb=section.integer("memory_limit_mb", 64, min=16, max=65_536),
-        checkpoint_mb=section.integer("checkpoint_mb", 4, min=1, max=1024),
+        # 1 MB: frames written between checkpoints sit in DuckDB's memory, and a 4 MB
+        # cycle left the process ~10 MB/h bigger (docs/benchmarks.md, "Edge footprint").
+        checkpoint_mb=section.integer("checkpoint_mb", 1, min=1, max=1024),
         threads=section.integer("threads", 1, min=1, max=64),
     )
     section.finish()

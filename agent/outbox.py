@@ -158,7 +158,7 @@ class Outbox:
         max_bytes: int = 512 * 1024 * 1024,
         overflow: str = "drop_oldest",
         memory_limit_mb: int = 64,
-        checkpoint_mb: int = 4,
+        checkpoint_mb: int = 1,
         threads: int = 1,
         clock: Callable[[], int] = now_ms,
     ) -> None:
