@@ -955,7 +955,8 @@ class HubService:
             answer: Any = result.answer
         else:
             answer = result
-        effects.publish.insert(0, self._answer(request.operator, request.req_id, "", "", answer))
+        # frames to gateways first (they are what the operator is waiting for), then the answer
+        effects.publish.append(self._answer(request.operator, request.req_id, "", "", answer))
         return effects
 
     def _answer(self, operator: str, req_id: str, code: str, error: str, result: Any) -> Outbound:
@@ -1085,12 +1086,12 @@ class HubService:
                 code="invalid",
             )
         approval = Approval(request.operator, key_id, signature)
-        keys = {k.key_id: k for k in self._operator_keys(request.operator)}
-        key = keys.get(key_id)
-        if key is None:
+        try:
+            key = self.gate.registry.lookup(request.operator, key_id)
+        except ProtocolError:
             raise CommandError(
                 f"key {key_id} is not registered for {request.operator}", code="forbidden"
-            )
+            ) from None
         try:
             verify_approval(approval, key, bytes.fromhex(command.digest))
         except BadSignature:
@@ -1138,12 +1139,6 @@ class HubService:
         effects.publish.extend(self._send_due(outcome.send, now, write, events))
         self._store(write, events)
         return _Answered(effects, answer if answer is not None else self._command_view(subject))
-
-    def _operator_keys(self, operator: str) -> list[Any]:
-        from fieldtwin.protocol.keys import load_public_key
-
-        spec = self.config.operators.get(operator)
-        return [load_public_key(path) for path in spec.public_keys] if spec else []
 
     def op_alarm(self, request: VerifiedRequest, args: Mapping[str, Any], now: int) -> Any:
         alarm_id = _text(args, "alarm_id")
