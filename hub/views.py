@@ -399,9 +399,7 @@ class ViewFeed:
                 sent_points[(info.entity, info.attribute)] = info
             tables["points"] = table(POINT_COLS, (self._point_row(p) for p in points))
         health = self._health()
-        changed_health = [
-            (e, h) for e, h in health.items() if self._sent_health.get(e) != h
-        ]
+        changed_health = [(e, h) for e, h in health.items() if self._sent_health.get(e) != h]
         if changed_health:
             self._sent_health.update(changed_health)
             tables["health"] = table(HEALTH_COLS, sorted(changed_health))
@@ -451,7 +449,7 @@ class ViewFeed:
                 del self._sent_alarms[alarm_id]
                 row = stored.get(alarm_id)
                 if row is None:
-                    row = {c: None for c in ALARM_COLS} | {"id": alarm_id}
+                    row = dict.fromkeys(ALARM_COLS) | {"id": alarm_id}
                 row = {**row, "state": "cleared"}
                 rows.append([row.get(c) for c in ALARM_COLS])
         if not rows:
@@ -510,8 +508,10 @@ class ViewFeed:
                     f"snapshot {wanted} expired or unknown; ask for a new one (no snapshot id)"
                 )
             part = args.get("part", 0)
-            if isinstance(part, bool) or not isinstance(part, int) or not (
-                0 <= part < len(snap.parts)
+            if (
+                isinstance(part, bool)
+                or not isinstance(part, int)
+                or not (0 <= part < len(snap.parts))
             ):
                 raise QueryError(f"part must be a whole number in [0, {len(snap.parts)})")
             return self._answer(snap, part)

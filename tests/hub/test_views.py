@@ -19,8 +19,8 @@ from support.hub_env import GatewaySigner, HubFiles, point, sample, write_hub_co
 from fieldtwin.hub.config import load_hub_config
 from fieldtwin.hub.ingest import Inbound
 from fieldtwin.hub.metrics import HubMetrics
-from fieldtwin.hub.state import CurrentValue
 from fieldtwin.hub.service import HubService
+from fieldtwin.hub.state import CurrentValue
 from fieldtwin.hub.store import TwinStore
 from fieldtwin.hub.views import PART_BYTES, split_tables
 from fieldtwin.protocol.frames import decode_frame
@@ -43,7 +43,8 @@ def hub(tmp_path: Path) -> Iterator[tuple[HubService, HubFiles]]:
 def feed(service: HubService, *messages: tuple[str, bytes]) -> None:
     now = int(time.time() * 1000)
     outcome, _ = service.ingest_batch([Inbound(t, p, now) for t, p in messages])
-    assert outcome.error is None and not outcome.rejected, outcome.rejected
+    assert outcome.error is None
+    assert not outcome.rejected, outcome.rejected
 
 
 def views(service: HubService, files: HubFiles) -> list[View]:
@@ -78,7 +79,8 @@ def test_deltas_carry_only_what_changed_with_dense_seqs(
         ),
     )
     first = {v.stream: v for v in views(service, files)}
-    assert first["twin"].view_seq == 1 and first["twin"].instance == "test-instance"
+    assert first["twin"].view_seq == 1
+    assert first["twin"].instance == "test-instance"
     attrs = {(r["entity"], r["attribute"]): r for r in rows(first["twin"], "attrs")}
     assert attrs[("tank-1", "level")]["value"] == 2.0
     assert attrs[("tank-1", "level")]["quality"] == "good"
@@ -106,9 +108,11 @@ def test_alarm_changes_stream_in_order(hub: tuple[HubService, HubFiles]) -> None
     service.sync_cycle(now + 1)  # threshold drift: critical above 4.5
     service.sync_cycle(now + 2)
     alarm_views = [v for v in views(service, files) if v.stream == "alarms"]
-    assert alarm_views and alarm_views[0].view_seq == 1
+    assert alarm_views
+    assert alarm_views[0].view_seq == 1
     raised = [r for r in rows(alarm_views[0], "alarms") if r["entity"] == "tank-1"]
-    assert raised and raised[0]["state"] == "active"
+    assert raised
+    assert raised[0]["state"] == "active"
     # the value returns to normal: the alarm stays "returned" until acknowledged
     feed(service, gw.data([sample("tank-1", "level", 2.0)]))
     for step in range(3, 12):
