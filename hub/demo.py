@@ -13,9 +13,9 @@ simulator's ports change). Component logs go to ``STATE/logs/``.
 Interactive, it opens the operator console (hub/console/) logged in as the demo
 operator, and prints the simulator's control address and a fault to inject; quitting
 the console (q) stops everything. ``--headless --duration S --report FILE`` runs
-unattended, then writes the sync report (sync_report shape) and exits 1 if the pipeline broke: a component died,
-a gateway delivered nothing, a declared entity never reached the twin, or the twin
-does not match the simulator's ground truth within tolerance.
+unattended, then writes the sync report (sync_report shape) and exits 1 if the
+pipeline broke: a component died, a gateway delivered nothing, a declared entity
+never reached the twin, or the twin does not match the simulator's ground truth within tolerance.
 
 With ``--broker URL`` each component logs in with the password in
 ``STATE/keys/<user>.password`` when that file exists (users: ``hub`` and the gateway

@@ -96,11 +96,11 @@ class ConsoleApp(App[None]):
     DEFAULT_MODE = "overview"
     COMMANDS = App.COMMANDS | {ConsoleCommands}
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("1", "switch_mode('overview')", "Plant", show=False),
+        Binding("1", "switch_mode('overview')", "Plant overview", show=False),
         Binding("2", "switch_mode('alarms')", "Alarms", show=False),
-        Binding("3", "switch_mode('approvals')", "Approvals", show=False),
-        Binding("4", "switch_mode('commands')", "Commands", show=False),
-        Binding("5", "switch_mode('audit')", "Audit", show=False),
+        Binding("3", "switch_mode('approvals')", "Approvals (pending commands)", show=False),
+        Binding("4", "switch_mode('commands')", "Commands and their timelines", show=False),
+        Binding("5", "switch_mode('audit')", "Audit log", show=False),
         Binding("p", "toggle_pause", "Pause"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
@@ -179,15 +179,33 @@ class ConsoleApp(App[None]):
         self.notify("updates paused (p resumes)" if self.paused else "updates resumed", timeout=2)
 
     def action_help(self) -> None:
+        """Help from the live bindings: this screen's actions (those the role allows),
+        the keys that work everywhere, the plant's hints, then how to move."""
+        screen = self.screen
+        here: list[tuple[str, str]] = []
+        everywhere: list[tuple[str, str]] = []
+        moving: list[str] = []
         seen: set[str] = set()
-        keys: list[tuple[str, str]] = []
-        for _key, active in self.screen.active_bindings.items():
+        for active in screen.active_bindings.values():
             binding = active.binding
             if not active.enabled or not binding.description or binding.action in seen:
                 continue
             seen.add(binding.action)
-            keys.append((binding.key_display or self.get_key_display(binding), binding.description))
-        self.push_screen(HelpModal(keys, self.hints))
+            key = binding.key_display or self.get_key_display(binding)
+            if active.node is self:
+                everywhere.append((key, binding.description))
+            elif active.node is screen:
+                here.append((key, binding.description))
+            else:
+                moving.append(key)
+        everywhere.append(("ctrl+p", "command palette: screens, actions, open an entity"))
+        sections = [
+            (f"This screen ({type(screen).__name__.removesuffix('Screen')})", here),
+            ("Everywhere", everywhere),
+        ]
+        if moving:
+            sections.append(("Moving", [(" ".join(moving[:8]), "move around the table")]))
+        self.push_screen(HelpModal(sections, self.hints))
 
     def action_filter(self) -> None:
         self.switch_mode("overview")

@@ -354,24 +354,28 @@ class HelpModal(_Modal):
         Binding("question_mark", "cancel", "Close", show=False),
     ]
 
-    def __init__(self, bindings: Sequence[tuple[str, str]], hints: Sequence[str]) -> None:
+    def __init__(
+        self, sections: Sequence[tuple[str, Sequence[tuple[str, str]]]], hints: Sequence[str]
+    ) -> None:
         super().__init__()
-        self.bindings = list(bindings)
+        self.sections = list(sections)
         self.hints = list(hints)
 
     def compose(self) -> ComposeResult:
         text = Text()
-        for key, description in self.bindings:
-            text.append(f"  {key:<12}", style="bold")
-            text.append(f"{description}\n")
-        text.append("  ctrl+p      ", style="bold")
-        text.append("command palette: screens, actions, open an entity by name\n")
+        for title, rows in self.sections:
+            if not rows:
+                continue
+            text.append(f"{title}\n", style="bold underline")
+            for key, description in rows:
+                text.append(f"  {key:<12}", style="bold")
+                text.append(f"{description}\n")
         if self.hints:
-            text.append("\n")
+            text.append("This plant\n", style="bold underline")
             for hint in self.hints:
-                text.append(f"{hint}\n", style="dim" if hint.startswith(" ") else "")
+                text.append(f"{hint}\n", style="bold" if hint.startswith(" ") else "")
         with Vertical():
-            yield Label("Keys", classes="title")
+            yield Label("Help", classes="title")
             with VerticalScroll():
                 yield Static(text)
             with Horizontal(classes="buttons"):
