@@ -1066,9 +1066,8 @@ class HubService:
             request=request.signature_ref,
         )
         command = outcome.transitions[-1].command
-        return self._operator_commit(
-            request, outcome, now, command.id, answer=self._command_view(command.id)
-        )
+        # answer=None: the answer is read back after the proposal is stored
+        return self._operator_commit(request, outcome, now, command.id, answer=None)
 
     def op_dry_run(self, request: VerifiedRequest, args: Mapping[str, Any], now: int) -> Any:
         entity, attribute = _target(args)

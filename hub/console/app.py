@@ -154,7 +154,7 @@ class ConsoleApp(App[None]):
         if self.paused:
             return
         screen = self.screen
-        if isinstance(screen, LiveScreen):
+        if isinstance(screen, LiveScreen) and screen.ready:
             screen.tick()
 
     def refresh_header(self) -> None:

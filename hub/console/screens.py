@@ -80,22 +80,33 @@ class LiveScreen(Screen[None]):
         bar.append_text(Text(text) if isinstance(text, str) else text)
         self.query_one("#title-bar", Static).update(bar)
 
+    ready = False
+    """Composed and mounted: the app feeds only ready screens."""
+
     def on_mount(self) -> None:
         self._held_entities: set[str] = set()
         self._held_parts: set[str] = set()
         self.console.live_screens.add(self)
+        self.call_after_refresh(setattr, self, "ready", True)
 
     def on_unmount(self) -> None:
+        self.ready = False
         self.console.live_screens.discard(self)
 
     def on_screen_resume(self) -> None:
+        if not self.ready:
+            return
         entities, parts = self._held_entities, self._held_parts
         self._held_entities, self._held_parts = set(), set()
         self.refresh_view(entities, parts | {"resume"})
         self.refresh_bindings()
 
     def take_changes(self, entities: set[str], parts: set[str]) -> None:
-        if self.is_current:
+        if self.ready and self.is_current:
+            if self._held_entities or self._held_parts:
+                entities = entities | self._held_entities
+                parts = parts | self._held_parts
+                self._held_entities, self._held_parts = set(), set()
             self.refresh_view(entities, parts)
         else:
             self._held_entities |= entities
