@@ -994,7 +994,7 @@ class CommandsScreen(LiveScreen):
         table = LiveTable(id="commands", cursor_type="row")
         for key, label, width in (
             ("id", "command", 8),
-            ("state", "state", 18),
+            ("state", "state", 19),
             ("point", "point", 18),
             ("target", "target", 8),
             ("by", "by", 8),

@@ -186,9 +186,7 @@ async def _propose(plant: Plant, value: int, reason: str) -> dict[str, Any]:
         await pilot.press("tab", *reason, "enter")
         command = await until(
             pilot,
-            lambda: next(
-                (c for i, c in app.model.commands.items() if i not in before), None
-            ),
+            lambda: next((c for i, c in app.model.commands.items() if i not in before), None),
             20,
             "the proposal in the console",
         )
