@@ -22,15 +22,14 @@ protocol; in short:
   1 MiB). A snapshot replaces the console's view; deltas with ``view_seq <= seq`` are
   already in it.
 
-Cost and bounds: ``ViewFeed.tick`` runs on the database thread every ``INTERVAL_S``.
-Changed attribute values are found by identity: ingest replaces a ``CurrentValue``
-object whenever an attribute takes a new sample, so one pass of ``is`` comparisons over
-the current-state dict (about 1 ms per 20,000 attributes) finds them without a hook in
-ingest. Changes are coalesced between ticks (an attribute that changed ten times is
-sent once, with its latest value) and a tick never queues frames: the runtime publishes
-them at QoS 0 and skips nothing it could not catch up on, because the next tick sends
-the latest state again. A console that falls behind loses frames, sees the gap and
-takes a fresh snapshot; the hub never waits for it.
+Cost and bounds: ``ViewFeed.tick`` runs on the database thread every ``INTERVAL_S`` and
+costs in proportion to what changed, not to the size of the twin: the feed swaps the
+twin's current-value and point dicts for ``WatchedDict``s (plain dicts that also note
+which keys were written; ingest writes them with ``update``), so a tick reads the keys
+written since the last one. Changes are coalesced between ticks (an attribute that
+changed ten times is sent once, with its latest value). A tick never queues frames: the
+runtime publishes them at QoS 0, and a console that falls behind loses frames, sees the
+gap and takes a fresh snapshot; the hub never waits for it.
 """
 
 from __future__ import annotations
@@ -174,6 +173,36 @@ def table(cols: Sequence[str], rows: Iterable[Sequence[Any]]) -> dict[str, Any]:
     return {"cols": list(cols), "rows": [list(r) for r in rows]}
 
 
+class WatchedDict(dict[Any, Any]):
+    """A dict that notes the keys written to it (``update`` and item assignment)."""
+
+    def __init__(self, data: Mapping[Any, Any]) -> None:
+        super().__init__(data)
+        self.written: set[Any] = set()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.written.add(key)
+
+    def update(self, other: Any = (), /, **kw: Any) -> None:  # type: ignore[override]
+        super().update(other, **kw)
+        self.written.update(other.keys() if isinstance(other, Mapping) else dict(other))
+        self.written.update(kw)
+
+    def take(self) -> set[Any]:
+        written, self.written = self.written, set()
+        return written
+
+
+def watch(holder: Any, name: str) -> WatchedDict:
+    """Swap ``holder.name`` for a ``WatchedDict`` with the same content (once)."""
+    current = getattr(holder, name)
+    if not isinstance(current, WatchedDict):
+        current = WatchedDict(current)
+        setattr(holder, name, current)
+    return current
+
+
 @dataclass(slots=True)
 class _Snapshot:
     id: str
@@ -195,8 +224,9 @@ class ViewFeed:
         # baselines: what the published deltas have told consoles (primed to now: a
         # console starts from a snapshot, never from the first delta)
         state = service.ingest.state
-        self._sent_current: dict[tuple[str, str], CurrentValue] = dict(state.current)
-        self._sent_points: dict[tuple[str, str], PointInfo] = dict(state.points)
+        self._current = watch(state, "current")
+        self._points = watch(state, "points")
+        self._health_report: object = service.last_report
         self._sent_health: dict[str, str] = dict(self._health())
         self._sent_entities: set[str] = set(self._entity_ids())
         self._sent_links: dict[str, tuple[Any, ...]] = {
@@ -387,33 +417,32 @@ class ViewFeed:
     def _twin_delta(self, now_ms: int) -> list[Outbound]:
         state = self.service.ingest.state
         tables: dict[str, Any] = {}
-        ids = self._entity_ids()
-        new_ids = [e for e in ids if e not in self._sent_entities]
+        changed = self._current.take()
+        point_keys = self._points.take()
+        seen = {entity for entity, _ in changed} | {entity for entity, _ in point_keys}
+        new_ids = sorted(e for e in seen if e not in self._sent_entities)
         if new_ids:
             self._sent_entities.update(new_ids)
             tables["entities"] = table(ENTITY_COLS, self._entity_rows(new_ids))
-        sent_points = self._sent_points
-        points = [info for key, info in state.points.items() if sent_points.get(key) is not info]
+        points = [state.points[key] for key in point_keys if key in state.points]
         if points:
-            for info in points:
-                sent_points[(info.entity, info.attribute)] = info
             tables["points"] = table(POINT_COLS, (self._point_row(p) for p in points))
-        health = self._health()
-        changed_health = [(e, h) for e, h in health.items() if self._sent_health.get(e) != h]
-        if changed_health:
-            self._sent_health.update(changed_health)
-            tables["health"] = table(HEALTH_COLS, sorted(changed_health))
+        report = self.service.last_report
+        if report is not self._health_report:
+            # health moves only with the sync cycle: compare once per new report
+            self._health_report = report
+            health = self._health()
+            changed_health = [(e, h) for e, h in health.items() if self._sent_health.get(e) != h]
+            if changed_health:
+                self._sent_health.update(changed_health)
+                tables["health"] = table(HEALTH_COLS, sorted(changed_health))
         links = [r for r in self._link_rows() if self._sent_links.get(r[0]) != self._link_key(r)]
         if links:
             for row in links:
                 self._sent_links[row[0]] = self._link_key(row)
             tables["links"] = table(LINK_COLS, links)
-        sent = self._sent_current
-        changed = [key for key, value in state.current.items() if sent.get(key) is not value]
         current = state.current
-        for key in changed:
-            sent[key] = current[key]
-        rows = [self._attr_row(key, current[key]) for key in changed]
+        rows = [self._attr_row(key, current[key]) for key in changed if key in current]
         frames: list[Outbound] = []
         first = rows[:DELTA_ROWS]
         if first:

@@ -123,6 +123,7 @@ class LiveModel:
         self.dirty: set[str] = set()
         """Which other parts changed: entities (membership), alarms, commands, links, hub."""
         self.recent_raises: deque[tuple[str, int]] = deque(maxlen=1000)
+        self._alarm_counts: dict[str, int] | None = None
 
     # -- time ----------------------------------------------------------------------------
 
@@ -149,6 +150,7 @@ class LiveModel:
         self.relationships = []
         self.links.clear()
         self.alarms.clear()
+        self._alarm_counts = None
         self.commands.clear()
         self.hub = {}
         self.recent_raises.clear()
@@ -295,6 +297,7 @@ class LiveModel:
                 self.recent_raises.append((row["id"], int(row["raised_ms"])))
             if row.get("entity"):
                 self.dirty_entities.add(row["entity"])
+        self._alarm_counts = None
         self.dirty.add("alarms")
 
     def _commands(self, data: Mapping[str, Any]) -> None:
@@ -347,6 +350,15 @@ class LiveModel:
 
     def link(self, gateway: str) -> dict[str, Any] | None:
         return self.links.get(gateway)
+
+    def alarms_on(self, entity_id: str) -> int:
+        """Open alarms of one entity (counted once per alarms change, not per row drawn)."""
+        if self._alarm_counts is None:
+            counts: dict[str, int] = {}
+            for alarm in self.alarms.values():
+                counts[alarm["entity"]] = counts.get(alarm["entity"], 0) + 1
+            self._alarm_counts = counts
+        return self._alarm_counts.get(entity_id, 0)
 
     def entity_alarms(self, entity_id: str) -> list[dict[str, Any]]:
         return sort_alarms(a for a in self.alarms.values() if a["entity"] == entity_id)

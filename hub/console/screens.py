@@ -30,7 +30,7 @@ from fieldtwin.hub.console.model import (
     sort_alarms,
     sort_key,
 )
-from fieldtwin.hub.console.widgets import ConsoleHeader, LiveTable
+from fieldtwin.hub.console.widgets import ConsoleHeader, LiveTable, VirtualTable
 from fieldtwin.hub.opclient import OperatorError
 from fieldtwin.hub.render import cell
 
@@ -151,7 +151,7 @@ OVERVIEW_COLUMNS = (
 
 
 class OverviewScreen(LiveScreen):
-    """One row per entity (keyed by twin id), updated in place."""
+    """One row per entity (keyed by twin id), drawn from the model when on screen."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "filter", "Filter", key_display="/"),
@@ -164,9 +164,8 @@ class OverviewScreen(LiveScreen):
         super().__init__()
         self.filter = ""
         self.sort = SORTS[0]
-        self._cells: dict[str, tuple[Any, ...]] = {}
         self._ids: dict[str, str] = {}
-        self._stale: set[str] = set()
+        """twin id (row key) → entity id, for the rows shown"""
 
     def compose(self) -> ComposeResult:
         yield from self.header()
@@ -176,15 +175,12 @@ class OverviewScreen(LiveScreen):
             id="filter",
             classes="hidden",
         )
-        table = LiveTable(id="entities", cursor_type="row", on_scroll=self._scrolled)
-        for key, label, width in OVERVIEW_COLUMNS:
-            table.add_column(label, key=key, width=width)
-        yield table
+        yield VirtualTable(OVERVIEW_COLUMNS, self._row_cells, id="entities")
         yield Footer()
 
     @property
-    def table(self) -> LiveTable:
-        return self.query_one("#entities", LiveTable)
+    def table(self) -> VirtualTable:
+        return self.query_one("#entities", VirtualTable)
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -192,32 +188,31 @@ class OverviewScreen(LiveScreen):
         self.table.focus()
 
     def refresh_view(self, entities: set[str], parts: set[str]) -> None:
-        if "entities" in parts or ("resume" in parts and self._needs_rebuild(entities)):
+        if "entities" in parts or self._needs_rebuild(entities):
             self.rebuild()
             return
-        if self.filter and self._needs_rebuild(entities):
-            self.rebuild()
-            return
-        self._update_rows(
-            {
-                self.console.model.entities[e].twin_id
-                for e in entities
-                if e in self.console.model.entities
-            }
-        )
+        # values, health, links: the visible rows are drawn again from the model
+        self.table.refresh()
         self._update_title()
 
     def _needs_rebuild(self, entities: set[str]) -> bool:
         """A change moved an entity in or out of the filter (e.g. ``health:stale``)."""
         model = self.console.model
+        if not self.filter:
+            return len(self._ids) != len(model.entities)
         for entity_id in entities:
             entity = model.entities.get(entity_id)
             if entity is None:
                 return True
-            shown = entity.twin_id in self._cells
-            if shown != matches(entity, self.filter):
+            if (entity.twin_id in self._ids) != matches(entity, self.filter):
                 return True
-        return len(self._cells) > len(model.entities)
+        return False
+
+    def _row_cells(self, key: str) -> tuple[Any, ...]:
+        entity = self.console.model.entities.get(self._ids.get(key, ""))
+        if entity is None:
+            return (Text("gone", style="dim"),)
+        return self.cells(entity, self.now())
 
     def cells(self, entity: Entity, now: int) -> tuple[Any, ...]:
         model = self.console.model
@@ -229,7 +224,7 @@ class OverviewScreen(LiveScreen):
             age = fmt.age(attr.ts_ms, now)
         else:
             reading, quality, age = "-", Text("-", style="dim"), "-"
-        alarms = sum(1 for a in model.alarms.values() if a["entity"] == entity.id)
+        alarms = model.alarms_on(entity.id)
         return (
             fmt.health(entity.health),
             entity.id,
@@ -245,70 +240,18 @@ class OverviewScreen(LiveScreen):
 
     def rebuild(self) -> None:
         model = self.console.model
-        table = self.table
-        selected = table.selected_key()
-        now = self.now()
         shown = [e for e in model.entities.values() if matches(e, self.filter)]
-        shown.sort(key=sort_key(self.sort, model, now))
-        table.clear()
-        self._cells = {}
-        self._ids = {}
-        self._stale = set()
-        for entity in shown:
-            cells = self.cells(entity, now)
-            table.add_row(*cells, key=entity.twin_id)
-            self._cells[entity.twin_id] = cells
-            self._ids[entity.twin_id] = entity.id
-        table.select_key(selected)
+        shown.sort(key=sort_key(self.sort, model, self.now()))
+        self._ids = {e.twin_id: e.id for e in shown}
+        self.table.set_rows([e.twin_id for e in shown])
         self._update_title()
 
-    def _update_rows(self, keys: set[str]) -> None:
-        """Changed cells of the visible rows now; the others when they scroll into view."""
-        table = self.table
-        start, end = table.visible_range()
-        visible = set()
-        for index in range(start, end):
-            try:
-                visible.add(str(table.ordered_rows[index].key.value))
-            except IndexError:
-                break
-        self._stale |= keys - visible
-        self._write(keys & visible)
-
-    def _write(self, keys: set[str]) -> None:
-        model = self.console.model
-        table = self.table
-        now = self.now()
-        for key in keys:
-            old = self._cells.get(key)
-            entity_id = self._ids.get(key)
-            entity = model.entities.get(entity_id) if entity_id else None
-            if old is None or entity is None:
-                continue
-            new = self.cells(entity, now)
-            for index, (column, _, _) in enumerate(OVERVIEW_COLUMNS):
-                if new[index] != old[index]:
-                    table.update_cell(key, column, new[index])
-            self._cells[key] = new
-            self._stale.discard(key)
-
-    def _scrolled(self) -> None:
-        if self._stale:
-            self._update_rows(set())
-            table = self.table
-            start, end = table.visible_range()
-            keys = {str(row.key.value) for row in table.ordered_rows[start:end]}
-            self._write(keys & self._stale)
-
     def tick(self) -> None:
-        # ages tick: only the rows on screen
-        table = self.table
-        start, end = table.visible_range()
-        self._write({str(row.key.value) for row in table.ordered_rows[start:end]})
+        self.table.refresh()  # ages tick on the rows on screen
 
     def _update_title(self) -> None:
         model = self.console.model
-        count = len(self._cells)
+        count = len(self._ids)
         total = len(model.entities)
         health: dict[str, int] = {}
         for entity in model.entities.values():
@@ -358,7 +301,7 @@ class OverviewScreen(LiveScreen):
 
     def action_sort(self) -> None:
         self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
-        self.rebuild()
+        self.rebuild()  # the selected row stays selected
         self.notify(f"sorted by {self.sort}", timeout=1.5)
 
     def action_open(self) -> None:
@@ -366,12 +309,6 @@ class OverviewScreen(LiveScreen):
             self._filter_done()
             return
         key = self.table.selected_key()
-        if key is not None and key in self._ids:
-            self.console.open_entity(self._ids[key])
-
-    @on(DataTable.RowSelected, "#entities")
-    def _selected(self, event: DataTable.RowSelected) -> None:
-        key = event.row_key.value
         if key is not None and key in self._ids:
             self.console.open_entity(self._ids[key])
 
