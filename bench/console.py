@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -44,6 +43,7 @@ from support.hub_env import write_hub_config  # noqa: E402
 from fieldtwin.hub.config import load_hub_config  # noqa: E402
 from fieldtwin.hub.console.app import ConsoleApp  # noqa: E402
 from fieldtwin.hub.console.synthetic import SyntheticHub  # noqa: E402
+from fieldtwin.hub.console.widgets import VirtualTable  # noqa: E402
 from fieldtwin.hub.metrics import HubMetrics  # noqa: E402
 from fieldtwin.hub.service import HubService  # noqa: E402
 from fieldtwin.hub.state import CurrentValue  # noqa: E402
@@ -132,7 +132,7 @@ async def console_side(
         while True:
             screen = app.screen
             if app.model.synced and getattr(screen, "ready", False):
-                table_widget = screen.query_one("#entities")
+                table_widget = screen.query_one("#entities", VirtualTable)
                 if table_widget.row_count >= entities:
                     break
             await pilot.pause(0.01)
@@ -146,9 +146,12 @@ async def console_side(
             stamp = t0 + int(n * TICK_S * 1000)
             rows = hub.delta_rows(int(per_tick), stamp)
             hub.seq["twin"] += 1
-            body = View("twin", hub.instance, hub.seq["twin"], {
-                "now_ms": stamp, "tables": {"attrs": table(ATTR_COLS, rows)}
-            })
+            body = View(
+                "twin",
+                hub.instance,
+                hub.seq["twin"],
+                {"now_ms": stamp, "tables": {"attrs": table(ATTR_COLS, rows)}},
+            )
             hub.frame_seq += 1
             payloads.append((stamp, hub.signer.encode(1, hub.frame_seq, stamp, body)))
         await asyncio.sleep(max(0.0, t0 / 1000 - time.time()))
@@ -199,19 +202,31 @@ def main() -> None:
     total = args.entities * args.attributes
     rows = [
         ("hub: delta tick, nothing changed", f"{hub['hub_tick_idle_ms']:.1f} ms"),
-        (f"hub: delta tick, {int(args.rate * TICK_S)} of {total} changed",
-         f"{hub['hub_tick_ms']:.1f} ms"),
-        (f"hub: full snapshot ({int(hub['snapshot_parts'])} parts)",
-         f"{hub['hub_snapshot_ms']:.0f} ms"),
-        (f"console: first full render, {args.entities} entities",
-         f"{console['first_render_ms']:.0f} ms"),
-        (f"console: updates applied/s (offered {args.rate}/s)",
-         f"{console['updates_applied_per_s']:,.0f}"),
-        ("console: lag hub stamp → screen p50 / p99 / max",
-         f"{console['lag_p50_ms']:.0f} / {console['lag_p99_ms']:.0f} / "
-         f"{console['lag_max_ms']:.0f} ms"),
-        ("console: RSS before / after sustained phase",
-         f"{console['rss_before_mb']:.0f} / {console['rss_after_mb']:.0f} MB"),
+        (
+            f"hub: delta tick, {int(args.rate * TICK_S)} of {total} changed",
+            f"{hub['hub_tick_ms']:.1f} ms",
+        ),
+        (
+            f"hub: full snapshot ({int(hub['snapshot_parts'])} parts)",
+            f"{hub['hub_snapshot_ms']:.0f} ms",
+        ),
+        (
+            f"console: first full render, {args.entities} entities",
+            f"{console['first_render_ms']:.0f} ms",
+        ),
+        (
+            f"console: updates applied/s (offered {args.rate}/s)",
+            f"{console['updates_applied_per_s']:,.0f}",
+        ),
+        (
+            "console: lag hub stamp → screen p50 / p99 / max",
+            f"{console['lag_p50_ms']:.0f} / {console['lag_p99_ms']:.0f} / "
+            f"{console['lag_max_ms']:.0f} ms",
+        ),
+        (
+            "console: RSS before / after sustained phase",
+            f"{console['rss_before_mb']:.0f} / {console['rss_after_mb']:.0f} MB",
+        ),
         ("peak RSS", f"{peak_rss_mb():.0f} MB"),
         ("gaps or dropped frames", f"{int(console['gaps_or_drops'])}"),
     ]

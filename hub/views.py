@@ -184,7 +184,7 @@ class WatchedDict(dict[Any, Any]):
         super().__setitem__(key, value)
         self.written.add(key)
 
-    def update(self, other: Any = (), /, **kw: Any) -> None:  # type: ignore[override]
+    def update(self, other: Any = (), /, **kw: Any) -> None:
         super().update(other, **kw)
         self.written.update(other.keys() if isinstance(other, Mapping) else dict(other))
         self.written.update(kw)
@@ -460,11 +460,11 @@ class ViewFeed:
         open_ids = set()
         for alarm in book.open.values():
             open_ids.add(alarm.id)
-            row = alarm.row()
-            key = _alarm_key(row)
+            data = alarm.row()
+            key = _alarm_key(data)
             if self._sent_alarms.get(alarm.id) != key:
                 self._sent_alarms[alarm.id] = key
-                rows.append([row[c] for c in ALARM_COLS])
+                rows.append([data[c] for c in ALARM_COLS])
         gone = [alarm_id for alarm_id in self._sent_alarms if alarm_id not in open_ids]
         if gone:
             # settled since the last tick: tell consoles once, as cleared
@@ -476,10 +476,9 @@ class ViewFeed:
             }
             for alarm_id in gone:
                 del self._sent_alarms[alarm_id]
-                row = stored.get(alarm_id)
-                if row is None:
-                    row = dict.fromkeys(ALARM_COLS) | {"id": alarm_id}
-                row = {**row, "state": "cleared"}
+                known = stored.get(alarm_id)
+                row: dict[str, Any] = dict(known) if known else dict.fromkeys(ALARM_COLS)
+                row.update(id=alarm_id, state="cleared")
                 rows.append([row.get(c) for c in ALARM_COLS])
         if not rows:
             return []

@@ -21,6 +21,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
+from textual.widgets.button import ButtonVariant
 
 from fieldtwin.hub.console import fmt
 from fieldtwin.hub.console.model import Attr, AttrSpec
@@ -152,7 +153,7 @@ class ReasonModal(_Modal):
         reason: str = "",
         duration: str | None = None,
         focus_cancel: bool = True,
-        variant: str = "warning",
+        variant: ButtonVariant = "warning",
     ) -> None:
         super().__init__()
         self.title_text = title
@@ -185,7 +186,7 @@ class ReasonModal(_Modal):
                     self.action_label,
                     id="ok",
                     variant=self.variant,
-                    compact=True,  # type: ignore[arg-type]
+                    compact=True,
                 )
 
     def on_mount(self) -> None:

@@ -9,7 +9,7 @@ them when it shows again. Actions the operator's role does not allow are hidden
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.text import Text
@@ -124,6 +124,15 @@ class LiveScreen(Screen[None]):
 
     def now(self) -> int:
         return self.console.model.hub_now(self.console.clock())
+
+    @staticmethod
+    def then(action: Callable[..., Any], *args: Any) -> Callable[[Any], None]:
+        """A modal's callback: ``action(*args, result)`` (a worker) when it closes."""
+
+        def done(result: Any) -> None:
+            action(*args, result)
+
+        return done
 
     async def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
         """A request to the hub; a refusal becomes a notification, not an exception."""
@@ -566,7 +575,7 @@ class EntityScreen(LiveScreen):
             model.unit(entity, attribute),
             dry_run,
         )
-        self.app.push_screen(modal, self._proposed)
+        self.app.push_screen(modal, self.then(self._proposed))
 
     @work
     async def _proposed(self, result: Any) -> None:
@@ -733,21 +742,21 @@ class AlarmsScreen(LiveScreen):
             focus_cancel=False,
             variant="primary",
         )
-        self.app.push_screen(modal, lambda r: self._alarm_op("alarm.ack", alarm, r))
+        self.app.push_screen(modal, self.then(self._alarm_op, "alarm.ack", alarm))
 
     def action_shelve(self) -> None:
         alarm = self.selected()
         if alarm is None:
             return
         modal = ReasonModal(f"Shelve {alarm['id']}?", self._subject(alarm), "Shelve", duration="1h")
-        self.app.push_screen(modal, lambda r: self._alarm_op("alarm.shelve", alarm, r))
+        self.app.push_screen(modal, self.then(self._alarm_op, "alarm.shelve", alarm))
 
     def action_unshelve(self) -> None:
         alarm = self.selected()
         if alarm is None:
             return
         modal = ReasonModal(f"Unshelve {alarm['id']}?", self._subject(alarm), "Unshelve")
-        self.app.push_screen(modal, lambda r: self._alarm_op("alarm.unshelve", alarm, r))
+        self.app.push_screen(modal, self.then(self._alarm_op, "alarm.unshelve", alarm))
 
     @work(group="alarm-op")
     async def _alarm_op(self, op: str, alarm: Mapping[str, Any], result: Any) -> None:
@@ -901,7 +910,7 @@ class ApprovalsScreen(LiveScreen):
             f"{cell(command['value'])} proposed by {command['proposed_by']}\n"
         )
         modal = ReasonModal(f"Reject {command['id']}?", body, "Reject", variant="error")
-        self.app.push_screen(modal, lambda r: self._reject(command, r))
+        self.app.push_screen(modal, self.then(self._reject, command))
 
     @work(group="reject")
     async def _reject(self, command: Mapping[str, Any], result: Any) -> None:
@@ -1050,7 +1059,7 @@ class CommandsScreen(LiveScreen):
             f"{cell(command['value'])} ({command.get('state_label') or command['state']})\n"
         )
         modal = ReasonModal(f"Cancel {command['id']}?", body, "Cancel command", variant="error")
-        self.app.push_screen(modal, lambda r: self._cancel(command, r))
+        self.app.push_screen(modal, self.then(self._cancel, command))
 
     @work(group="cancel")
     async def _cancel(self, command: Mapping[str, Any], result: Any) -> None:

@@ -187,7 +187,7 @@ class VirtualTable(ScrollView, can_focus=True):
         return start, min(len(self.keys), start + max(0, self.size.height - 1))
 
     def _show_cursor(self) -> None:
-        start, end = self.visible_range()
+        start, _ = self.visible_range()
         height = max(1, self.size.height - 1)
         if self.cursor < start:
             self.scroll_to(y=self.cursor, animate=False)
