@@ -12,6 +12,7 @@ do not show keep the list and catch up when they show again.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.command import Hit, Hits, Provider
+from textual.css.query import NoMatches
 
 from fieldtwin.hub.console.modals import HelpModal
 from fieldtwin.hub.console.model import LiveModel, local_ms
@@ -141,7 +143,8 @@ class ConsoleApp(App[None]):
         if not (entities or parts):
             return
         for screen in list(self.live_screens):
-            screen.take_changes(entities, parts)
+            with contextlib.suppress(NoMatches):  # a screen being torn down
+                screen.take_changes(entities, parts)
         self.flushes += 1
         if stamps:
             now = self.clock()
@@ -155,7 +158,8 @@ class ConsoleApp(App[None]):
             return
         screen = self.screen
         if isinstance(screen, LiveScreen) and screen.ready:
-            screen.tick()
+            with contextlib.suppress(NoMatches):
+                screen.tick()
 
     def refresh_header(self) -> None:
         for header in self.screen.query(ConsoleHeader):

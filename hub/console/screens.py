@@ -8,6 +8,7 @@ them when it shows again. Actions the operator's role does not allow are hidden
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -16,6 +17,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 from textual_plotext import PlotextPlot
@@ -494,7 +496,8 @@ class EntityScreen(LiveScreen):
         if series is None:
             return
         self._series = series
-        self._draw(attribute, span, series, now)
+        with contextlib.suppress(NoMatches):  # the screen closed meanwhile
+            self._draw(attribute, span, series, now)
 
     def _draw(
         self, attribute: str, span: tuple[str, int], series: Mapping[str, Any], now: int
@@ -1019,7 +1022,7 @@ class CommandsScreen(LiveScreen):
     @work(exclusive=True, group="timeline")
     async def fetch_timeline(self, command_id: str) -> None:
         row = await self.call("cmd.show", {"cmd_id": command_id})
-        if row is None:
+        if row is None or not self.is_attached:
             return
         text = Text()
         text.append(f"{row['id']} ", style="bold")
@@ -1140,7 +1143,7 @@ class AuditScreen(LiveScreen):
     @work(exclusive=True, group="audit-tail")
     async def load_tail(self) -> None:
         records = await self.call("audit.tail", {"limit": 200})
-        if records is None:
+        if records is None or not self.is_attached:
             return
         table = self.query_one("#audit", LiveTable)
         table.clear()

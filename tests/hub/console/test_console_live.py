@@ -241,8 +241,8 @@ async def test_propose_then_approve_and_the_device_follows(plant: Plant) -> None
         modal = await until(pilot, lambda: isinstance(app.screen, ApproveModal) and app.screen)
         assert modal.command["id"] == command["id"]
         assert modal.command["value"] == target
-        assert app.focused is not None
-        assert app.focused.id == "cancel"  # dangerous: focus starts on Cancel
+        # dangerous: focus starts on Cancel
+        await until(pilot, lambda: app.focused is not None and app.focused.id == "cancel", 5)
         await pilot.click("#approve")
         await until(
             pilot,
