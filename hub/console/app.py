@@ -190,17 +190,19 @@ class ConsoleApp(App[None]):
         everywhere: list[tuple[str, str]] = []
         moving: list[str] = []
         seen: set[str] = set()
+        ours = {b.action for b in getattr(type(screen), "BINDINGS", []) if isinstance(b, Binding)}
+        mine = {b.action for b in self.BINDINGS if isinstance(b, Binding)}
         for active in screen.active_bindings.values():
             binding = active.binding
             if not active.enabled or not binding.description or binding.action in seen:
                 continue
             seen.add(binding.action)
             key = binding.key_display or self.get_key_display(binding)
-            if active.node is self:
+            if active.node is self and binding.action in mine:
                 everywhere.append((key, binding.description))
-            elif active.node is screen:
+            elif active.node is screen and binding.action in ours:
                 here.append((key, binding.description))
-            else:
+            elif active.node is not self and active.node is not screen:
                 moving.append(key)
         everywhere.append(("ctrl+p", "command palette: screens, actions, open an entity"))
         sections = [

@@ -64,13 +64,15 @@ class _Modal(ModalScreen[Any]):
         border: thick $accent; background: $surface; padding: 0 1;
     }
     _Modal .title { text-style: bold; width: 100%; }
-    _Modal VerticalScroll { height: auto; max-height: 14; }
+    _Modal VerticalScroll { height: auto; max-height: 10; }
+    _Modal #verdict-box { max-height: 8; }
     _Modal .buttons { height: 1; align-horizontal: right; margin-top: 1; }
     _Modal Button { margin-left: 2; min-width: 12; }
     _Modal .field { height: 1; }
     _Modal .field Label { width: 10; }
     _Modal .field Input { width: 1fr; }
     _Modal .error { color: $error; height: auto; }
+    _Modal #help VerticalScroll { max-height: 40; }
     """
 
     def action_cancel(self) -> None:
@@ -123,6 +125,7 @@ class ApproveModal(_Modal):
             )
         with Vertical():
             yield Label(f"Approve {c['id']}?", classes="title")
+            body.rstrip()
             with VerticalScroll():
                 yield Static(body)
             with Horizontal(classes="buttons"):
@@ -167,7 +170,9 @@ class ReasonModal(_Modal):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(self.title_text, classes="title")
-            yield Static(self.body)
+            body = Text(self.body) if isinstance(self.body, str) else self.body.copy()
+            body.rstrip()
+            yield Static(body)
             if self.duration is not None:
                 with Horizontal(classes="field"):
                     yield Label("duration")
@@ -259,6 +264,7 @@ class ProposeModal(_Modal):
             )
         with Vertical():
             yield Label("Propose a change", classes="title")
+            body.rstrip()
             yield Static(body)
             with Horizontal(classes="field"):
                 yield Label("new value")
@@ -266,7 +272,7 @@ class ProposeModal(_Modal):
             with Horizontal(classes="field"):
                 yield Label("reason")
                 yield Input(id="reason", placeholder="why (required, audited)", compact=True)
-            with VerticalScroll():
+            with VerticalScroll(id="verdict-box"):
                 yield Static("type a value: the policy is checked before you submit", id="verdict")
             with Horizontal(classes="buttons"):
                 yield Button("Cancel", id="cancel", variant="primary", compact=True)
@@ -364,19 +370,26 @@ class HelpModal(_Modal):
 
     def compose(self) -> ComposeResult:
         text = Text()
-        for title, rows in self.sections:
+        sections = list(self.sections)
+
+        def section(title: str, rows: Sequence[tuple[str, str]]) -> None:
             if not rows:
-                continue
+                return
             text.append(f"{title}\n", style="bold underline")
             for key, description in rows:
                 text.append(f"  {key:<12}", style="bold")
                 text.append(f"{description}\n")
+
+        if sections:
+            section(*sections[0])
         if self.hints:
             text.append("This plant\n", style="bold underline")
             for hint in self.hints:
                 text.append(f"{hint}\n", style="bold" if hint.startswith(" ") else "")
-        with Vertical():
-            yield Label("Help", classes="title")
+        for title, rows in sections[1:]:
+            section(title, rows)
+        with Vertical(id="help"):
+            yield Label("Help (Esc closes)", classes="title")
             with VerticalScroll():
                 yield Static(text)
             with Horizontal(classes="buttons"):
