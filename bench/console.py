@@ -15,8 +15,8 @@ Run: python bench/console.py [--entities N] [--attributes M] [--rate UPDATES_PER
    - sustained: delta frames of rate / 4 changed attributes every 250 ms (the hub's
      tick) for S seconds; updates applied per second, and the lag from each frame's
      hub stamp to the screen flush that showed it (p50, p99, max);
-   - memory: peak RSS of the process, and RSS before and after the sustained phase
-     (no growth means nothing queues up).
+   - memory: peak RSS of the process, and RSS before, a third into and after the
+     sustained phase (flat after the first third means nothing queues up).
 
 Prints a table, then one JSON object as the last line.
 """
@@ -162,7 +162,10 @@ async def console_side(
         applied_before = app.model.updates_applied
         rss_before = rss_mb()
         sent_at = time.perf_counter()
-        for stamp, payload in payloads:
+        rss_third = rss_before
+        for n, (stamp, payload) in enumerate(payloads):
+            if n == len(payloads) // 3:
+                rss_third = rss_mb()
             delay = stamp / 1000 - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -187,6 +190,7 @@ async def console_side(
         "lag_p99_ms": percentile(lags, 0.99),
         "lag_max_ms": max(lags) if lags else float("nan"),
         "rss_before_mb": rss_before,
+        "rss_third_mb": rss_third,
         "rss_after_mb": rss_after,
         "gaps_or_drops": float(gaps),
         "flushes": float(app.flushes),
@@ -228,8 +232,9 @@ def main() -> None:
             f"{console['lag_max_ms']:.0f} ms",
         ),
         (
-            "console: RSS before / after sustained phase",
-            f"{console['rss_before_mb']:.0f} / {console['rss_after_mb']:.0f} MB",
+            "console: RSS before / a third in / after the sustained phase",
+            f"{console['rss_before_mb']:.0f} / {console['rss_third_mb']:.0f} / "
+            f"{console['rss_after_mb']:.0f} MB",
         ),
         ("peak RSS", f"{peak_rss_mb():.0f} MB"),
         ("gaps or dropped frames", f"{int(console['gaps_or_drops'])}"),
@@ -246,6 +251,7 @@ def main() -> None:
         "lag_p99_ms": round(console["lag_p99_ms"], 1),
         "lag_max_ms": round(console["lag_max_ms"], 1),
         "rss_before_mb": round(console["rss_before_mb"], 1),
+        "rss_third_mb": round(console["rss_third_mb"], 1),
         "rss_after_mb": round(console["rss_after_mb"], 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "gaps_or_drops": int(console["gaps_or_drops"]),
