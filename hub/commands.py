@@ -374,6 +374,7 @@ class CommandBook:
                 request=request,
                 refusals=verdict.refusals,
             )
+            self._settle_parent(command, now_ms, out)
             return
         if command.approvals_required == 0 or inherited:
             self._approved(command, now_ms, out, actor=actor, request=request)
@@ -592,9 +593,11 @@ class CommandBook:
                 self._move(command, "expired", "expired", now_ms, out, waited="approval")
                 self._settle_parent(command, now_ms, out)
             elif state == "approved" and now_ms >= (command.send_deadline_ms or now_ms):
+                blocking = [c["text"] for c in command.policy if not c.get("ok", True)]
                 command.outcome = (
                     f"approved but not sent within its select window of "
                     f"{command.select_window_ms / 1000:g} s"
+                    + (f" ({'; '.join(blocking)})" if blocking else "")
                 )
                 self._move(command, "expired", "expired", now_ms, out, waited="send")
                 self._settle_parent(command, now_ms, out)

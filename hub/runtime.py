@@ -412,6 +412,18 @@ class Hub:
             await self.perform(effects)
 
     async def _operator_loop(self) -> None:
+        # Requests are handled one at a time on the database thread; their answers (and
+        # command frames) are published concurrently, up to 32 in flight, so one slow
+        # broker round trip does not hold up the next operator.
+        in_flight = asyncio.Semaphore(32)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def publish(effects: Effects) -> None:
+            try:
+                await self.perform(effects)
+            finally:
+                in_flight.release()
+
         while True:
             _stop_if_cancelled()
             topic, payload = await self.operator_queue.get()
@@ -423,7 +435,10 @@ class Hub:
             except HubError as exc:
                 log.error("operator request failed", extra=fields(error=str(exc)))
                 continue
-            await self.perform(effects)
+            await in_flight.acquire()
+            task = asyncio.create_task(publish(effects), name="hub-operator-answer")
+            pending.add(task)
+            task.add_done_callback(pending.discard)
 
     # -- console views (hub/views.py) -------------------------------------------------
 

@@ -842,7 +842,13 @@ class HubService:
                 rollback_of=command.rollback_of or "",
             )
             outcome = Outcome()
-            hard = [c for c in verdict.checks if not c.ok and c.name not in ("gateway",)]
+            offline = any(c.name == "gateway" and not c.ok for c in verdict.checks)
+            if offline:
+                # wait for the gateway within the select window (its inputs go stale
+                # while it is away; they are judged when it is back)
+                command.policy = verdict.rows()
+                continue
+            hard = [c for c in verdict.checks if not c.ok]
             # The restore value was approved with the command: if the point moved since,
             # the approvals no longer describe what the command would undo.
             moved = self._checkpoint_moved(command)
@@ -850,8 +856,6 @@ class HubService:
                 hard.append(_check("checkpoint", moved))
             if hard:
                 outcome.extend(self.commands.send_refused(command.id, Verdict(tuple(hard)), now))
-            elif not verdict.ok:
-                continue  # gateway offline: wait, within the select window
             else:
                 frame = self._command_frame(command, now)
                 expires = now + command.expiry_ms
@@ -954,7 +958,8 @@ class HubService:
             answer: Any = result.answer
         else:
             answer = result
-        effects.publish.insert(0, self._answer(request.operator, request.req_id, "", "", answer))
+        # frames to gateways first (they are what the operator is waiting for), then the answer
+        effects.publish.append(self._answer(request.operator, request.req_id, "", "", answer))
         return effects
 
     def _answer(self, operator: str, req_id: str, code: str, error: str, result: Any) -> Outbound:
@@ -1066,7 +1071,6 @@ class HubService:
             request=request.signature_ref,
         )
         command = outcome.transitions[-1].command
-        # answer=None: the answer is read back after the proposal is stored
         return self._operator_commit(request, outcome, now, command.id, answer=None)
 
     def op_dry_run(self, request: VerifiedRequest, args: Mapping[str, Any], now: int) -> Any:
@@ -1085,12 +1089,12 @@ class HubService:
                 code="invalid",
             )
         approval = Approval(request.operator, key_id, signature)
-        keys = {k.key_id: k for k in self._operator_keys(request.operator)}
-        key = keys.get(key_id)
-        if key is None:
+        try:
+            key = self.gate.registry.lookup(request.operator, key_id)
+        except ProtocolError:
             raise CommandError(
                 f"key {key_id} is not registered for {request.operator}", code="forbidden"
-            )
+            ) from None
         try:
             verify_approval(approval, key, bytes.fromhex(command.digest))
         except BadSignature:
@@ -1138,12 +1142,6 @@ class HubService:
         effects.publish.extend(self._send_due(outcome.send, now, write, events))
         self._store(write, events)
         return _Answered(effects, answer if answer is not None else self._command_view(subject))
-
-    def _operator_keys(self, operator: str) -> list[Any]:
-        from fieldtwin.protocol.keys import load_public_key
-
-        spec = self.config.operators.get(operator)
-        return [load_public_key(path) for path in spec.public_keys] if spec else []
 
     def op_alarm(self, request: VerifiedRequest, args: Mapping[str, Any], now: int) -> Any:
         alarm_id = _text(args, "alarm_id")
