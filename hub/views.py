@@ -277,7 +277,7 @@ class ViewFeed:
                 rows.append(
                     [
                         entity,
-                        f"{config.twin_id}/{entity}",
+                        entity,  # as the store names an undeclared entity's twin id
                         "undeclared",
                         self.service.engine.gateway_of(entity) or "",
                         "",
