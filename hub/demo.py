@@ -612,7 +612,12 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--headless", action="store_true", help="no live view; needs --duration")
     demo.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     demo.add_argument("--report", type=Path, default=None, help="write the sync report (JSON) here")
-    demo.add_argument("--refresh", type=float, default=2.0, help="live view refresh (s, default 2)")
+    demo.add_argument(
+        "--refresh",
+        type=float,
+        default=2.0,
+        help="unused since the interactive demo opens the console (kept for old scripts)",
+    )
     demo.add_argument(
         "--no-commands",
         action="store_true",
