@@ -260,12 +260,14 @@ class DriftEngine:
         value: Value = None,
         gateway: str = "",
         detail: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
     ) -> Finding:
         key = (rule, entity, attribute)
         since = self.since.setdefault(key, now_ms)
-        strategy, override = self.reconciliation.resolve(
+        configured, override = self.reconciliation.resolve(
             rule, self.schema.type_of(entity), entity, attribute
         )
+        strategy = strategy or configured
         return Finding(
             rule=rule,
             entity=entity,
@@ -310,6 +312,7 @@ class DriftEngine:
             link = state.gateways.get(gateway)
             reason = ""
             severity: str | None = None
+            strategy: str | None = None
             # Silence is measured from the hub's start at the earliest: a hub restarted on
             # an old store has not yet had the chance to hear from anyone.
             heard_ms = max(link.last_frame_ms if link else 0, self.started_ms)
@@ -318,9 +321,12 @@ class DriftEngine:
                     reason = "never connected since the hub started"
             elif not link.online:
                 if link.death_reason == "shutdown":
-                    # the agent said goodbye: a planned stop is news, not an emergency
+                    # The agent said goodbye: a planned stop is recorded (drift event,
+                    # audit, health "stale"), not alarmed (ISA-18.2: no alarm for a
+                    # condition the operator caused on purpose).
                     reason = "stopped (planned shutdown of its agent)"
                     severity = "warning"
+                    strategy = "ignore"
                 else:
                     why = f" ({link.death_reason})" if link.death_reason else ""
                     reason = f"disconnected: death received{why}"
@@ -339,6 +345,7 @@ class DriftEngine:
                         severity=severity,
                         gateway=gateway,
                         detail={"last_frame_ms": link.last_frame_ms if link else 0},
+                        strategy=strategy,
                     )
                 )
         return silent
@@ -471,7 +478,7 @@ class DriftEngine:
         if current.quality != Quality.GOOD:
             return
         entity, attribute = key
-        frozen_ms = now_ms - current.last_change_ms
+        frozen_ms = now_ms - max(current.last_change_ms, self.started_ms)
         if frozen_ms <= spec.frozen_after_s * 1000:
             return
         if spec.frozen_while is not None:

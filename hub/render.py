@@ -179,7 +179,7 @@ def command_detail(command: dict[str, Any]) -> str:
         lines.append(f"  outcome     {command['outcome']}")
     lines.append("  policy")
     for check in command.get("policy", []):
-        lines.append(f"    {'ok  ' if check['ok'] else 'FAIL'} {check['check']}: {check['text']}")
+        lines.append(f"    {'ok  ' if check['ok'] else 'FAIL'} {check_text(check)}")
     if command.get("timeline"):
         lines.append("  timeline")
         for event in command["timeline"]:
@@ -193,6 +193,12 @@ def command_detail(command: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_text(check: dict[str, Any]) -> str:
+    """``name: text``, unless the text already names the check (interlocks do)."""
+    text = str(check["text"])
+    return text if text.startswith(str(check["check"])) else f"{check['check']}: {text}"
+
+
 def verdict_text(result: dict[str, Any]) -> str:
     """A dry run: the verdict, each check, and the checkpoint."""
     head = "ALLOWED" if result["allowed"] else "REFUSED"
@@ -201,7 +207,7 @@ def verdict_text(result: dict[str, Any]) -> str:
         f"(gateway {result.get('gateway') or '-'})"
     ]
     for check in result["policy"]:
-        lines.append(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['check']}: {check['text']}")
+        lines.append(f"  {'ok  ' if check['ok'] else 'FAIL'} {check_text(check)}")
     checkpoint = result.get("checkpoint")
     if checkpoint:
         lines.append(

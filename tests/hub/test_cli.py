@@ -54,8 +54,8 @@ def files(tmp_path: Path, broker: MosquittoBroker) -> HubFiles:
         broker_url=broker.url,
         password=broker.passwords["hub"],
         client_id="ft-hub-cli",
-        silent_s=30,
-        missing_s=60,
+        silent_s=300,  # the gateway sends once; its values must stay in force for the test
+        missing_s=600,
     )
     register_operators(broker, files)
     return files

@@ -341,7 +341,8 @@ def test_replays_unsigned_and_unknown_requests_are_refused_and_audited(rig: Rig)
     (answer,) = rig._collect(rig.service.handle_request(topic, b"\x92\xc4\x01x\xc4\x01y"))
     assert answer.code == "invalid"
     refusals = rig.store.query(
-        "SELECT actor, json_extract_string(detail, '$.code') FROM audit WHERE action = 'operator_refused' ORDER BY seq"
+        "SELECT actor, json_extract_string(detail, '$.code') FROM audit "
+        "WHERE action = 'operator_refused' ORDER BY seq"
     )
     assert refusals == [("olga", "replay"), ("olga", "unknown_operator"), ("olga", "invalid")]
     assert rig.service.metrics.operator_refused["replay"] == 1
@@ -381,8 +382,8 @@ def test_alarm_operations_are_signed_and_audited_with_the_verified_identity(rig:
     acked = rig.ok("olga", "alarm.ack", {"alarm_id": alarm["id"], "reason": "seen it"})
     assert (acked["state"], acked["acked_by"]) == ("acknowledged", "olga")
     detail = rig.store.query(
-        "SELECT actor, json_extract_string(detail, '$.reason'), json_extract_string(detail, '$.request') "
-        "FROM audit WHERE action = 'alarm_acknowledged'"
+        "SELECT actor, json_extract_string(detail, '$.reason'), "
+        "json_extract_string(detail, '$.request') FROM audit WHERE action = 'alarm_acknowledged'"
     )
     assert detail[0][:2] == ("olga", "seen it")
     assert detail[0][2]
