@@ -491,8 +491,11 @@ class IngestCore:
             return [(frame, message)], None
         sender, epoch = frame.sender, frame.epoch
         birth_id = body.birth_id(frame.seq)
-        if epoch == link.epoch and birth_id < link.birth_seq:
-            return [(frame, message)], None  # a newer birth was applied already
+        if epoch == link.epoch and (
+            birth_id < link.birth_seq or body.session_seq(frame.seq) <= link.death_birth_seq
+        ):
+            # A newer birth was applied already, or the birth's connection has ended.
+            return [(frame, message)], None
         held = pending.get(sender)
         if held is not None and (held.epoch, held.birth_id) < (epoch, birth_id):
             if held.epoch == epoch:

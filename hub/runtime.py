@@ -14,9 +14,10 @@ rebirths every ``drift.interval_s``), ``api`` (loopback HTTP), ``watchdog`` (sys
 notify, when run under systemd).
 
 Session behaviour (docs/protocol.md): username ``hub``, client id ``ft-hub``, QoS 1,
-persistent session (so the broker queues uplink while the hub restarts), retained
-``{"online": true, "ts_ms", "instance"}`` on ``ft/v1/hub/state`` after subscribing,
-and the matching ``{"online": false}`` as the will and on a clean stop.
+persistent session (so the broker queues uplink while the hub restarts), a retained
+signed ``hub_state`` frame (online, naming the connection's session) on
+``ft/v1/hub/state`` after subscribing, and a signed offline state naming that session as
+the will and on a clean stop (``fieldtwin.protocol.presence``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from fieldtwin.hub.store import SyncWrite, TwinStore
 from fieldtwin.protocol.frames import FrameSigner
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.messages import MAX_RANGES, Ack, AnyBody, Rebirth
+from fieldtwin.protocol.presence import HubPresence
 from fieldtwin.protocol.topics import HUB_STATE_TOPIC, HUB_UPLINK_FILTER, downlink_topic
 
 log = logging.getLogger("fieldtwin.hub")
@@ -266,9 +268,20 @@ class Hub:
     # -- MQTT --------------------------------------------------------------------------
 
     def _state_payload(self, online: bool) -> bytes:
-        return json.dumps(
-            {"online": online, "ts_ms": self.now_ms(), "instance": self.instance}
-        ).encode()
+        """Signed hub state: ``True`` opens a new session (call it first, before the will),
+        ``False`` is the offline state naming the current session (will, clean stop)."""
+        presence = getattr(self, "_presence", None)
+        if presence is None:
+            presence = self._presence = HubPresence(
+                self.signer,
+                self.instance,
+                lambda: (self.sequence.epoch, self.sequence.take()),
+                self.now_ms,
+            )
+        if online:
+            return presence.open()
+        stopping = self._stopping or _cancelling()
+        return presence.offline("shutdown" if stopping else "connection lost")
 
     async def _mqtt_loop(self) -> None:
         broker = self.config.broker
@@ -276,6 +289,7 @@ class Hub:
         tls = aiomqtt.TLSParameters() if broker.tls else None
         while True:
             _stop_if_cancelled()
+            online_state = self._state_payload(True)
             try:
                 async with aiomqtt.Client(
                     broker.host,
@@ -292,9 +306,7 @@ class Hub:
                     ),
                 ) as client:
                     await client.subscribe(HUB_UPLINK_FILTER, qos=1)
-                    await client.publish(
-                        HUB_STATE_TOPIC, self._state_payload(True), qos=1, retain=True
-                    )
+                    await client.publish(HUB_STATE_TOPIC, online_state, qos=1, retain=True)
                     self.client = client
                     self.metrics.mqtt_connected = True
                     self.metrics.mqtt_connects += 1

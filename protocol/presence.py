@@ -51,10 +51,14 @@ class HubPresence:
     def connect(self) -> tuple[bytes, bytes]:
         """(will, online) for a new connection: pass the will to the MQTT client, publish
         the online frame retained once connected."""
+        online = self.open()
+        return self.offline("connection lost"), online
+
+    def open(self) -> bytes:
+        """The online frame of a new session (its seq names the session)."""
         epoch, seq = self.take_seq()
         self.epoch, self.session = epoch, seq
-        online = self.signer.encode(epoch, seq, self.clock_ms(), HubState(True, self.instance))
-        return self.offline("connection lost"), online
+        return self.signer.encode(epoch, seq, self.clock_ms(), HubState(True, self.instance))
 
     def offline(self, reason: str) -> bytes:
         """An offline state naming the current session (the will, or a clean stop)."""

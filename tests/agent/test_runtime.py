@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from support.agent_env import AgentEnv
+from support.agent_env import AgentEnv, toml_dumps
 from support.broker import MosquittoBroker
 from support.keys import gateway_key
 
@@ -15,7 +15,8 @@ from fieldtwin.agent.errors import AgentError, OutboxError
 from fieldtwin.agent.outbox import AsyncOutbox, Committed, Outbox
 from fieldtwin.agent.runtime import Agent, Batcher
 from fieldtwin.agent.util import now_ms
-from fieldtwin.protocol.frames import FrameSigner
+from fieldtwin.protocol.births import split_birth
+from fieldtwin.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameSigner
 from fieldtwin.protocol.messages import Quality, Sample
 
 
@@ -63,33 +64,42 @@ async def test_batcher_memory_is_bounded(tmp_path: Path) -> None:
     assert batcher.pending[0] == sample(30)  # the oldest went first
 
 
-def test_a_birth_too_large_for_one_frame_is_refused_at_startup(
+def test_a_large_gateway_births_in_parts_and_an_impossible_birth_is_refused(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
+    """9,000 points (one register-range entry) no longer exceed a frame: the birth goes
+    in parts. Only a birth that cannot fit even 64 parts is refused at start-up."""
     env = AgentEnv.create(tmp_path, "gw-huge", broker)
-    points = [
-        {
-            "entity": f"tank-{i:05d}",
-            "attribute": "level_of_the_liquid_in_metres",
-            "table": "holding",
-            "address": i,
-            "type": "uint16",
-            "unit": "m",
-            "writable": True,
-            "min": 0,
-            "max": 10,
-        }
-        for i in range(9000)
-    ]
     device = {
         "id": "plc",
         "protocol": "modbus-tcp",
         "host": "127.0.0.1",
         "port": 1502,
-        "points": points,
+        "points": [
+            {
+                "entity": "tank-{i:05}",
+                "attribute": "level_of_the_liquid_in_metres",
+                "table": "holding",
+                "address": 0,
+                "count": 9000,
+                "type": "uint16",
+                "unit": "m",
+                "writable": True,
+                "min": 0,
+                "max": 10,
+            }
+        ],
     }
-    with pytest.raises(AgentError, match="split the devices over two gateways"):
-        Agent(load_config(env.write_config([device])))
+    agent = Agent(load_config(env.write_config([device])))
+    birth = agent.birth(1)
+    assert len(birth.points) == 9000
+    assert {p.device for p in birth.points} == {"plc"}
+    assert len(split_birth(birth, 1, DEFAULT_MAX_FRAME_BYTES)) >= 2
+    config = env.config([device])
+    config["info"] = {"site": "x" * (DEFAULT_MAX_FRAME_BYTES + 1000)}  # repeated in every part
+    env.config_path.write_text(toml_dumps(config))
+    with pytest.raises(AgentError, match=r"too large for 64 frames.*split the devices"):
+        Agent(load_config(env.config_path))
 
 
 async def test_birth_carries_metadata_committed_state_and_low_water(

@@ -141,7 +141,9 @@ def _signed_birth_body(seq: int, body: dict[str, object]) -> bytes:
         (7, {"parts": 0}, r"body.parts"),
     ],
 )
-def test_a_receiver_refuses_inconsistent_parts(seq: int, body: dict[str, object], error: str) -> None:
+def test_a_receiver_refuses_inconsistent_parts(
+    seq: int, body: dict[str, object], error: str
+) -> None:
     with pytest.raises(SchemaViolation, match=error):
         decode_frame(_signed_birth_body(seq, body), registry())
 
@@ -160,7 +162,9 @@ def test_births_of_older_senders_without_part_fields_still_decode() -> None:
     loose=st.integers(0, 30),
     limit=st.integers(8_000, 200_000),
 )
-def test_split_then_assemble_is_the_identity(points: int, every: int, loose: int, limit: int) -> None:
+def test_split_then_assemble_is_the_identity(
+    points: int, every: int, loose: int, limit: int
+) -> None:
     birth = big_birth(points, state_every=every, loose=loose)
     try:
         parts = split_birth(birth, 9, limit)

@@ -22,7 +22,8 @@ def presence(epoch: int = 100) -> HubPresence:
 
 def decoded(raw: bytes) -> tuple[int, int, HubState]:
     frame = decode_frame(raw, registry())
-    assert frame.kind == "hub_state" and frame.sender == "hub"
+    assert frame.kind == "hub_state"
+    assert frame.sender == "hub"
     assert isinstance(frame.body, HubState)
     return frame.epoch, frame.seq, frame.body
 
@@ -43,7 +44,8 @@ def test_each_connection_signs_an_online_state_and_a_will_naming_it() -> None:
         seq,
         "connection lost",
     )
-    assert will_epoch == epoch and will_seq > seq
+    assert will_epoch == epoch
+    assert will_seq > seq
     stop = decoded(hub.offline("shutdown"))[2]
     assert (stop.online, stop.session, stop.reason) == (False, seq, "shutdown")
 
