@@ -276,9 +276,7 @@ class GatewaySigner:
     def heartbeat(
         self, beat: int, devices: Iterable[DeviceLink] = (), session: int | None = None
     ) -> tuple[str, bytes]:
-        body = Heartbeat(
-            self.session if session is None else session, beat, 1000, tuple(devices)
-        )
+        body = Heartbeat(self.session if session is None else session, beat, 1000, tuple(devices))
         return uplink_topic(self.gateway, "heartbeat"), self.signer.encode(
             self.epoch, 0, now_ms(), body
         )
