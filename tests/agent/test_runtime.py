@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 from support.agent_env import AgentEnv, toml_dumps
 from support.broker import MosquittoBroker
-from support.keys import gateway_key
+from support.keys import gateway_key, registry
 
 from fieldtwin.agent.config import load_config
 from fieldtwin.agent.errors import AgentError, OutboxError
 from fieldtwin.agent.outbox import AsyncOutbox, Committed, Outbox
-from fieldtwin.agent.runtime import Agent, Batcher
+from fieldtwin.agent.runtime import Agent, Batcher, SamplerSink
+from fieldtwin.agent.sampler import FilterSpec, Sampler
 from fieldtwin.agent.util import now_ms
 from fieldtwin.protocol.births import split_birth
-from fieldtwin.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameSigner
-from fieldtwin.protocol.messages import Quality, Sample
+from fieldtwin.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameSigner, decode_frame
+from fieldtwin.protocol.messages import Data, Quality, Sample
 
 
 def sample(i: int) -> Sample:
@@ -140,3 +141,20 @@ async def test_birth_carries_metadata_committed_state_and_low_water(
     assert birth.state_seqs == (committed[0].seq,)
     assert birth.points[0].source == "plc unit 1 ir 0-1"
     assert birth.info["agent"] == "fieldtwin-agent"
+
+
+def test_uint64_readings_above_the_signed_range_travel_as_uncertain_floats() -> None:
+    """Wire integers are signed 64-bit (docs/protocol.md, "Values"): a uint64 reading above
+    2^63-1 becomes the nearest float, UNCERTAIN, and passes the receiver's validation."""
+    sent: list[Sample] = []
+    specs = [FilterSpec("meter-1", "count"), FilterSpec("meter-1", "small")]
+    sink = SamplerSink(Sampler(specs, sent.append))
+    sink.offer(0, 2**64 - 1, now_ms(), Quality.GOOD)
+    sink.offer(1, 2**63 - 1, now_ms(), Quality.GOOD)
+    big, small = sent
+    assert (big.value, big.quality) == (float(2**64 - 1), Quality.UNCERTAIN)
+    assert type(big.value) is float
+    assert (small.value, small.quality) == (2**63 - 1, Quality.GOOD)  # exact, still an int
+    frame = FrameSigner("gw-01", gateway_key).encode(1, 1, 1, Data.of(sent))
+    decoded = decode_frame(frame, registry())
+    assert decoded.body == Data.of(sent)

@@ -109,23 +109,36 @@ async def test_a_20000_point_gateway_reaches_the_twin(
         async with running_hub(files.config) as hub, running_agent(config) as agent:
             state = hub.ingest.state
 
-            def born() -> bool:
-                return sum(1 for p in state.points.values() if p.gateway == "gw-01") == POINTS
+            def count(table: dict[Any, Any]) -> int:
+                return sum(1 for item in table.values() if item.gateway == "gw-01")
+
+            async def born() -> bool:  # the hub's state is read on its database thread
+                return await hub.db(count, state.points) == POINTS
 
             await wait_for(born, within=120)
             assert agent.uplink.stats.birth_parts >= 3  # ~3 MB over 1 MiB frames
-            birth_frames = hub.store.query(
-                "SELECT count(*), max(low_water) FROM frames WHERE gateway = 'gw-01' "
-                "AND kind = 'birth'"
-            )[0]
-            assert birth_frames[0] == agent.uplink.stats.birth_parts
-            births = hub.store.query(
-                "SELECT count(*) FROM audit WHERE action = 'birth' AND subject = 'gw-01'"
-            )[0][0]
-            assert births == agent.uplink.stats.births  # each birth applied once, whole
 
-            def reported() -> bool:
-                return sum(1 for c in state.current.values() if c.gateway == "gw-01") == POINTS
+            async def births_applied() -> bool:
+                """Every birth the agent sent is applied once, whole, every part stored."""
+                frames = (
+                    await hub.db(
+                        hub.store.query,
+                        "SELECT count(*) FROM frames WHERE gateway = 'gw-01' AND kind = 'birth'",
+                    )
+                )[0][0]
+                births = (
+                    await hub.db(
+                        hub.store.query,
+                        "SELECT count(*) FROM audit WHERE action = 'birth' AND subject = 'gw-01'",
+                    )
+                )[0][0]
+                stats = agent.uplink.stats
+                return bool(frames == stats.birth_parts and births == stats.births)
+
+            await wait_for(births_applied, within=60)
+
+            async def reported() -> bool:
+                return await hub.db(count, state.current) == POINTS
 
             started = time.monotonic()
             await wait_for(reported, within=180)
@@ -133,15 +146,16 @@ async def test_a_20000_point_gateway_reaches_the_twin(
             # Register k of load device i holds (i*1000 + k + tick) mod 65536: within one
             # block read the tick is the same, so (value - i*1000 - k) takes one value per
             # read. Wrong addresses or codecs would scatter it over hundreds of values.
+            current = await hub.db(dict, state.current)
             for index in range(DEVICES):
                 device = f"load-{index:03d}"
                 ticks = {
-                    (state.current[(device, f"p{k}")].value - index * 1000 - k) % 65536  # type: ignore[operator]
+                    (current[(device, f"p{k}")].value - index * 1000 - k) % 65536
                     for k in range(REGISTERS)
                 }
                 assert len(ticks) <= 16, (device, sorted(ticks)[:20])
             assert sum(hub.metrics.frames_rejected.values()) == 0, hub.metrics.frames_rejected
-            assert hub.ingest.tracker.gaps("gw-01") == []
+            assert await hub.db(hub.ingest.tracker.gaps, "gw-01") == []
             print(
                 f"\n{POINTS} points: birth in {agent.uplink.stats.birth_parts} parts of at most "
                 f"{DEFAULT_MAX_FRAME_BYTES} bytes; every point current after {elapsed:.1f} s"
