@@ -316,18 +316,27 @@ class Agent:
             ) from None
 
     def device_states(self) -> tuple[DeviceLink, ...]:
-        """Each device's link state for heartbeats: up while connected and its latest
-        request succeeded; ``since_ms`` is when that last changed (as seen here)."""
+        """Each device's link state for heartbeats; ``since_ms`` is when it last changed.
+
+        Up while connected and not failing. Failing means no request succeeded for three
+        polling intervals (at least 5 s) and the latest one failed: one dead unit on a bus
+        whose other units answer does not take the bus down (its points go BAD instead).
+        """
+        now = now_ms()
         links = []
         for driver in self.drivers:
             stats = driver.stats
-            failing = (stats.last_failure_ms or 0) > (stats.last_success_ms or 0)
+            window = max(5000, 3 * min((p.interval_ms for _, p in driver.points), default=0))
+            success = stats.last_success_ms or 0
+            failing = (stats.last_failure_ms or 0) > success and now - success > window
             up = stats.connected and not failing
             held = self._device_since.get(driver.id)
             if held is None or held[0] != up:
-                changed = (stats.last_success_ms if up else stats.last_failure_ms) or now_ms()
+                # down: since it last answered; up: since now (it answers again)
+                changed = now if up else (stats.last_success_ms or now)
                 held = self._device_since[driver.id] = (up, changed)
-            links.append(DeviceLink(driver.id, up, held[1], "" if up else stats.last_error[:512]))
+            error = "" if up else (stats.last_error or "not connected")[:512]
+            links.append(DeviceLink(driver.id, up, held[1], error))
         return tuple(links)
 
     def birth(self, low_water: int) -> Birth:

@@ -54,7 +54,7 @@ from fieldtwin.hub.config import (
     ReconciliationConfig,
     TwinSchema,
 )
-from fieldtwin.hub.state import CurrentValue, Key, TwinState, numeric
+from fieldtwin.hub.state import CurrentValue, GatewayLink, Key, TwinState, numeric
 from fieldtwin.protocol.messages import Quality, Value
 
 HEALTH_STATES = ("healthy", "degraded", "stale", "unknown")
@@ -692,12 +692,12 @@ class DriftEngine:
         return health
 
 
-def _last_sign_of_life(state: TwinState, link: Any) -> int:
+def _last_sign_of_life(state: TwinState, link: GatewayLink) -> int:
     """The last frame, or heartbeat of the live connection, from a gateway (ms)."""
     beat = state.heartbeats.get(link.gateway)
     if beat is not None and beat.epoch == link.epoch and beat.session == link.session:
         return max(link.last_frame_ms, beat.received_ms)
-    return int(link.last_frame_ms)
+    return link.last_frame_ms
 
 
 def _show(value: Value) -> str:

@@ -297,11 +297,11 @@ class IngestCore:
                 # Parts of births that will never be applied (superseded, or their
                 # connection died) still count as delivered, so they leave no seq gap.
                 while settled:
-                    part, arrived = settled.pop(0)
-                    if self._record(work, part):
-                        sequenced.add(part.sender)
-                        link_of(part.sender).frames += 1
-                        write.frames.append(_frame_row(frame_id, part, arrived, None))
+                    unapplied, arrived = settled.pop(0)
+                    if self._record(work, unapplied):
+                        sequenced.add(unapplied.sender)
+                        link_of(unapplied.sender).frames += 1
+                        write.frames.append(_frame_row(frame_id, unapplied, arrived, None))
                         frame_id += 1
             if not units:
                 continue  # a birth part, held until the whole birth has arrived
@@ -415,9 +415,9 @@ class IngestCore:
             ):
                 write.gateways.append(link)
         write.audit = self.audit.chain(events)
-        for gateway, held in list(pending.items()):
+        for gateway, waiting in list(pending.items()):
             current = work.epoch_of(gateway)
-            if current is not None and held.epoch < current:
+            if current is not None and waiting.epoch < current:
                 del pending[gateway]  # its epoch was replaced: it can never complete
         # Heartbeats are liveness, not data: kept in memory, never stored or acknowledged.
         self.state.heartbeats.update(heartbeats)

@@ -158,3 +158,42 @@ def test_uint64_readings_above_the_signed_range_travel_as_uncertain_floats() -> 
     frame = FrameSigner("gw-01", gateway_key).encode(1, 1, 1, Data.of(sent))
     decoded = decode_frame(frame, registry())
     assert decoded.body == Data.of(sent)
+
+
+def test_device_states_for_heartbeats(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """Up while connected and answering; a bus with one dead unit among answering ones
+    stays up; a device whose requests all fail for three intervals is down."""
+    env = AgentEnv.create(tmp_path, "gw-states", broker)
+
+    def device(name: str, port: int) -> dict[str, object]:
+        return {
+            "id": name,
+            "protocol": "modbus-tcp",
+            "host": "127.0.0.1",
+            "port": port,
+            "interval_ms": 1000,
+            "points": [
+                {"entity": name, "attribute": "r", "table": "input", "address": 0, "type": "uint16"}
+            ],
+        }
+
+    agent = Agent(
+        load_config(
+            env.write_config(
+                [device("a", 1502), device("b", 1503), device("c", 1504), device("d", 1505)]
+            )
+        )
+    )
+    now = now_ms()
+    a, b, c, d = (driver.stats for driver in agent.drivers)
+    a.connected, a.last_success_ms = True, now
+    b.connected, b.last_success_ms, b.last_failure_ms = True, now - 10_000, now
+    b.last_error = "timeout"
+    c.connected, c.last_success_ms, c.last_failure_ms = True, now - 500, now  # one dead unit
+    d.connected, d.last_failure_ms, d.last_error = False, now, "connection refused"
+    states = {link.id: link for link in agent.device_states()}
+    assert [states[x].up for x in "abcd"] == [True, False, True, False]
+    assert states["b"].since_ms == now - 10_000  # the last time it answered
+    assert states["b"].error == "timeout"
+    assert states["d"].error == "connection refused"
+    assert agent.device_states() == tuple(states.values())  # stable while nothing changes
