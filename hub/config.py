@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -89,10 +89,89 @@ class AttributeSpec:
     writable: bool = False
     min: float | None = None
     max: float | None = None
+    command: CommandRule | None = None
+    """How commands on this attribute are checked, approved and verified (writable only)."""
 
     @property
     def has_thresholds(self) -> bool:
         return not (self.high.empty and self.low.empty)
+
+
+ROLLBACK_MODES = ("auto", "propose", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRule:
+    """The command policy of one writable attribute (``[types.T.attributes.A]`` keys).
+
+    ``approvals`` distinct approvers must sign; with ``two_person`` the proposer's own
+    approval does not count. ``max_step`` bounds one command's change. A sent command is
+    verified when the reported value is within ``tolerance`` of the target before
+    ``verify_timeout_s``; on failure it is rolled back to the checkpoint (``rollback``:
+    ``auto`` sends the restore at once under the original approvals, ``propose`` queues
+    it for approval, ``none`` only reports). An approved command not sent within
+    ``select_window_s`` expires; a proposal nobody approves expires after
+    ``approval_timeout_s``.
+    """
+
+    approvals: int = 1
+    two_person: bool = False
+    max_step: float | None = None
+    tolerance: float | None = None
+    verify_timeout_s: float = 30.0
+    select_window_s: float = 30.0
+    approval_timeout_s: float = 900.0
+    expiry_s: float = 10.0
+    rollback: str = "auto"
+
+    def tolerance_for(self, spec: AttributeSpec) -> float:
+        """Explicit tolerance, else 0.5 % of the writable range, else 1e-6."""
+        if self.tolerance is not None:
+            return self.tolerance
+        if spec.min is not None and spec.max is not None and spec.max > spec.min:
+            return (spec.max - spec.min) * 0.005
+        return 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """``ENTITY.ATTRIBUTE OP VALUE``, or ``OP VALUE`` on the commanded value itself."""
+
+    entity: str
+    attribute: str
+    op: str
+    value: Scalar
+
+    def __str__(self) -> str:
+        subject = f"{self.entity}.{self.attribute} " if self.entity else ""
+        shown = "true" if self.value is True else "false" if self.value is False else self.value
+        return f"{subject}{self.op} {describe_config_value(shown)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Interlock:
+    """A command on ``entity.attribute`` whose value satisfies ``when`` (always, if None)
+    is refused unless ``require`` holds on a fresh, good reading of another attribute."""
+
+    id: str
+    entity: str
+    attribute: str
+    require: Condition
+    when: Condition | None = None
+    description: str = ""
+
+
+OPERATOR_ROLES = ("viewer", "operator", "approver", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSpec:
+    """A person who may use the operator channel: their key(s) and roles."""
+
+    id: str
+    public_keys: tuple[Path, ...]
+    roles: frozenset[str]
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +227,9 @@ class StrategyRule:
     entity: str = "*"
     attribute: str = "*"
     severity: str | None = None
+    auto_execute: bool = False
+    """auto_correct only: send corrective commands without operator approval, within the
+    attribute's limits and step (agents that require operator approvals still refuse)."""
 
     def matches(self, rule: str, entity_type: str, entity: str, attribute: str) -> bool:
         drift_ok = (
@@ -178,6 +260,12 @@ class ReconciliationConfig:
                 return candidate.strategy, candidate.severity
         return self.default, None
 
+    def auto_execute(self, rule: str, entity_type: str, entity: str, attribute: str) -> bool:
+        for candidate in self.rules:
+            if candidate.matches(rule, entity_type, entity, attribute):
+                return candidate.auto_execute
+        return False
+
 
 @dataclass(frozen=True, slots=True)
 class DriftConfig:
@@ -198,6 +286,8 @@ class IngestConfig:
     rebirth_min_interval_s: float = 10.0
     audit_rejections_per_minute: int = 60
     max_frame_bytes: int = 1 << 20
+    queue_max_frames: int = 10_000
+    """Frames received but not yet stored; beyond it the hub stops reading the broker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +318,10 @@ class TwinSchema:
     entities: Mapping[str, EntitySpec]
     relationships: tuple[RelationshipSpec, ...] = ()
     structural: tuple[StructuralRule, ...] = ()
+    interlocks: tuple[Interlock, ...] = ()
+
+    def interlocks_for(self, entity: str, attribute: str) -> list[Interlock]:
+        return [i for i in self.interlocks if i.entity == entity and i.attribute == attribute]
 
     def spec(self, entity: str, attribute: str) -> AttributeSpec | None:
         declared = self.entities.get(entity)
@@ -264,6 +358,7 @@ class HubConfig:
     drift: DriftConfig
     ingest: IngestConfig
     reconciliation: ReconciliationConfig
+    operators: Mapping[str, OperatorSpec] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
@@ -276,6 +371,22 @@ class HubConfig:
 
     def load_key(self) -> KeyPair:
         return load_private_key(self.key_file)
+
+    def operator_registry(self) -> KeyRegistry:
+        """Operator public keys, loaded now; a missing or bad key file names the operator."""
+        registry = KeyRegistry()
+        for operator in self.operators.values():
+            for index, path in enumerate(operator.public_keys):
+                try:
+                    registry.add(operator.id, load_public_key(path))
+                except ConfigError:
+                    raise
+                except Exception as exc:
+                    key = f"operators.{operator.id}.public_key"
+                    if len(operator.public_keys) > 1:
+                        key = f"operators.{operator.id}.public_keys[{index}]"
+                    raise ConfigError(self.file, key, str(exc)) from None
+        return registry
 
     def registry(self) -> KeyRegistry:
         """Gateway public keys, loaded now; a missing or bad key file names the gateway."""
@@ -319,9 +430,11 @@ def load_hub_config(path: Path | str) -> HubConfig:
     entities = _entities(root, types, gateways, twin_id)
     relationships = _relationships(root, entities)
     structural = _structural(root, types)
+    interlocks = _interlocks(root, types, entities)
     drift = _drift(root.section("drift"))
     ingest = _ingest(root.section("ingest"))
     reconciliation = _reconciliation(root.section("reconciliation"))
+    operators = _operators(root, gateways)
     root.finish()
     return HubConfig(
         file=file,
@@ -340,10 +453,12 @@ def load_hub_config(path: Path | str) -> HubConfig:
             entities=entities,
             relationships=tuple(relationships),
             structural=tuple(structural),
+            interlocks=tuple(interlocks),
         ),
         drift=drift,
         ingest=ingest,
         reconciliation=reconciliation,
+        operators=operators,
     )
 
 
@@ -460,6 +575,9 @@ def _attribute(name: str, section: Section) -> AttributeSpec:
         min=section.number("min", None),
         max=section.number("max", None),
     )
+    command = _command_rule(section, spec.writable)
+    if command is not None:
+        spec = replace(spec, command=command)
     section.finish()
     if spec.min is not None and spec.max is not None and spec.min > spec.max:
         raise section.error("max", f"max ({spec.max}) is below min ({spec.min})")
@@ -470,6 +588,40 @@ def _attribute(name: str, section: Section) -> AttributeSpec:
     ):
         raise section.error("low", "the low warning limit must be below the high one")
     return spec
+
+
+_COMMAND_KEYS = (
+    "approvals",
+    "two_person",
+    "max_step",
+    "tolerance",
+    "verify_timeout_s",
+    "select_window_s",
+    "approval_timeout_s",
+    "command_expiry_s",
+    "rollback",
+)
+
+
+def _command_rule(section: Section, writable: bool) -> CommandRule | None:
+    if not writable:
+        for key in _COMMAND_KEYS:
+            if section.has(key):
+                raise section.error(
+                    key, "command settings need 'writable = true' on this attribute"
+                )
+        return None
+    return CommandRule(
+        approvals=section.integer("approvals", 1, min=0, max=8),
+        two_person=section.flag("two_person", False),
+        max_step=section.number("max_step", None, min=0.0),
+        tolerance=section.number("tolerance", None, min=0.0),
+        verify_timeout_s=section.number("verify_timeout_s", 30.0, min=0.1, max=86_400),
+        select_window_s=section.number("select_window_s", 30.0, min=0.1, max=3600),
+        approval_timeout_s=section.number("approval_timeout_s", 900.0, min=1.0, max=7 * 86_400),
+        expiry_s=section.number("command_expiry_s", 10.0, min=0.1, max=3600),
+        rollback=section.text("rollback", "auto", choices=ROLLBACK_MODES),
+    )
 
 
 def _types(root: Section) -> dict[str, EntityType]:
@@ -610,6 +762,133 @@ def _structural(root: Section, types: Mapping[str, EntityType]) -> list[Structur
     return out
 
 
+_OPS = ("==", "!=", ">=", "<=", ">", "<")
+
+
+def parse_condition(text: str, *, subject: bool) -> tuple[str, str, str, Scalar]:
+    """``"tank-1.level > 0.3"`` (``subject``) or ``"> 0"`` → (entity, attribute, op, value).
+
+    Raises ValueError with a message that says what is expected."""
+    body = text.strip()
+    for op in _OPS:
+        left, found, right = body.partition(op)
+        if not found:
+            continue
+        left, right = left.strip(), right.strip()
+        if subject:
+            entity, dot, attribute = left.rpartition(".")
+            if not dot or not entity or not attribute:
+                raise ValueError(f"{text!r}: expected ENTITY.ATTRIBUTE {op} VALUE")
+        elif left:
+            raise ValueError(f"{text!r}: expected '{op} VALUE' (the commanded value)")
+        else:
+            entity = attribute = ""
+        if not right:
+            raise ValueError(f"{text!r}: a value must follow {op}")
+        value: Scalar
+        if right in ("true", "false"):
+            value = right == "true"
+        else:
+            try:
+                value = float(right)
+            except ValueError:
+                value = right.strip("'\"")
+            else:
+                if not math.isfinite(value):
+                    raise ValueError(f"{text!r}: {right} is not a finite number")
+        return entity, attribute, op, value
+    raise ValueError(f"{text!r}: expected a comparison with one of {' '.join(_OPS)}")
+
+
+def _interlocks(
+    root: Section, types: Mapping[str, EntityType], entities: Mapping[str, EntitySpec]
+) -> list[Interlock]:
+    out: list[Interlock] = []
+    ids: set[str] = set()
+
+    def point(section: Section, key: str, entity: str, attribute: str) -> None:
+        declared = entities.get(entity)
+        if declared is None:
+            raise section.error(key, f"{entity!r} is not a declared entity")
+        if attribute not in types[declared.type].attributes:
+            raise section.error(
+                key, f"{attribute!r} is not an attribute of {entity} (type {declared.type})"
+            )
+
+    for section in root.sections("interlocks"):
+        interlock_id = section.text("id")
+        if interlock_id in ids:
+            raise section.error("id", f"interlock {interlock_id!r} is declared twice")
+        ids.add(interlock_id)
+        target = section.text("target")
+        entity, dot, attribute = target.rpartition(".")
+        if not dot:
+            raise section.error("target", f"{target!r}: expected ENTITY.ATTRIBUTE")
+        point(section, "target", entity, attribute)
+        spec = types[entities[entity].type].attributes[attribute]
+        if not spec.writable:
+            raise section.error("target", f"{target} is not writable; interlocks guard commands")
+        when: Condition | None = None
+        if section.has("when"):
+            try:
+                _, _, op, value = parse_condition(section.text("when"), subject=False)
+            except ValueError as exc:
+                raise section.error("when", str(exc)) from None
+            when = Condition("", "", op, value)
+        try:
+            other, other_attr, op, value = parse_condition(section.text("require"), subject=True)
+        except ValueError as exc:
+            raise section.error("require", str(exc)) from None
+        point(section, "require", other, other_attr)
+        out.append(
+            Interlock(
+                id=interlock_id,
+                entity=entity,
+                attribute=attribute,
+                require=Condition(other, other_attr, op, value),
+                when=when,
+                description=section.text("description", "", allow_empty=True),
+            )
+        )
+        section.finish()
+    return out
+
+
+def _operators(root: Section, gateways: Mapping[str, GatewaySpec]) -> dict[str, OperatorSpec]:
+    operators: dict[str, OperatorSpec] = {}
+    for name, section in root.table_items("operators"):
+        if ID_PATTERN.fullmatch(name) is None or name in RESERVED_IDS:
+            raise section.error("", f"{name!r} is not a valid operator id")
+        if name in gateways:
+            raise section.error(
+                "", f"{name!r} is also a gateway id; operators and gateways need distinct ids"
+            )
+        single = section.path("public_key", None)
+        several = section.text_list("public_keys", None)
+        if single is None and not several:
+            raise section.error("public_key", "required key is missing (the operator's .pub file)")
+        keys: list[Path] = [single] if single is not None else []
+        for item in several or []:
+            candidate = Path(item).expanduser()
+            keys.append(candidate if candidate.is_absolute() else root.file.parent / candidate)
+        roles = section.text_list("roles")
+        for role in roles:
+            if role not in OPERATOR_ROLES:
+                raise section.error(
+                    "roles", f"{role!r} is not a role ({', '.join(OPERATOR_ROLES)})"
+                )
+        if not roles:
+            raise section.error("roles", f"give at least one role ({', '.join(OPERATOR_ROLES)})")
+        operators[name] = OperatorSpec(
+            id=name,
+            public_keys=tuple(keys),
+            roles=frozenset(roles),
+            name=section.text("name", "", allow_empty=True),
+        )
+        section.finish()
+    return operators
+
+
 def _drift(section: Section) -> DriftConfig:
     config = DriftConfig(
         interval_s=section.number("interval_s", 1.0, min=0.05, max=3600),
@@ -634,6 +913,7 @@ def _ingest(section: Section) -> IngestConfig:
             "audit_rejections_per_minute", 60, min=0, max=1_000_000
         ),
         max_frame_bytes=section.integer("max_frame_bytes", 1 << 20, min=1024, max=64 << 20),
+        queue_max_frames=section.integer("queue_max_frames", 10_000, min=10, max=1_000_000),
     )
     section.finish()
     return config
@@ -660,8 +940,11 @@ def _reconciliation(section: Section) -> ReconciliationConfig:
                 entity=item.text("entity", "*"),
                 attribute=item.text("attribute", "*"),
                 severity=item.text("severity", None, choices=SEVERITIES),
+                auto_execute=item.flag("auto_execute", False),
             )
         )
+        if rules[-1].auto_execute and rules[-1].strategy != "auto_correct":
+            raise item.error("auto_execute", "only an auto_correct rule executes commands")
         item.finish()
     section.finish()
     return ReconciliationConfig(default=default, rules=tuple(rules))

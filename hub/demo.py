@@ -28,21 +28,21 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 import time
 import tomllib
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from fieldtwin.hub.config import load_hub_config
 from fieldtwin.hub.errors import DemoError, HubError
 from fieldtwin.hub.paths import default_state_dir
+from fieldtwin.hub.report import RunFacts, pipeline_problems, sync_report
 from fieldtwin.protocol.logfmt import fields
 
 log = logging.getLogger("fieldtwin.hub.demo")
@@ -72,52 +72,11 @@ def free_port() -> int:
 # -- TOML writing ---------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"TOML cannot hold {value!r}")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list) and not any(isinstance(v, dict) for v in value):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+def toml_dumps(data: Mapping[str, Any]) -> str:
+    """The configs the demo generates, written with tomli-w (a maintained TOML writer)."""
+    import tomli_w
 
-
-def _key(key: str) -> str:
-    bare = key.replace("-", "").replace("_", "").isalnum()
-    return key if bare else json.dumps(key)
-
-
-def toml_dumps(data: Mapping[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for the configs the demo generates."""
-    lines: list[str] = []
-    tables: list[tuple[str, Mapping[str, Any]]] = []
-    arrays: list[tuple[str, list[Mapping[str, Any]]]] = []
-    for key, value in data.items():
-        if isinstance(value, dict) and (
-            not value or any(isinstance(v, dict | list) for v in value.values()) or prefix == ""
-        ):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            arrays.append((key, value))
-        else:
-            lines.append(f"{_key(key)} = {_toml_value(value)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for key, table in tables:
-        name = f"{prefix}{_key(key)}"
-        out += f"\n[{name}]\n" + toml_dumps(table, f"{name}.")
-    for key, items in arrays:
-        name = f"{prefix}{_key(key)}"
-        for item in items:
-            out += f"\n[[{name}]]\n" + toml_dumps(item, f"{name}.")
-    return out
+    return tomli_w.dumps(dict(data))
 
 
 # -- the state folder -----------------------------------------------------------------------
@@ -150,6 +109,9 @@ class Layout:
     def password_file(self, user: str) -> Path:
         return self.keys / f"{user}.password"
 
+    def operator_profile(self, operator: str) -> Path:
+        return self.root / "operators" / f"{operator}.toml"
+
 
 def example_gateways(examples: Path) -> dict[str, Path]:
     """Gateway id → example agent config, one per device family."""
@@ -180,6 +142,7 @@ def agent_config(
     endpoints: Mapping[str, Any],
     broker_url: str,
     heartbeat_s: float | None = None,
+    approvers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """An example agent config pointed at this run's simulator, broker and keys.
 
@@ -214,6 +177,12 @@ def agent_config(
         broker["password_file"] = str(layout.password_file(gateway))
     broker.setdefault("reconnect_max_s", 5.0)
     data["broker"] = broker
+    if approvers:
+        # defence in depth: the gateway itself checks the operators' approvals
+        data["approvals"] = {
+            "operators": {name: str(layout.keys / f"{name}.pub") for name in approvers},
+            "required": 1,
+        }
     return data
 
 
@@ -238,8 +207,35 @@ def hub_config(
         gw: {**declared.get(gw, {}), "public_key": str(layout.keys / f"{gw}.pub")}
         for gw in gateways
     }
+    for name, operator in data.get("operators", {}).items():
+        operator["public_key"] = str(layout.keys / f"{name}.pub")
     _deep_merge(data, overrides or {})
     return data
+
+
+def example_operators(examples: Path) -> dict[str, list[str]]:
+    """Operator id → roles, as examples/hub.toml declares them (the demo's operators)."""
+    data = tomllib.loads((examples / "hub.toml").read_text(encoding="utf-8"))
+    return {name: list(spec.get("roles", [])) for name, spec in data.get("operators", {}).items()}
+
+
+def write_operator_profiles(layout: Layout, operators: Sequence[str], broker_url: str) -> None:
+    """``STATE/operators/NAME.toml`` for each demo operator (``fieldtwin cmd --profile``)."""
+    from fieldtwin.hub.opclient import OperatorProfile, write_profile
+
+    for name in operators:
+        password_file = layout.password_file(name)
+        write_profile(
+            layout.operator_profile(name),
+            OperatorProfile(
+                operator=name,
+                key_file=layout.keys / f"{name}.key",
+                hub_key_file=layout.keys / "hub.pub",
+                broker_url=broker_url,
+                username=name,
+            ),
+            password_file if password_file.exists() else None,
+        )
 
 
 def _deep_merge(target: dict[str, Any], changes: Mapping[str, Any]) -> None:
@@ -381,6 +377,7 @@ class Plant:
         self.started_ms = 0
         self.created_keys: list[str] = []
         self.all_gateways = example_gateways(self.examples)
+        self.operators: dict[str, list[str]] = {}
 
     @property
     def components(self) -> list[Component]:
@@ -396,7 +393,8 @@ class Plant:
         for folder in (layout.root, layout.keys, layout.logs, layout.agents):
             folder.mkdir(parents=True, exist_ok=True)
         gateways = list(self.options.gateways or self.all_gateways)
-        self.created_keys = ensure_keys(layout, ["hub", *self.all_gateways])
+        self.operators = example_operators(self.examples)
+        self.created_keys = ensure_keys(layout, ["hub", *self.all_gateways, *self.operators])
         self.started_ms = int(time.time() * 1000)
         if not self.broker_url:
             port = free_port()
@@ -423,6 +421,7 @@ class Plant:
         )
         _deep_merge(config, self.options.hub_overrides)
         layout.hub_config.write_text(toml_dumps(config), encoding="utf-8")
+        write_operator_profiles(layout, list(self.operators), self.broker_url)
         self.hub = Component(
             "hub", [*FIELDTWIN, "hub", "run", "-c", str(layout.hub_config)], layout.logs / "hub.log"
         )
@@ -435,6 +434,7 @@ class Plant:
                 self.endpoints,
                 self.broker_url,
                 self.options.heartbeat_s,
+                [n for n, roles in self.operators.items() if {"approver", "admin"} & set(roles)],
             )
             if self.options.agent_edit is not None:
                 self.options.agent_edit(gateway, data)
@@ -514,7 +514,8 @@ class Plant:
         return points
 
     async def stop(self) -> dict[str, int | None]:
-        """Agents first (their deaths reach the hub), then hub, simulator, broker."""
+        """Agents first (their last samples and planned-shutdown deaths reach the hub,
+        which records but does not alarm a planned stop), then hub, simulator, broker."""
         codes: dict[str, int | None] = {}
         results = await asyncio.gather(*(a.stop(signal.SIGTERM) for a in self.agents.values()))
         codes.update(zip(self.agents, results, strict=True))
@@ -539,9 +540,15 @@ def truth_tolerance(true_value: float, noise: float = 0.0) -> float:
 
 
 def compare_with_truth(
-    entities: Sequence[Mapping[str, Any]], truth: Mapping[str, Mapping[str, Any]]
+    entities: Sequence[Mapping[str, Any]],
+    truth: Mapping[str, Mapping[str, Any]],
+    since_ms: int = 0,
 ) -> tuple[list[str], list[str]]:
-    """(matches, mismatches) of every twin attribute the simulator knows, as text."""
+    """(matches, mismatches) of every twin attribute the simulator knows, as text.
+
+    Only values received since ``since_ms`` (when this simulator started) are compared:
+    a value from before is the previous simulator's, and a restarted device (a counter
+    back at zero) has not necessarily reported yet."""
     matches: list[str] = []
     mismatches: list[str] = []
     for entity in entities:
@@ -549,6 +556,8 @@ def compare_with_truth(
             point = f"{entity['physical_id']}.{name}"
             known = truth.get(point)
             if known is None or attr["quality"] != "good":
+                continue
+            if (attr.get("received_ms") or 0) < since_ms:
                 continue
             expected, actual = known.get("true"), attr["value"]
             if isinstance(expected, bool) or isinstance(actual, bool):
@@ -565,178 +574,6 @@ def compare_with_truth(
 
 
 # -- the sync report --------------------------------------------------------------------------
-
-
-@dataclass
-class RunFacts:
-    """What the demo observed, for the report."""
-
-    broker_url: str
-    embedded_broker: bool
-    started_ms: int
-    duration_s: float
-    dead: list[str]
-    silent_gateways: list[str]
-    missing_entities: list[str]
-    truth_matches: list[str]
-    truth_mismatches: list[str]
-    truth_file: str | None
-    status: dict[str, Any]
-    audit: list[dict[str, Any]]
-
-
-def pipeline_problems(facts: RunFacts) -> list[str]:
-    problems = [f"component {name} died" for name in facts.dead]
-    problems += [f"no data from gateway {gw} reached the twin" for gw in facts.silent_gateways]
-    problems += [f"entity {e} never reached the twin" for e in facts.missing_entities]
-    problems += [f"twin differs from the truth: {m}" for m in facts.truth_mismatches]
-    return problems
-
-
-def sync_report(document: Mapping[str, Any], facts: RunFacts, state_dir: Path) -> dict[str, Any]:
-    """One sync cycle's report in the sync_report shape, from the twin export and facts."""
-    from fieldtwin.hub.export import snapshot_hash
-
-    twin = document["digital_twin"]
-    drift = document["current_drift"]
-    issues = drift["issues"]
-    since = _iso(facts.started_ms)
-    actions = [a for a in document["reconciliation"]["recent_actions"] if a["timestamp"] >= since]
-    state = {e["twin_id"]: e["dynamic_state"] for e in twin["entities"]}
-    digest = snapshot_hash(state)
-    problems = pipeline_problems(facts)
-    critical = [i for i in issues if i["severity"] == "critical"]
-    warnings = [i for i in issues if i["severity"] == "warning"]
-    if problems:
-        status = "failed"
-    elif actions:
-        status = "action_taken"
-    elif issues:
-        status = "drift_detected"
-    else:
-        status = "synced"
-    if problems or any(i["type"] == "temporal" and i["severity"] == "critical" for i in issues):
-        severity = "critical"
-    elif critical:
-        severity = "high"
-    elif warnings:
-        severity = "medium"
-    else:
-        severity = "low"
-    entity_count = max(1, len(twin["entities"]))
-    unhealthy = [e for e in twin["entities"] if e["health"] != "healthy"]
-    current_risk = min(1.0, 0.25 * len(critical) + 0.1 * len(warnings) + 0.5 * len(problems))
-    current_risk = round(max(current_risk, len(unhealthy) / entity_count * 0.5), 3)
-    stale_share = drift["entities_stale"] / entity_count
-    forecasted_risk = round(min(1.0, current_risk + 0.5 * stale_share), 3)
-    audit_head = facts.status.get("audit_head") or [0, ""]
-    anchors_audit = [
-        f"audit:seq={a['seq']}:{a['action']}:{a['hash'][:16]}" for a in facts.audit[-10:]
-    ]
-    criteria = [f"within tolerance: {m}" for m in facts.truth_matches]
-    if not facts.dead:
-        criteria.append("every component ran for the whole run")
-    if not facts.silent_gateways:
-        criteria.append("every gateway delivered data to the twin")
-    if not facts.missing_entities:
-        criteria.append("every declared entity reached the twin")
-    verification = (
-        "SKIPPED"
-        if not (facts.truth_matches or facts.truth_mismatches)
-        else ("FAIL" if problems else "PASS")
-    )
-    database = state_dir / "hub.duckdb"
-    report: dict[str, Any] = {
-        "workflow_id": f"demo-{uuid.uuid4().hex[:12]}",
-        "world_id": twin["id"],
-        "sync_timestamp": _iso(int(time.time() * 1000)),
-        "status": status,
-        "twin_snapshot": {
-            "version": f"{twin['id']}@audit-{audit_head[0]}",
-            "state": state,
-            "hash": digest,
-            "evidence_anchors": [f"duckdb:{database}", f"last_sync:{twin['last_sync']}"],
-        },
-        "drift_report": {
-            "anomalies_detected": len(issues),
-            "severity": severity,
-            "triggers": [f"{i['type']}: {i['description']}" for i in issues] + problems,
-            "evidence_anchors": [
-                f"drift:{i['entity_id']}:{i['type']}:{i['detected_at']}" for i in issues
-            ],
-        },
-        "risk_assessment": {
-            "current_risk": current_risk,
-            "forecasted_risk": forecasted_risk,
-            "risk_factors": (
-                [f"{e['twin_id']} is {e['health']}" for e in unhealthy]
-                + [f"{i['severity']} {i['type']} drift on {i['entity_id']}" for i in issues]
-                + problems
-            ),
-            "evidence_anchors": [f"health:{e['twin_id']}={e['health']}" for e in twin["entities"]],
-        },
-        "actions": {
-            "executed": bool(actions),
-            "plan_summary": (
-                f"{len(actions)} reconciliation action(s) by rule strategy "
-                f"(default {document['reconciliation']['strategy']}); commands are only "
-                "proposed, never sent without approval"
-                if actions
-                else "no reconciliation needed"
-            ),
-            "changes": [
-                f"{a['timestamp']} {a['entity_id']}: {a['action']} ({a['result']})" for a in actions
-            ],
-            "safety_gates_passed": True,
-            "evidence_anchors": [f"action:{a['timestamp']}:{a['entity_id']}" for a in actions],
-        },
-        "verification": {
-            "result": verification,
-            "criteria_met": criteria,
-            "evidence_anchors": ([f"ground_truth:{facts.truth_file}"] if facts.truth_file else [])
-            + [f"mismatch: {m}" for m in facts.truth_mismatches],
-        },
-        "audit": {
-            "log_path": f"{database}#audit",
-            "provenance_chain": [
-                f"simulator ground truth: {facts.truth_file or 'not recorded'}",
-                *(
-                    f"gateway {g['id']}: epoch {g.get('epoch')}, {g.get('frames', 0)} frames, "
-                    f"signed Ed25519, verified by the hub"
-                    for g in facts.status.get("gateways", [])
-                ),
-                f"broker {facts.broker_url} "
-                f"({'embedded amqtt' if facts.embedded_broker else 'external'})",
-                f"hub {facts.status.get('instance', '?')}: twin store {database}",
-                f"audit chain head seq {audit_head[0]} sha256 {audit_head[1]}",
-            ],
-            "evidence_anchors": anchors_audit,
-        },
-        "rollback": {
-            "available": False,
-            "executed": False,
-            "restore_point": twin["last_sync"],
-            "command": None,
-        },
-        "next_sync": {
-            "recommended_interval": "1s",
-            "triggers": [
-                "gateway death or silence",
-                "sequence gap older than the gap timeout (rebirth)",
-                "critical threshold crossing",
-                "hub restart (new instance: agents re-birth)",
-            ],
-        },
-        "confidence": document["confidence"],
-        "evidence_anchors": document["evidence_anchors"],
-        "assumptions": [
-            *document["assumptions"],
-            f"the run lasted {facts.duration_s:.0f} s from {_iso(facts.started_ms)}",
-            "twin values are compared with the simulator's true values at report time, "
-            "with tolerance max(0.05, 3 %)",
-        ],
-    }
-    return report
 
 
 def _iso(ms: int) -> str:
@@ -776,6 +613,11 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     demo.add_argument("--report", type=Path, default=None, help="write the sync report (JSON) here")
     demo.add_argument("--refresh", type=float, default=2.0, help="live view refresh (s, default 2)")
+    demo.add_argument(
+        "--no-commands",
+        action="store_true",
+        help="headless: skip the operator scenario (propose, approve, refuse, roll back)",
+    )
     demo.set_defaults(func=_demo)
 
 
@@ -822,6 +664,11 @@ async def run_demo(options: PlantOptions, args: argparse.Namespace) -> int:
             print(f"broker {plant.broker_url}; hub, simulator and {len(plant.agents)} agents up")
         started = time.monotonic()
         deadline = started + args.duration if args.duration else None
+        scenario: asyncio.Task[list[str]] | None = None
+        if not interactive and not args.no_commands:
+            scenario = asyncio.create_task(
+                operator_scenario(plant, deadline), name="demo-operator-scenario"
+            )
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 break
@@ -835,10 +682,20 @@ async def run_demo(options: PlantOptions, args: argparse.Namespace) -> int:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
+        steps: list[str] = []
+        if scenario is not None:
+            if not scenario.done():
+                scenario.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                steps = await scenario
         facts = await gather_facts(plant, time.monotonic() - started)
         document = await plant.call("/api/export")
-        report = sync_report(document, facts, plant.layout.root)
+        commands = await plant.call("/api/commands", {"limit": 1000})
+        config = load_hub_config(plant.layout.hub_config)
+        report = sync_report(document, facts, commands, config, plant.layout.root)
         problems = pipeline_problems(facts)
+        for step in steps:
+            print(f"  {step}")
         if args.report is not None:
             args.report.parent.mkdir(parents=True, exist_ok=True)
             args.report.write_text(
@@ -860,6 +717,88 @@ async def run_demo(options: PlantOptions, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+async def operator_scenario(plant: Plant, deadline: float | None) -> list[str]:
+    """What the headless demo does as its operators (alice proposes, bob approves):
+
+    1. raise the pump's speed setpoint and see the device follow (verified);
+    2. try to close the outlet valve while the pump runs (refused by an interlock);
+    3. raise the setpoint again while the simulator's actuator ignores one write: the
+       command fails verification and is rolled back to its checkpoint;
+    4. put the setpoint back where the plant started.
+
+    Returns one line per step. Each command goes through the real operator channel
+    (signed requests over the broker), the policy, the gateway's approval check and the
+    device; the report is then built from these records."""
+    from fieldtwin.hub.opclient import OperatorClient, OperatorError, OperatorProfile
+
+    log_lines: list[str] = []
+    point = "pump-1.speed_sp"
+
+    def left() -> float:
+        return 60.0 if deadline is None else max(1.0, deadline - time.monotonic())
+
+    async def wait_reported() -> Any:
+        end = time.monotonic() + min(60.0, left())
+        while time.monotonic() < end:
+            twin = {e["physical_id"]: e for e in await plant.call("/api/twin")}
+            attrs = twin.get("pump-1", {}).get("attributes", {})
+            level = twin.get("tank-1", {}).get("attributes", {}).get("level")
+            if "speed_sp" in attrs and level is not None and level["quality"] == "good":
+                return attrs["speed_sp"]["value"]
+            await asyncio.sleep(0.5)
+        raise DemoError("the pump's setpoint never reached the twin")
+
+    alice = OperatorClient(OperatorProfile.load(plant.layout.operator_profile("alice")))
+    bob = OperatorClient(OperatorProfile.load(plant.layout.operator_profile("bob")))
+
+    async def settle(command_id: str) -> dict[str, Any]:
+        end = time.monotonic() + min(60.0, left())
+        while True:
+            row: dict[str, Any] = await bob.request("cmd.show", {"cmd_id": command_id})
+            if row["closed_ms"] is not None or time.monotonic() > end:
+                return row
+            await asyncio.sleep(0.5)
+
+    async def change(value: Any, reason: str) -> dict[str, Any]:
+        proposed = await alice.request(
+            "cmd.propose", {"target": point, "value": value, "reason": reason}
+        )
+        if proposed["state"] != "awaiting_approval":
+            return dict(proposed)
+        await bob.request("cmd.approve", bob.approval_for(proposed))
+        return await settle(proposed["id"])
+
+    def note(row: Mapping[str, Any], what: str) -> None:
+        line = f"{what}: {row['id']} {row['state'].replace('_', ' ')} — {row.get('outcome', '')}"
+        log_lines.append(line)
+        log.info("demo operator scenario", extra=fields(step=line))
+
+    try:
+        async with alice.connected(), bob.connected():
+            start = await wait_reported()
+            target = 1200 if start != 1200 else 1000
+            note(await change(target, "demo: raise inflow"), f"{point} {start} → {target}")
+            refused = await alice.request(
+                "cmd.propose",
+                {"target": "valve-1.position", "value": 2.0, "reason": "demo: close outlet"},
+            )
+            note(refused, "valve-1.position → 2 % while the pump runs")
+            await plant.sim_call(
+                "POST",
+                "/faults",
+                {"kind": "ignore_writes", "point": point, "params": {"count": 1}},
+            )
+            note(
+                await change(target + 300, "demo: raise inflow further"),
+                f"{point} {target} → {target + 300} with an actuator that ignores the write",
+            )
+            await plant.sim_call("POST", "/faults/clear", {})
+            note(await change(start, "demo: back to the starting setpoint"), f"{point} → {start}")
+    except (OperatorError, DemoError) as exc:
+        log_lines.append(f"operator scenario stopped: {exc}")
+    return log_lines
+
+
 async def gather_facts(plant: Plant, duration_s: float) -> RunFacts:
     status = await plant.call("/api/status")
     entities = await plant.call("/api/twin")
@@ -874,7 +813,7 @@ async def gather_facts(plant: Plant, duration_s: float) -> RunFacts:
             truth = await plant.truth()
     # fresh values only: a second read after the truth narrows the lag
     entities = await plant.call("/api/twin")
-    matches, mismatches = compare_with_truth(entities, truth)
+    matches, mismatches = compare_with_truth(entities, truth, plant.started_ms)
     return RunFacts(
         broker_url=plant.broker_url,
         embedded_broker=plant.broker is not None,
@@ -892,7 +831,7 @@ async def gather_facts(plant: Plant, duration_s: float) -> RunFacts:
 
 
 async def live_screen(plant: Plant) -> str:
-    from fieldtwin.hub.cli import alarms_table, entities_table, render_table
+    from fieldtwin.hub.render import alarms_table, entities_table, render_table
 
     status, entities, alarms = await asyncio.gather(
         plant.call("/api/status"),

@@ -266,12 +266,14 @@ class DriftEngine:
         value: Value = None,
         gateway: str = "",
         detail: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
     ) -> Finding:
         key = (rule, entity, attribute)
         since = self.since.setdefault(key, now_ms)
-        strategy, override = self.reconciliation.resolve(
+        configured, override = self.reconciliation.resolve(
             rule, self.schema.type_of(entity), entity, attribute
         )
+        strategy = strategy or configured
         return Finding(
             rule=rule,
             entity=entity,
@@ -316,13 +318,26 @@ class DriftEngine:
         for gateway in sorted(names):
             link = state.gateways.get(gateway)
             reason = ""
+            severity: str | None = None
+            strategy: str | None = None
+            # Silence is measured from the hub's start at the earliest: a hub restarted on
+            # an old store has not yet had the chance to hear from anyone.
+            heard_ms = max(link.last_frame_ms if link else 0, self.started_ms)
             if link is None or link.last_frame_ms == 0:
                 if now_ms - self.started_ms >= limit_ms:
                     reason = "never connected since the hub started"
             elif not link.online:
-                why = f" ({link.death_reason})" if link.death_reason else ""
-                reason = f"disconnected: death received{why}"
-            elif now_ms - _last_sign_of_life(state, link) > limit_ms:
+                if link.death_reason == "shutdown":
+                    # The agent said goodbye: a planned stop is recorded (drift event,
+                    # audit, health "stale"), not alarmed (ISA-18.2: no alarm for a
+                    # condition the operator caused on purpose).
+                    reason = "stopped (planned shutdown of its agent)"
+                    severity = "warning"
+                    strategy = "ignore"
+                else:
+                    why = f" ({link.death_reason})" if link.death_reason else ""
+                    reason = f"disconnected: death received{why}"
+            elif now_ms - max(heard_ms, _last_sign_of_life(state, link)) > limit_ms:
                 age = (now_ms - _last_sign_of_life(state, link)) / 1000
                 reason = (
                     f"no frames or heartbeats for {age:.1f} s "
@@ -337,8 +352,10 @@ class DriftEngine:
                         "",
                         f"gateway {gateway} is silent: {reason}",
                         now_ms,
+                        severity=severity,
                         gateway=gateway,
                         detail={"last_frame_ms": link.last_frame_ms if link else 0},
+                        strategy=strategy,
                     )
                 )
         return silent
@@ -460,7 +477,8 @@ class DriftEngine:
         elif current.quality in (Quality.BAD, Quality.STALE):
             quality = "bad" if current.quality == Quality.BAD else "stale"
             reason = f"the gateway reports it with {quality} quality"
-        elif now_ms - current.ts_ms > stale_ms:
+        elif now_ms - max(current.ts_ms, self.started_ms) > stale_ms:
+            # (a hub restarted on an old store gives every sensor a full stale limit first)
             age = (now_ms - current.ts_ms) / 1000
             reason = f"not updated for {age:.1f} s (limit {stale_ms / 1000:g} s)"
         else:
@@ -523,7 +541,7 @@ class DriftEngine:
         if current.quality != Quality.GOOD:
             return
         entity, attribute = key
-        frozen_ms = now_ms - current.last_change_ms
+        frozen_ms = now_ms - max(current.last_change_ms, self.started_ms)
         if frozen_ms <= spec.frozen_after_s * 1000:
             return
         if spec.frozen_while is not None:

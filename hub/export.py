@@ -99,6 +99,8 @@ def _data_sources(
         sources.append(
             {
                 "id": gateway_id,
+                # gateways read devices (Modbus, OPC-UA, serial): sensor sources; people
+                # acting through the operator channel are the "manual" source below
                 "type": "sensor",
                 "endpoint": f"{broker.url}/ft/v1/{gateway_id}/up/+",
                 "frequency": _duration(intervals[gateway_id] / 1000)
@@ -110,7 +112,40 @@ def _data_sources(
                 "last_failure": iso(failure) if failure else None,
             }
         )
+    if config.operators:
+        sources.append(_operator_source(store, config))
     return sources
+
+
+def _operator_source(store: TwinStore, config: HubConfig) -> dict[str, Any]:
+    """The operator channel: people acting on the twin (manual input)."""
+    accepted = store.query("SELECT count(*), max(received_ms) FROM operator_requests")[0]
+    refused = store.query(
+        "SELECT count(*), max(ts_ms) FROM audit WHERE action = 'operator_refused'"
+    )[0]
+    total = int(accepted[0] or 0) + int(refused[0] or 0)
+    return {
+        "id": "operators",
+        "type": "manual",
+        "endpoint": f"{config.broker.url}/ft/v1/op/+/req",
+        "frequency": "on_change",
+        "latency": "unknown",
+        "reliability": round(int(accepted[0] or 0) / total, 4) if total else 0.0,
+        "last_success": iso(accepted[1]) if accepted[1] else None,
+        "last_failure": iso(refused[1]) if refused[1] else None,
+    }
+
+
+def _strategy(config: HubConfig, issues: Sequence[Mapping[str, Any]]) -> str:
+    """The strategy acting on the current drift: the one most open issues are handled by
+    (the more active one on a tie); the configured default when nothing is open."""
+    counts: dict[str, int] = {}
+    for issue in issues:
+        counts[issue["strategy"]] = counts.get(issue["strategy"], 0) + 1
+    if not counts:
+        return config.reconciliation.default
+    order = ("auto_correct", "investigate", "alert", "ignore")
+    return max(counts, key=lambda s: (counts[s], -order.index(s) if s in order else -9))
 
 
 def _rules(config: HubConfig) -> list[dict[str, Any]]:
@@ -232,7 +267,15 @@ def twin_document(
                     "twin_id": e["twin_id"],
                     "type": e["type"],
                     "static_attributes": e["static_attributes"],
-                    "dynamic_state": {name: a["value"] for name, a in e["attributes"].items()},
+                    "dynamic_state": {
+                        name: {
+                            "value": a["value"],
+                            "unit": a.get("unit", ""),
+                            "quality": a["quality"],
+                            "updated": a["ts"],
+                        }
+                        for name, a in e["attributes"].items()
+                    },
                     "last_updated": e["last_updated"],
                     "source_attribution": {
                         name: a["source"] for name, a in e["attributes"].items()
@@ -246,7 +289,7 @@ def twin_document(
                     "source_twin_id": twin_ids.get(source, source),
                     "target_twin_id": twin_ids.get(target, target),
                     "type": rel_type,
-                    "attributes": _json_or_none(attributes),
+                    "attributes": _json_or_none(attributes) or {},
                 }
                 for source, target, rel_type, attributes in store.query(
                     "SELECT source, target, type, attributes FROM relationships "
@@ -275,7 +318,7 @@ def twin_document(
             ],
         },
         "reconciliation": {
-            "strategy": config.reconciliation.default,
+            "strategy": _strategy(config, issues),
             "recent_actions": [
                 {
                     "timestamp": iso(ts_ms),

@@ -603,8 +603,41 @@ class Rebirth:
 
 
 @dataclass(frozen=True, slots=True)
+class Approval:
+    """One operator's signature over a command's digest (see ``fieldtwin.protocol.approvals``)."""
+
+    operator: str
+    key_id: str
+    signature: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [self.operator, self.key_id, self.signature]
+
+    @classmethod
+    def from_wire(cls, obj: object, path: str) -> Approval:
+        if type(obj) is not list or len(obj) != 3:
+            raise _fail(path, "[operator, key_id, signature]", obj)
+        operator, key_id, signature = obj
+        if type(operator) is not str or ID_PATTERN.fullmatch(operator) is None:
+            raise _fail(f"{path}[0]", "an operator id", operator)
+        if type(key_id) is not str or len(key_id) != 16:
+            raise _fail(f"{path}[1]", "a 16-digit key id", key_id)
+        if type(signature) is not bytes or len(signature) != 64:
+            raise _fail(f"{path}[2]", "a 64-byte signature", signature)
+        return cls(operator, key_id, signature)
+
+
+@dataclass(frozen=True, slots=True)
 class Command:
-    """Hub → agent: write one attribute. The agent still applies its own allow-list."""
+    """Hub → agent: write one attribute. The agent still applies its own allow-list.
+
+    ``approvals`` are the operators' signatures over the command's digest, so an agent
+    that knows the operators' keys can refuse what no operator approved. The digest
+    covers ``restore_value`` (the checkpoint a failed command is rolled back to), so the
+    same approvals authorise exactly one rollback: a command with ``rollback_of`` set
+    writes the parent's ``restore_value`` and carries the parent's approvals, verified
+    against the parent's digest (``rollback_from`` is the parent's value).
+    """
 
     KIND: ClassVar[str] = "cmd"
     to: str
@@ -613,8 +646,15 @@ class Command:
     attribute: str
     value: Value
     expires_at_ms: int
-    approved_by: tuple[str, ...] = ()
+    approvals: tuple[Approval, ...] = ()
     reason: str = ""
+    restore_value: Value = None
+    rollback_of: str = ""
+    rollback_from: Value = None
+
+    @property
+    def approved_by(self) -> tuple[str, ...]:
+        return tuple(a.operator for a in self.approvals)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -624,17 +664,17 @@ class Command:
             "attribute": self.attribute,
             "value": self.value,
             "expires_at_ms": self.expires_at_ms,
-            "approved_by": list(self.approved_by),
+            "approvals": [a.to_wire() for a in self.approvals],
             "reason": self.reason,
+            "restore_value": self.restore_value,
+            "rollback_of": self.rollback_of,
+            "rollback_from": self.rollback_from,
         }
 
     @classmethod
     def from_wire(cls, obj: object) -> Command:
         m = _map(obj, "body")
-        approvers = _list(m, "approved_by", "body", 16)
-        for index, approver in enumerate(approvers):
-            if type(approver) is not str or ID_PATTERN.fullmatch(approver) is None:
-                raise _fail(f"body.approved_by[{index}]", "an operator id", approver)
+        approvals = _list(m, "approvals", "body", 16)
         return cls(
             to=_id(m, "to", "body"),
             cmd_id=_str(m, "cmd_id", "body", max_len=64),
@@ -642,8 +682,13 @@ class Command:
             attribute=_str(m, "attribute", "body"),
             value=check_value(_get(m, "value", "body"), "body.value"),
             expires_at_ms=_int(m, "expires_at_ms", "body"),
-            approved_by=tuple(approvers),
+            approvals=tuple(
+                Approval.from_wire(a, f"body.approvals[{i}]") for i, a in enumerate(approvals)
+            ),
             reason=_str(m, "reason", "body", max_len=MAX_TEXT_LEN, empty=True),
+            restore_value=check_value(_get(m, "restore_value", "body"), "body.restore_value"),
+            rollback_of=_str(m, "rollback_of", "body", max_len=64, empty=True),
+            rollback_from=check_value(_get(m, "rollback_from", "body"), "body.rollback_from"),
         )
 
 
@@ -796,13 +841,186 @@ class HubState:
         )
 
 
+# -- the operator channel -------------------------------------------------------------
+
+REQ_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+OP_PATTERN = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
+MAX_ARGS = 64
+
+
+def _plain(value: object, path: str, depth: int = 0) -> Any:
+    """Arguments and results are plain data: nil, bool, int, float, text, bytes, lists
+    and string-keyed maps, nested at most 8 deep (msgpack has already bounded sizes)."""
+    if value is None or isinstance(value, bool | int | str | bytes):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _fail(path, "a finite number", value)
+        return value
+    if depth >= 8:
+        raise _fail(path, "data nested at most 8 deep", value)
+    if isinstance(value, list):
+        return [_plain(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _fail(path, "a map with string keys", key)
+            out[key] = _plain(item, f"{path}.{key}", depth + 1)
+        return out
+    raise _fail(path, "plain data", value)
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorRequest:
+    """Operator → hub on ``ft/v1/op/{operator}/req``: one signed action or query.
+
+    Replay protection is ``req_id`` (a nonce, unique per operator) plus ``expires_at_ms``:
+    operators run many short-lived clients (CLI calls, consoles), so unlike gateways
+    they hold no durable sequence; the hub remembers each nonce until it expires and
+    refuses expiries too far ahead.
+    """
+
+    KIND: ClassVar[str] = "op_req"
+    req_id: str
+    expires_at_ms: int
+    op: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "req_id": self.req_id,
+            "expires_at_ms": self.expires_at_ms,
+            "op": self.op,
+            "args": dict(self.args),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> OperatorRequest:
+        m = _map(obj, "body")
+        req_id = _get(m, "req_id", "body")
+        if type(req_id) is not str or REQ_ID_PATTERN.fullmatch(req_id) is None:
+            raise _fail("body.req_id", "16-64 characters of [A-Za-z0-9_-]", req_id)
+        op = _str(m, "op", "body", max_len=64)
+        if OP_PATTERN.fullmatch(op) is None:
+            raise _fail("body.op", "an operation name such as cmd.propose", op)
+        args = _map(_get(m, "args", "body"), "body.args")
+        if len(args) > MAX_ARGS:
+            raise _fail("body.args", f"at most {MAX_ARGS} arguments", len(args))
+        return cls(
+            req_id=req_id,
+            expires_at_ms=_int(m, "expires_at_ms", "body"),
+            op=op,
+            args=_plain(args, "body.args"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorResponse:
+    """Hub → operator on ``ft/v1/op/{operator}/resp``: the answer to one request.
+
+    ``to`` and ``req_id`` are inside the signed bytes, so an answer cannot be replayed to
+    another operator or another request. ``code`` is empty on success, else a short
+    machine-readable reason (``unknown_operator``, ``bad_signature``, ``expired``,
+    ``replay``, ``forbidden``, ``invalid``, ``not_found``, ``conflict``, ``refused``,
+    ``unavailable``, ``error``) and ``error`` says it for a person.
+    """
+
+    KIND: ClassVar[str] = "op_resp"
+    to: str
+    req_id: str
+    ok: bool
+    code: str = ""
+    error: str = ""
+    result: Any = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "to": self.to,
+            "req_id": self.req_id,
+            "ok": self.ok,
+            "code": self.code,
+            "error": self.error,
+            "result": self.result,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> OperatorResponse:
+        m = _map(obj, "body")
+        return cls(
+            to=_id(m, "to", "body"),
+            req_id=_str(m, "req_id", "body", max_len=64),
+            ok=_bool(m, "ok", "body"),
+            code=_str(m, "code", "body", max_len=32, empty=True),
+            error=_str(m, "error", "body", max_len=MAX_TEXT_LEN, empty=True),
+            result=_plain(m.get("result"), "body.result"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """Hub → consoles on ``ft/v1/hub/view/{stream}``: a signed part of the live view.
+
+    ``view_seq`` is dense per (hub instance, stream): a console that sees a gap asks for
+    a fresh snapshot. ``data`` is plain data whose shape the stream defines.
+    """
+
+    KIND: ClassVar[str] = "view"
+    stream: str
+    instance: str
+    view_seq: int
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "instance": self.instance,
+            "view_seq": self.view_seq,
+            "data": dict(self.data),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> View:
+        m = _map(obj, "body")
+        return cls(
+            stream=_id(m, "stream", "body"),
+            instance=_str(m, "instance", "body", max_len=64),
+            view_seq=_int(m, "view_seq", "body"),
+            data=_plain(_map(_get(m, "data", "body"), "body.data"), "body.data"),
+        )
+
+
 AnyBody: TypeAlias = (
-    Birth | Data | Death | Ack | Rebirth | Command | CommandResult | Heartbeat | HubState
+    Birth
+    | Data
+    | Death
+    | Ack
+    | Rebirth
+    | Command
+    | CommandResult
+    | Heartbeat
+    | HubState
+    | OperatorRequest
+    | OperatorResponse
+    | View
 )
 
 BODY_TYPES: dict[str, Any] = {
     cls.KIND: cls
-    for cls in (Birth, Data, Death, Ack, Rebirth, Command, CommandResult, Heartbeat, HubState)
+    for cls in (
+        Birth,
+        Data,
+        Death,
+        Ack,
+        Rebirth,
+        Command,
+        CommandResult,
+        Heartbeat,
+        HubState,
+        OperatorRequest,
+        OperatorResponse,
+        View,
+    )
 }
 """Frame kind → body class (each has ``from_wire``)."""
 
@@ -814,3 +1032,7 @@ HUB_KINDS = frozenset({"hub_state"})
 """Kinds the hub publishes for every agent on ``ft/v1/hub/...`` rather than per gateway."""
 UNSEQUENCED_KINDS = frozenset({"death", "heartbeat"})
 """Kinds signed with seq 0: not stored, resent or tracked; their bodies name the session."""
+OPERATOR_KINDS = frozenset({"op_req"})
+"""What operators send (on their own request topic)."""
+HUB_VIEW_KINDS = frozenset({"op_resp", "view"})
+"""What the hub sends to operators and consoles."""

@@ -16,9 +16,13 @@ from fieldtwin.protocol.messages import DOWNLINK_KINDS, ID_PATTERN, UPLINK_KINDS
 
 PREFIX = "ft/v1"
 HUB_STATE_TOPIC = f"{PREFIX}/hub/state"
-RESERVED_IDS = frozenset({"hub"})
+RESERVED_IDS = frozenset({"hub", "op"})
 HUB_UPLINK_FILTER = f"{PREFIX}/+/up/+"
 """What the hub subscribes to: every gateway's uplink."""
+OPERATOR_REQUEST_FILTER = f"{PREFIX}/op/+/req"
+"""What the hub subscribes to: every operator's requests."""
+VIEW_PREFIX = f"{PREFIX}/hub/view"
+"""Where the hub publishes signed views for consoles (``ft/v1/hub/view/{stream}``)."""
 
 Direction = Literal["up", "down"]
 
@@ -49,6 +53,38 @@ def downlink_topic(gateway: str, kind: str) -> str:
 def downlink_filter(gateway: str) -> str:
     """What an agent subscribes to."""
     return f"{PREFIX}/{check_gateway_id(gateway)}/down/+"
+
+
+def operator_request_topic(operator: str) -> str:
+    """Where an operator's client publishes its signed requests (only it may write here)."""
+    return f"{PREFIX}/op/{_operator_id(operator)}/req"
+
+
+def operator_response_topic(operator: str) -> str:
+    """Where the hub answers an operator (only that operator may read here)."""
+    return f"{PREFIX}/op/{_operator_id(operator)}/resp"
+
+
+def parse_operator_topic(topic: str) -> tuple[str, str]:
+    """``ft/v1/op/{operator}/{req|resp}`` → (operator, "req" or "resp")."""
+    parts = topic.split("/")
+    if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != PREFIX or parts[2] != "op":
+        raise BadTopic(f"topic {topic!r} is not ft/v1/op/<operator>/<req|resp>")
+    if parts[4] not in ("req", "resp"):
+        raise BadTopic(f"topic {topic!r}: expected req or resp, got {parts[4]!r}")
+    return _operator_id(parts[3]), parts[4]
+
+
+def view_topic(stream: str) -> str:
+    if ID_PATTERN.fullmatch(stream) is None:
+        raise BadTopic(f"view stream {stream!r} is not a valid name")
+    return f"{VIEW_PREFIX}/{stream}"
+
+
+def _operator_id(operator: str) -> str:
+    if ID_PATTERN.fullmatch(operator) is None or operator in RESERVED_IDS:
+        raise BadTopic(f"operator id {operator!r} is not valid")
+    return operator
 
 
 @dataclass(frozen=True, slots=True)

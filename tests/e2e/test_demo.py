@@ -91,7 +91,7 @@ def test_headless_demo_writes_a_sync_report_and_reuses_its_state(tmp_path: Path)
     state = tmp_path / "demo"
     report_path = tmp_path / "report.json"
     first = demo(
-        state, "--headless", "--duration", "12", "--report", str(report_path), "--speed", "2"
+        state, "--headless", "--duration", "45", "--report", str(report_path), "--speed", "2"
     )
     assert first.returncode == 0, first.stdout + first.stderr
     report = json.loads(report_path.read_text())
@@ -100,8 +100,18 @@ def test_headless_demo_writes_a_sync_report_and_reuses_its_state(tmp_path: Path)
         if isinstance(sub, dict):
             assert set(sub) <= set(report[key]), (key, set(sub) - set(report[key]))
     assert report["world_id"] == "water-plant"
-    assert report["status"] in ("synced", "drift_detected", "action_taken")
-    assert report["verification"]["result"] == "PASS"
+    # the operator scenario: a verified change, an interlock refusal, a rollback
+    changes = report["actions"]["changes"]
+    assert any("pump-1.speed_sp 900 → 1200: verified" in c for c in changes), changes
+    assert any("valve-1.position" in c and "refused" in c and "interlock" in c for c in changes)
+    assert any(": rolled back" in c for c in changes), changes
+    assert report["status"] == "rolled_back"
+    assert report["actions"]["executed"] is True
+    assert report["actions"]["safety_gates_passed"] is True
+    assert report["rollback"]["executed"] is True
+    assert report["rollback"]["command"].endswith("(rolled back C-000003)")
+    assert report["verification"]["result"] == "PASS", report["verification"]
+    assert any("verified" in c for c in report["verification"]["criteria_met"])
     assert report["twin_snapshot"]["hash"].startswith("sha256:")
     assert set(report["twin_snapshot"]["state"]) >= {
         "water-plant/tank-1",
@@ -114,7 +124,7 @@ def test_headless_demo_writes_a_sync_report_and_reuses_its_state(tmp_path: Path)
     created = key_file.stat().st_mtime_ns
     before = history(state)
     # a second run reuses keys and database; the twin keeps its history
-    second = demo(state, "--headless", "--duration", "5")
+    second = demo(state, "--headless", "--duration", "15", "--no-commands")
     assert second.returncode == 0, second.stdout + second.stderr
     assert key_file.stat().st_mtime_ns == created
     after = history(state)

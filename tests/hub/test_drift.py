@@ -240,3 +240,26 @@ def test_findings_keep_their_first_detection_time(config: HubConfig) -> None:
     assert engine.evaluate(state, now + 600).findings == []
     state.current[("tank-1", "level")] = CurrentValue(4.2, now, 0, "gw-01", now, now)
     assert engine.evaluate(state, now + 700).findings[0].since_ms == now + 700
+
+
+def test_a_planned_shutdown_is_recorded_not_alarmed_and_a_restart_gives_a_grace(
+    config: HubConfig,
+) -> None:
+    engine = engine_for(config)
+    state = healthy_state(T0)
+    link = state.gateways["gw-01"]
+    link.online, link.death_reason = False, "shutdown"
+    (finding,) = [f for f in engine.evaluate(state, T0 + 100).findings if f.entity == "gw-01"]
+    assert finding.rule == "temporal.gateway_silent"
+    assert (finding.severity, finding.strategy) == ("warning", "ignore")
+    assert "planned shutdown" in finding.description
+    link.death_reason = "connection lost"  # an unplanned loss is an alarm
+    (lost,) = [f for f in engine.evaluate(state, T0 + 200).findings if f.entity == "gw-01"]
+    assert (lost.severity, lost.strategy) == ("critical", "alert")
+    # A hub restarted on this (old) state hears nothing for a while: it waits a full
+    # silence / stale limit from its own start before it judges.
+    old = healthy_state(T0)
+    restarted = engine_for(config, started=T0 + 60_000)
+    assert rules(restarted.evaluate(old, T0 + 61_000)) == set()
+    later = rules(restarted.evaluate(old, T0 + 64_000))
+    assert ("temporal.gateway_silent", "gw-01", "") in later

@@ -195,11 +195,13 @@ def test_export_has_every_contract_field(filled: tuple[TwinStore, HubConfig]) ->
             "source_twin_id": "test-plant/pump-1",
             "target_twin_id": "test-plant/tank-1",
             "type": "feeds",
-            "attributes": None,
+            "attributes": {},
         }
     ]
     tank = next(e for e in twin["entities"] if e["physical_id"] == "tank-1")
-    assert tank["dynamic_state"] == {"level": 4.8}
+    level = tank["dynamic_state"]["level"]
+    assert (level["value"], level["unit"], level["quality"]) == (4.8, "m", "good")
+    assert level["updated"].endswith("Z")
     assert tank["source_attribution"] == {"level": "modbus ir 0"}
     assert document["current_drift"]["issues"][0]["entity_id"] == "test-plant/tank-1"
     assert document["current_drift"]["entities_drifted"] == 1
@@ -207,7 +209,18 @@ def test_export_has_every_contract_field(filled: tuple[TwinStore, HubConfig]) ->
     assert source["id"] == "gw-01"
     assert source["reliability"] == 1.0
     assert document["reconciliation"]["recent_actions"][0]["result"] == "success"
+    # the strategy is the one acting on the open drift, not just the configured default
+    assert document["reconciliation"]["strategy"] == document_strategy(document, store)
+    operators = document["sync_configuration"]["data_sources"][-1]
+    assert (operators["id"], operators["type"]) == ("operators", "manual")
     yaml.safe_load(yaml.safe_dump(document))  # plain data, YAML-safe
+
+
+def document_strategy(document: dict[str, Any], store: TwinStore) -> str:
+    strategies = [
+        row[0] for row in store.query("SELECT strategy FROM drift_events WHERE cleared_ms IS NULL")
+    ]
+    return max(set(strategies), key=strategies.count) if strategies else "alert"
 
 
 def test_snapshot_hash_is_canonical() -> None:

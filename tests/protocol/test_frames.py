@@ -306,8 +306,11 @@ def test_command_value_is_checked() -> None:
         "attribute": "a",
         "value": {"x": 1},
         "expires_at_ms": 5,
-        "approved_by": [],
+        "approvals": [],
         "reason": "",
+        "restore_value": None,
+        "rollback_of": "",
+        "rollback_from": None,
     }
     with pytest.raises(SchemaViolation, match=r"body\.value"):
         Command.from_wire(body)

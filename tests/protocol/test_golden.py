@@ -11,12 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
-from support.keys import GATEWAY_SEED, HUB_SEED, gateway_key, hub_key, registry
+from support.keys import GATEWAY_SEED, HUB_SEED, gateway_key, hub_key, operator_key, registry
 
 from fieldtwin.protocol.frames import decode_frame, encode_frame
 from fieldtwin.protocol.messages import (
     Ack,
     AnyBody,
+    Approval,
     Birth,
     Command,
     CommandResult,
@@ -25,10 +26,13 @@ from fieldtwin.protocol.messages import (
     DeviceLink,
     Heartbeat,
     HubState,
+    OperatorRequest,
+    OperatorResponse,
     PointMeta,
     Quality,
     Rebirth,
     Sample,
+    View,
 )
 
 GOLDEN_FILE = Path(__file__).with_name("golden_frames.json")
@@ -132,9 +136,32 @@ VECTORS: dict[str, tuple[str, int, AnyBody]] = {
             "speed_sp",
             1200,
             SENT_AT + 30_000,
-            ("alice", "bob"),
+            (Approval("alice", "0123456789abcdef", bytes(range(64))),),
             "raise inflow",
+            restore_value=900,
         ),
+    ),
+    "op_req": (
+        "alice",
+        3,
+        OperatorRequest(
+            "r0123456789abcdef",
+            SENT_AT + 30_000,
+            "cmd.approve",
+            {"cmd_id": "C-000007", "approval": bytes(range(64)), "reason": "shift plan"},
+        ),
+    ),
+    "op_resp": (
+        "hub",
+        13,
+        OperatorResponse(
+            "alice", "r0123456789abcdef", False, "forbidden", "alice lacks role approver", None
+        ),
+    ),
+    "view": (
+        "hub",
+        14,
+        View("twin", "a1b2c3d4e5f6", 42, {"entities": {"tank-1": {"level": [2.5, 0, 1]}}}),
     ),
 }
 
@@ -158,7 +185,7 @@ REJECTED: dict[str, tuple[str, int, AnyBody, str]] = {
 
 def _encode(name: str) -> bytes:
     sender, seq, body = VECTORS[name]
-    key = hub_key if sender == "hub" else gateway_key
+    key = {"hub": hub_key, "alice": operator_key}.get(sender, gateway_key)
     return encode_frame(key, sender, EPOCH, seq, SENT_AT, body)
 
 

@@ -42,6 +42,7 @@ from fieldtwin.protocol.frames import Frame, FrameSigner, decode_frame, encode_f
 from fieldtwin.protocol.keys import KeyPair, KeyRegistry, PublicKey
 from fieldtwin.protocol.messages import (
     Ack,
+    Approval,
     Birth,
     Command,
     CommandResult,
@@ -345,7 +346,8 @@ class HubPeer:
         *,
         cmd_id: str | None = None,
         expires_in_s: float = 30.0,
-        approved_by: tuple[str, ...] = ("op-1",),
+        approvals: tuple[Approval, ...] = (),
+        restore_value: Value = None,
         to: str | None = None,
     ) -> str:
         cmd_id = cmd_id or uuid.uuid4().hex
@@ -356,8 +358,9 @@ class HubPeer:
             attribute=attribute,
             value=value,
             expires_at_ms=_now_ms() + int(expires_in_s * 1000),
-            approved_by=approved_by,
+            approvals=approvals,
             reason="test",
+            restore_value=restore_value,
         )
         await self.publish(downlink_topic(gateway, "cmd"), self._next_frame(command))
         return cmd_id

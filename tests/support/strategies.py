@@ -10,6 +10,7 @@ from fieldtwin.protocol.messages import (
     ID_PATTERN,
     MAX_NAME_LEN,
     Ack,
+    Approval,
     Birth,
     Command,
     CommandResult,
@@ -18,10 +19,13 @@ from fieldtwin.protocol.messages import (
     DeviceLink,
     Heartbeat,
     HubState,
+    OperatorRequest,
+    OperatorResponse,
     PointMeta,
     Quality,
     Rebirth,
     Sample,
+    View,
 )
 
 # msgpack encodes str as UTF-8, so lone surrogates cannot exist on the wire.
@@ -114,6 +118,12 @@ acks = st.builds(
     Ack, to=ids, epoch=st.integers(0, 2**63 - 1), ranges=st.lists(ranges, max_size=8).map(tuple)
 )
 rebirths = st.builds(Rebirth, to=ids, reason=texts)
+approvals = st.builds(
+    Approval,
+    operator=ids,
+    key_id=st.text("0123456789abcdef", min_size=16, max_size=16),
+    signature=st.binary(min_size=64, max_size=64),
+)
 commands = st.builds(
     Command,
     to=ids,
@@ -122,8 +132,11 @@ commands = st.builds(
     attribute=names,
     value=values,
     expires_at_ms=ts_ms,
-    approved_by=st.lists(ids, max_size=3).map(tuple),
+    approvals=st.lists(approvals, max_size=3).map(tuple),
     reason=texts,
+    restore_value=values,
+    rollback_of=st.text(_text_chars, max_size=64),
+    rollback_from=values,
 )
 command_results = st.builds(
     CommandResult,
@@ -133,6 +146,55 @@ command_results = st.builds(
     readback=values,
     readback_ts_ms=st.one_of(st.none(), ts_ms),
 )
+plain_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    texts,
+    st.binary(max_size=70),
+)
+plain = st.recursive(
+    plain_leaves,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(names, inner, max_size=4)),
+    max_leaves=12,
+)
+req_ids = st.text("abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=16, max_size=64)
+op_names = st.from_regex(r"[a-z][a-z0-9_]{0,8}(\.[a-z][a-z0-9_]{0,8}){0,2}", fullmatch=True)
+operator_requests = st.builds(
+    OperatorRequest,
+    req_id=req_ids,
+    expires_at_ms=ts_ms,
+    op=op_names,
+    args=st.dictionaries(names, plain, max_size=6),
+)
+operator_responses = st.builds(
+    OperatorResponse,
+    to=ids,
+    req_id=req_ids,
+    ok=st.booleans(),
+    code=st.text(_text_chars, max_size=32),
+    error=texts,
+    result=plain,
+)
+views = st.builds(
+    View,
+    stream=ids,
+    instance=st.text(_text_chars, min_size=1, max_size=64),
+    view_seq=st.integers(0, 2**63 - 1),
+    data=st.dictionaries(names, plain, max_size=6),
+)
 bodies = st.one_of(
-    births, datas, deaths, acks, rebirths, commands, command_results, heartbeats, hub_states
+    births,
+    datas,
+    deaths,
+    acks,
+    rebirths,
+    commands,
+    command_results,
+    operator_requests,
+    operator_responses,
+    views,
+    heartbeats,
+    hub_states,
 )
