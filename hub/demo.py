@@ -10,11 +10,12 @@ imports neither agent nor simulator code. Keys, configs and databases live under
 on the first run and reused afterwards, configs are rewritten on every run (the
 simulator's ports change). Component logs go to ``STATE/logs/``.
 
-Interactive, it redraws the twin and its alarms every ``--refresh`` seconds until
-Ctrl+C. ``--headless --duration S --report FILE`` runs unattended, then writes the
-sync report (sync_report shape) and exits 1 if the pipeline broke: a component died,
-a gateway delivered nothing, a declared entity never reached the twin, or the twin
-does not match the simulator's ground truth within tolerance.
+Interactive, it opens the operator console (hub/console/) logged in as the demo
+operator, and prints the simulator's control address and a fault to inject; quitting
+the console (q) stops everything. ``--headless --duration S --report FILE`` runs
+unattended, then writes the sync report (sync_report shape) and exits 1 if the
+pipeline broke: a component died, a gateway delivered nothing, a declared entity
+never reached the twin, or the twin does not match the simulator's ground truth within tolerance.
 
 With ``--broker URL`` each component logs in with the password in
 ``STATE/keys/<user>.password`` when that file exists (users: ``hub`` and the gateway
@@ -28,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -612,7 +612,12 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--headless", action="store_true", help="no live view; needs --duration")
     demo.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     demo.add_argument("--report", type=Path, default=None, help="write the sync report (JSON) here")
-    demo.add_argument("--refresh", type=float, default=2.0, help="live view refresh (s, default 2)")
+    demo.add_argument(
+        "--refresh",
+        type=float,
+        default=2.0,
+        help="unused since the interactive demo opens the console (kept for old scripts)",
+    )
     demo.add_argument(
         "--no-commands",
         action="store_true",
@@ -675,8 +680,8 @@ async def run_demo(options: PlantOptions, args: argparse.Namespace) -> int:
             if plant.dead():
                 break
             if interactive:
-                with contextlib.suppress(HubError):
-                    print(await live_screen(plant), end="", flush=True)
+                await console_view(plant, stop, deadline)
+                break
             wait = args.refresh if interactive else 1.0
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
@@ -830,43 +835,62 @@ async def gather_facts(plant: Plant, duration_s: float) -> RunFacts:
     )
 
 
-async def live_screen(plant: Plant) -> str:
-    from fieldtwin.hub.render import alarms_table, entities_table, render_table
+DEMO_OPERATOR = "alice"
+"""The interactive demo opens the console as this operator (examples/hub.toml)."""
 
-    status, entities, alarms = await asyncio.gather(
-        plant.call("/api/status"),
-        plant.call("/api/twin"),
-        plant.call("/api/alarms", {"state": ["active", "acknowledged", "shelved"]}),
-    )
-    now = int(time.time() * 1000)
-    links = render_table(
-        ["gateway", "link", "frames", "points", "last frame"],
-        [
-            [
-                g["id"],
-                "up" if g["up"] else "DOWN",
-                g["frames"],
-                g["points"],
-                f"{g['last_frame_age_s']:.1f}s ago"
-                if g.get("last_frame_age_s") is not None
-                else "never",
-            ]
-            for g in status["gateways"]
-        ],
-    )
-    dead = ", ".join(c.name for c in plant.dead())
-    header = (
-        f"fieldtwin demo — twin {status['twin_id']}  {_iso(now)}  broker {plant.broker_url}\n"
-        f"frames {status['frames_accepted']} accepted, {sum(status['frames_rejected'].values())} "
-        f"rejected; points applied {status['points_applied']}; ingest lag "
-        f"{status['ingest_lag_s'] * 1000:.0f} ms; alarms {status['alarms_active']}"
-        + (f"\nDEAD: {dead}" if dead else "")
-        + "\n\n"
-    )
-    alarm_text = alarms_table(alarms) if alarms else "no active alarms\n"
-    screen = header + links + "\n" + entities_table(entities, now) + "\n" + alarm_text
-    screen += (
-        f"\nCtrl+C stops everything; try 'fieldtwin twin show --state-dir {plant.layout.root}'\n"
-    )
-    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and os.environ.get("TERM") != "dumb" else "\n"
-    return clear + screen
+
+def demo_hints(plant: Plant) -> list[str]:
+    """What the demo prints and the console's help shows: how to poke this plant."""
+    control = plant.endpoints.get("control", "127.0.0.1:17100")
+    root = plant.layout.root
+    return [
+        f"state {root} (logs in {plant.layout.logs}); broker {plant.broker_url}",
+        f"simulator control address: {control}",
+        "inject a fault (in another terminal, with the virtualenv active):",
+        f"  fieldtwin sim fault inject stuck --point tank-1.level --value 4.9 --control {control}",
+        f"  fieldtwin sim fault clear --all --control {control}",
+        "approve as the second person (two-person rule):",
+        f"  fieldtwin console --state-dir {root} --operator bob",
+    ]
+
+
+async def console_view(plant: Plant, stop: asyncio.Event, deadline: float | None) -> None:
+    """The interactive demo: the operator console, logged in as the demo operator, until
+    the operator quits (q), the demo is stopped (SIGTERM) or ``--duration`` is over."""
+    from fieldtwin.hub.console.app import ConsoleApp
+    from fieldtwin.hub.opclient import OperatorClient, OperatorProfile
+
+    hints = demo_hints(plant)
+    for hint in hints:
+        print(hint)
+    profile = OperatorProfile.load(plant.layout.operator_profile(DEMO_OPERATOR))
+    app = ConsoleApp(lambda: OperatorClient(profile), hints=hints)
+
+    async def watch() -> None:
+        reported: set[str] = set()
+        while not stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            for component in plant.dead():
+                if component.name not in reported:
+                    reported.add(component.name)
+                    app.notify(
+                        f"{component.name} exited ({component.returncode}); see "
+                        f"{component.log_path}",
+                        title="demo component died",
+                        severity="error",
+                        timeout=30,
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+        app.exit()
+
+    watcher = asyncio.create_task(watch(), name="demo-watch")
+    try:
+        await app.run_async()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    for hint in hints[1:5]:
+        print(hint)

@@ -201,6 +201,19 @@ class OperatorClient:
                 except asyncio.QueueFull:
                     self.views_dropped += 1
 
+    @property
+    def link_error(self) -> str | None:
+        """Why the broker connection ended (its reader stopped), or None while it is up."""
+        reader = self._reader
+        if self.client is None or reader is None:
+            return "not connected"
+        if not reader.done():
+            return None
+        if reader.cancelled():
+            return "disconnected"
+        error = reader.exception()
+        return str(error) if error is not None else "disconnected"
+
     async def views(self) -> AsyncIterator[View]:
         while True:
             yield await self._views.get()

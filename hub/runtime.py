@@ -13,8 +13,8 @@ and operators' requests, receive, reconnect with jittered exponential backoff),
 signed ack per gateway at most every ``ack_interval_ms``), ``hub-drift`` (the sync
 cycle every ``drift.interval_s``), ``hub-commands`` (command deadlines and
 verification, four times a second), ``hub-operators`` (the operator channel),
-``hub-watchdog`` (systemd notify, when run under systemd). The API is served by aiohttp
-on the same loop.
+``hub-watchdog`` (systemd notify, when run under systemd), ``hub-views`` (signed console
+view deltas, hub/views.py). The API is served by aiohttp on the same loop.
 
 Back-pressure: the receive queue holds at most ``ingest.queue_max_frames`` frames. When
 the database falls behind, the MQTT reader waits for room instead of reading on, so the
@@ -159,6 +159,7 @@ class Hub:
                 group.create_task(self._command_loop(), name="hub-commands")
                 group.create_task(self._operator_loop(), name="hub-operators")
                 group.create_task(self._watchdog(), name="hub-watchdog")
+                group.create_task(self._view_loop(), name="hub-views")
         finally:
             self._stopping = True
             _sd_notify("STOPPING=1")
@@ -447,6 +448,33 @@ class Hub:
             task = asyncio.create_task(publish(effects), name="hub-operator-answer")
             pending.add(task)
             task.add_done_callback(pending.discard)
+
+    # -- console views (hub/views.py) -------------------------------------------------
+
+    async def _view_loop(self) -> None:
+        """Publish coalesced, signed view deltas a few times a second, at QoS 0.
+
+        Nothing queues: a tick computes what changed since the last one, and while the
+        broker is unreachable ticks go on (so no backlog builds up); consoles that miss
+        frames see the seq gap and take a fresh snapshot."""
+        from fieldtwin.hub.views import INTERVAL_S
+
+        while True:
+            _stop_if_cancelled()
+            await asyncio.sleep(INTERVAL_S)
+            try:
+                frames = await self.db(self.service.view_tick)
+            except HubError as exc:
+                log.error("view tick failed", extra=fields(error=str(exc)))
+                continue
+            client = self.client
+            if client is None:
+                continue
+            for frame in frames:
+                try:
+                    await within(5, client.publish(frame.topic, frame.payload, qos=0))
+                except (aiomqtt.MqttError, TimeoutError):
+                    break
 
     # -- systemd -----------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fieldtwin.hub import queries
 from fieldtwin.hub.alarms import Alarm, AlarmBook, Transition, planned_actions
@@ -78,6 +78,9 @@ from fieldtwin.protocol.messages import (
     Value,
 )
 from fieldtwin.protocol.topics import downlink_topic, operator_response_topic
+
+if TYPE_CHECKING:
+    from fieldtwin.hub.views import ViewFeed
 
 log = logging.getLogger("fieldtwin.hub")
 
@@ -1218,6 +1221,37 @@ class HubService:
             return self.status()
         raise OperatorRefused(f"unknown query {op}", code="invalid")
 
+    # -- console views (hub/views.py) --------------------------------------------------------
+
+    def view_feed(self) -> ViewFeed:
+        """The console feed (hub/views.py), created on first use."""
+        from fieldtwin.hub.views import ViewFeed
+
+        feed: ViewFeed | None = getattr(self, "_view_feed", None)
+        if feed is None:
+            feed = self._view_feed = ViewFeed(self)
+        return feed
+
+    def view_tick(self) -> list[Outbound]:
+        """Signed view deltas since the last tick, for the runtime to publish (QoS 0)."""
+        return self.view_feed().tick(self.now_ms())
+
+    def op_view_snapshot(self, request: VerifiedRequest, args: Mapping[str, Any], now: int) -> Any:
+        return self.view_feed().snapshot(request.operator, args, now)
+
+    def op_view_history(self, request: VerifiedRequest, args: Mapping[str, Any], now: int) -> Any:
+        from fieldtwin.hub.views import HISTORY_BUCKETS, history_series
+
+        self._queried()
+        return history_series(
+            self.store,
+            _text(args, "entity"),
+            _text(args, "attribute"),
+            queries.parse_time(str(args.get("from", "1h")), now),
+            queries.parse_time(str(args.get("to", "now")), now),
+            _int(args, "buckets", HISTORY_BUCKETS),
+        )
+
     # -- queries (API, CLI, consoles) --------------------------------------------------------
 
     def entities(
@@ -1622,5 +1656,7 @@ OPERATIONS: dict[str, Operation] = {
     "alarm.shelve": Operation("alarm.shelve", HubService.op_alarm, True),
     "alarm.unshelve": Operation("alarm.unshelve", HubService.op_alarm, True),
     **{name: Operation(READ, HubService.op_query, False) for name in _QUERIES},
+    "view.snapshot": Operation(READ, HubService.op_view_snapshot, False),
+    "view.history": Operation(READ, HubService.op_view_history, False),
 }
 """Every operation of the operator channel: the permission it needs and its handler."""

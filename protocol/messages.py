@@ -848,6 +848,9 @@ OP_PATTERN = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 MAX_ARGS = 64
 
 
+_PLAIN_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+
+
 def _plain(value: object, path: str, depth: int = 0) -> Any:
     """Arguments and results are plain data: nil, bool, int, float, text, bytes, lists
     and string-keyed maps, nested at most 8 deep (msgpack has already bounded sizes)."""
@@ -860,6 +863,12 @@ def _plain(value: object, path: str, depth: int = 0) -> Any:
     if depth >= 8:
         raise _fail(path, "data nested at most 8 deep", value)
     if isinstance(value, list):
+        # fast path (C-speed passes): a list of scalars, e.g. a view's table row or column
+        kinds = set(map(type, value))
+        if kinds <= _PLAIN_SCALARS and (
+            float not in kinds or all(math.isfinite(v) for v in value if type(v) is float)
+        ):
+            return value
         return [_plain(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
     if isinstance(value, dict):
         out: dict[str, Any] = {}

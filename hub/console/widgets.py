@@ -1,0 +1,244 @@
+"""Widgets shared by the console's screens: the header and the live table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rich.style import Style
+from rich.text import Text
+from textual.binding import Binding, BindingType
+from textual.geometry import Size
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+from textual.widgets import DataTable, Static
+
+from fieldtwin.hub.console import fmt
+
+if TYPE_CHECKING:
+    from fieldtwin.hub.console.app import ConsoleApp
+
+
+class ConsoleHeader(Static):
+    """One line: hub link, operator and role, alarm and approval counts, pause."""
+
+    DEFAULT_CSS = """
+    ConsoleHeader { height: 1; background: $panel; color: $text; }
+    """
+
+    def on_mount(self) -> None:
+        self.update_from(self.app)  # type: ignore[arg-type]
+
+    def update_from(self, app: ConsoleApp) -> None:
+        self.update(header_text(app))
+
+
+def header_text(app: ConsoleApp) -> Text:
+    session = app.session
+    model = app.model
+    now = app.clock()
+    text = Text(no_wrap=True, overflow="ellipsis")
+    since = session.down_since(now)
+    if not since:
+        text.append(" ● hub online ", style="bold green")
+    else:
+        seconds = max(0, (now - since) // 1000)
+        text.append(
+            f" ✖ hub unreachable since {fmt.clock(since)} ({seconds}s) ", style="bold white on red"
+        )
+    who = session.whoami
+    if who:
+        roles = ",".join(who.get("roles", [])) or "no role"
+        text.append(f" {who.get('operator')}", style="bold")
+        text.append(f" {roles}")
+    counts = model.alarm_counts()
+    flood = model.flood(now)
+    if flood:
+        text.append(f"  ⚠ FLOOD {flood}/10min", style="bold white on red")
+    if counts["total"]:
+        style = "bold red" if counts["critical"] else "bold yellow"
+        text.append(f"  ▲ {counts['total']} alarms", style=style)
+        detail = []
+        if counts["critical"]:
+            detail.append(f"{counts['critical']} crit")
+        if counts["unacked"]:
+            detail.append(f"{counts['unacked']} unacked")
+        if detail:
+            text.append(f" ({', '.join(detail)})", style=style)
+    else:
+        text.append("  ✔ no alarms", style="green")
+    pending = len(model.pending_approvals())
+    if pending:
+        text.append(f"  ◇ {pending} to approve", style="bold cyan")
+    if app.paused:
+        text.append("  ⏸ PAUSED", style="bold black on yellow")
+    twin = model.hub.get("twin_id")
+    if twin:
+        text.append(f"  {twin}", style="dim")
+    if since:
+        text.append(f"  {session.why_down()}", style="dim")
+    return text
+
+
+class LiveTable(DataTable[Any]):
+    """A DataTable that tells which rows are on screen and when that changes, so the
+    screens compute cells only for visible rows (the rest are marked and done when they
+    scroll into view)."""
+
+    def __init__(self, *args: Any, on_scroll: Callable[[], None] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self._on_scroll = on_scroll
+
+    def visible_range(self) -> tuple[int, int]:
+        start = int(self.scroll_y)
+        height = max(0, self.size.height - (self.header_height if self.show_header else 0))
+        return start, min(self.row_count, start + height + 1)
+
+    def watch_scroll_y(self, old: float, new: float) -> None:
+        super().watch_scroll_y(old, new)
+        if self._on_scroll is not None and int(old) != int(new):
+            self._on_scroll()
+
+    def selected_key(self) -> str | None:
+        if not self.row_count:
+            return None
+        try:
+            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
+        except Exception:
+            return None
+        return None if key.value is None else str(key.value)
+
+    def select_key(self, key: str | None) -> None:
+        if key is not None and key in self.rows:
+            self.move_cursor(row=self.get_row_index(key), animate=False, scroll=True)
+
+
+class VirtualTable(ScrollView, can_focus=True):
+    """A table that draws only the rows on screen, straight from the model.
+
+    Rows are keys; their cells come from ``cells(key)`` when a row is drawn, so a value
+    that changes costs nothing until its row is on screen, and ages tick by redrawing
+    the visible rows (about 50 of 5,000). The DataTable keeps every cell and measures
+    each new row, which at 5,000 rows takes seconds (see docs/console.md).
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("up", "cursor(-1)", "Up", show=False),
+        Binding("down", "cursor(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home", "edge(0)", "Top", show=False),
+        Binding("end", "edge(1)", "Bottom", show=False),
+    ]
+    DEFAULT_CSS = """
+    VirtualTable { height: 1fr; }
+    VirtualTable > .virtual-table--header { text-style: bold; background: $panel; }
+    VirtualTable > .virtual-table--cursor { background: $block-cursor-background;
+        color: $block-cursor-foreground; text-style: bold; }
+    VirtualTable:blur > .virtual-table--cursor { background: $block-cursor-blurred-background;
+        text-style: none; }
+    """
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
+        "virtual-table--header",
+        "virtual-table--cursor",
+    }
+
+    def __init__(
+        self,
+        columns: Sequence[tuple[str, str, int]],
+        cells: Callable[[str], Sequence[Any]],
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.columns = list(columns)
+        self.cells = cells
+        self.keys: list[str] = []
+        self.cursor = 0
+        self.rows_drawn = 0
+        self._width = sum(width + 2 for _, _, width in self.columns)
+
+    @property
+    def row_count(self) -> int:
+        return len(self.keys)
+
+    def set_rows(self, keys: list[str]) -> None:
+        selected = self.selected_key()
+        self.keys = keys
+        self.virtual_size = Size(self._width, len(keys) + 1)
+        self.select_key(selected)
+        if self.cursor >= len(keys):
+            self.cursor = max(0, len(keys) - 1)
+        self.refresh()
+
+    def selected_key(self) -> str | None:
+        return self.keys[self.cursor] if 0 <= self.cursor < len(self.keys) else None
+
+    def select_key(self, key: str | None) -> None:
+        if key is None:
+            return
+        try:
+            self.cursor = self.keys.index(key)
+        except ValueError:
+            return
+        self._show_cursor()
+
+    def visible_range(self) -> tuple[int, int]:
+        start = int(self.scroll_y)
+        return start, min(len(self.keys), start + max(0, self.size.height - 1))
+
+    def _show_cursor(self) -> None:
+        start, _ = self.visible_range()
+        height = max(1, self.size.height - 1)
+        if self.cursor < start:
+            self.scroll_to(y=self.cursor, animate=False)
+        elif self.cursor >= start + height:
+            self.scroll_to(y=self.cursor - height + 1, animate=False)
+        self.refresh()
+
+    def action_cursor(self, step: int) -> None:
+        if self.keys:
+            self.cursor = min(len(self.keys) - 1, max(0, self.cursor + step))
+            self._show_cursor()
+
+    def action_page(self, direction: int) -> None:
+        self.action_cursor(direction * max(1, self.size.height - 2))
+
+    def action_edge(self, end: int) -> None:
+        self.action_cursor(len(self.keys) if end else -len(self.keys))
+
+    def on_click(self, event: Any) -> None:
+        if event.y >= 1:
+            index = int(self.scroll_y) + event.y - 1
+            if 0 <= index < len(self.keys):
+                self.cursor = index
+                self.refresh()
+
+    def _line(self, cells: Sequence[Any], style: Style | None) -> Strip:
+        line = Text(no_wrap=True)
+        for (_, _, width), value in zip(self.columns, cells, strict=False):
+            text = value.copy() if isinstance(value, Text) else Text(str(value))
+            text.truncate(width, overflow="ellipsis", pad=True)
+            line.append(" ")
+            line.append_text(text)
+            line.append(" ")
+        if style is not None:
+            line.stylize(style)
+        return Strip(line.render(self.app.console), line.cell_len)
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        width = self.size.width
+        base = self.rich_style
+        if y == 0:
+            header = self.get_component_rich_style("virtual-table--header")
+            strip = self._line([label for _, label, _ in self.columns], base + header)
+        else:
+            index = scroll_y + y - 1
+            if index >= len(self.keys):
+                return Strip.blank(width, base)
+            style = base
+            if index == self.cursor:
+                style = base + self.get_component_rich_style("virtual-table--cursor")
+            strip = self._line(self.cells(self.keys[index]), style)
+            self.rows_drawn += 1
+        return strip.crop_extend(scroll_x, scroll_x + width, base)
