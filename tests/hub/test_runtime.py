@@ -297,3 +297,44 @@ async def test_a_loop_stops_even_when_a_library_swallows_its_cancellation() -> N
     assert done, "the loop ran on after its cancellation was swallowed"
     assert task.cancelled()
     assert turns >= 2
+
+
+async def test_a_stalled_database_pauses_reading_from_the_broker_and_loses_nothing(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Bounded ingest: while the database thread is stuck, at most queue_max_frames wait
+    in memory, the hub stops taking messages from the broker (QoS 1 keeps them there),
+    the pause is counted, and every frame is stored once the database is back."""
+    import threading
+
+    files = write_hub_config(
+        tmp_path,
+        broker_url=broker.url,
+        password=broker.passwords["hub"],
+        client_id="ft-hub-bounded",
+        queue_max=10,
+        silent_s=300,
+        missing_s=600,
+    )
+    frames = 300
+    async with running_hub(files.config) as hub, Gateway(broker, files) as gw:
+        stall = threading.Event()
+        hub._db.submit(stall.wait, 60)  # the database thread is busy (a slow disk, say)
+        t = now_ms()
+        for i in range(frames):
+            await gw.send(gw.signer.data([sample("tank-1", "level", 1.0 + i / 1000, t + i)]))
+        await wait_for(lambda: hub.metrics.ingest_paused > 0, within=30)
+        high_water = 0
+        for _ in range(20):
+            high_water = max(high_water, hub.queue.qsize())
+            await asyncio.sleep(0.05)
+        assert high_water <= 10
+        stall.set()
+        await wait_for(lambda: gw.acked(frames), within=60)
+        rows = await hub.db(
+            hub.service.store.query,
+            "SELECT count(*), count(DISTINCT ts_ms) FROM history WHERE attribute = 'level'",
+        )
+        assert rows == [(frames, frames)]
+        metrics = await asyncio.to_thread(_get, hub, "/metrics")
+        assert "fieldtwin_hub_ingest_paused_total" in metrics

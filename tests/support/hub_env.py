@@ -59,6 +59,7 @@ gap_timeout_s = 0.5
 rebirth_min_interval_s = 1.0
 ack_interval_ms = 50
 batch_window_ms = 2
+queue_max_frames = {queue_max}
 
 [drift]
 interval_s = {drift_interval_s}
@@ -193,6 +194,7 @@ def write_hub_config(
     frozen_s: float = 5.0,
     drift_interval_s: float = 0.2,
     verify_s: float = 10.0,
+    queue_max: int = 10_000,
     extra: str = "",
 ) -> HubFiles:
     directory.mkdir(parents=True, exist_ok=True)
@@ -219,6 +221,7 @@ def write_hub_config(
             frozen_s=frozen_s,
             drift_interval_s=drift_interval_s,
             verify_s=verify_s,
+            queue_max=queue_max,
             extra=extra,
         )
     )
