@@ -16,7 +16,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -163,6 +163,8 @@ class BrokerConfig:
     backlog_window: int = 8
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    heartbeat_s: float = 5.0
+    """How often the agent tells the hub it is alive, with its devices' link states."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +404,7 @@ def _broker(section: Section, gateway: str) -> BrokerConfig:
         backlog_window=section.integer("backlog_window", 8, min=1, max=1000),
         reconnect_min_s=section.number("reconnect_min_s", 0.5, min=0.05, max=60),
         reconnect_max_s=section.number("reconnect_max_s", 30.0, min=0.1, max=3600),
+        heartbeat_s=section.number("heartbeat_s", 5.0, min=0.5, max=300),
     )
     if config.reconnect_max_s < config.reconnect_min_s:
         raise section.error("reconnect_max_s", "must be at least reconnect_min_s")
@@ -510,7 +513,9 @@ def _device(section: Section, index: int) -> DeviceConfig:
             seq_field=section.integer("seq_field", -1, min=-1, max=64),
         )
     points = tuple(
-        _point(p, protocol, defaults, device_id) for p in section.sections("points", required=True)
+        point
+        for p in section.sections("points", required=True)
+        for point in _points(p, protocol, defaults, device_id)
     )
     section.finish()
     return DeviceConfig(points=points, **kwargs)
@@ -602,6 +607,102 @@ def _valid_range(section: Section, dtype: str, defaults: dict[str, Any]) -> dict
 
 
 _TABLE_SHORT = {"holding": "hr", "input": "ir", "coil": "co", "discrete": "di"}
+
+# -- register ranges ----------------------------------------------------------------------
+
+RANGE_PLACEHOLDER = re.compile(r"\{(i|n|address)(?::0([1-9]))?\}")
+"""``{i}`` (0-based index in the range), ``{n}`` (1-based), ``{address}``; ``{i:03}``
+pads with zeros to 3 digits (docs/agent.md, "Register ranges")."""
+
+
+def _points(
+    section: Section, protocol: str, defaults: dict[str, Any], device: str
+) -> list[PointConfig]:
+    """One ``[[devices.points]]`` entry: a point, or with ``count`` a register range."""
+    if not section.has("count"):
+        return [_point(section, protocol, defaults, device)]
+    return _point_range(section, protocol, defaults, device)
+
+
+def _expand(template: str, index: int, address: int) -> str:
+    def value(match: re.Match[str]) -> str:
+        name, width = match.groups()
+        number = {"i": index, "n": index + 1, "address": address}[name]
+        return f"{number:0{width}d}" if width else str(number)
+
+    return RANGE_PLACEHOLDER.sub(value, template)
+
+
+def _point_range(
+    section: Section, protocol: str, defaults: dict[str, Any], device: str
+) -> list[PointConfig]:
+    """``count`` points at ``address``, ``address + stride``, …, named by patterns.
+
+    The entry is validated as one point (its first), so every error names the entry's
+    keys; each expanded name is then checked like a hand-written one.
+    """
+    if protocol not in ("modbus-tcp", "modbus-rtu"):
+        raise section.error(
+            "count", "a register range (count) is for Modbus points; list other points one by one"
+        )
+    count = section.integer("count", min=1, max=65536)
+    stride_key = section.integer("stride", None, min=1, max=MAX_REGISTERS_PER_READ)
+    templates = {}
+    for key in ("entity", "attribute"):
+        text = section.text(key)
+        leftover = RANGE_PLACEHOLDER.sub("", text)
+        if "{" in leftover or "}" in leftover:
+            raise section.error(
+                key,
+                f"{text!r}: a range names its points with {{i}}, {{n}} or {{address}} "
+                "(zero-padded: {i:03}); other braces are not allowed",
+            )
+        templates[key] = text
+    if count > 1 and not any(RANGE_PLACEHOLDER.search(t) for t in templates.values()):
+        raise section.error(
+            "attribute",
+            f"a range of {count} points needs {{i}}, {{n}} or {{address}} in entity or "
+            "attribute, or every point would have the same name (e.g. attribute = 'hr{address}')",
+        )
+    address = section.integer("address", min=0, max=65535)
+    first = dict(section.data)
+    for key in ("count", "stride"):
+        first.pop(key, None)
+    first["entity"] = _expand(templates["entity"], 0, address)
+    first["attribute"] = _expand(templates["attribute"], 0, address)
+    # Validated as one point: the copy refuses unknown keys with this entry's key path.
+    template = _point(Section(first, section.file, section.prefix), protocol, defaults, device)
+    stride = stride_key or template.register_count
+    last = address + (count - 1) * stride
+    if last + template.register_count > 65536:
+        raise section.error(
+            "count",
+            f"{count} points from address {address} every {stride} run past address 65535",
+        )
+    where = _TABLE_SHORT[template.table]
+    points = []
+    for index in range(count):
+        at = address + index * stride
+        entity = _expand(templates["entity"], index, at)
+        attribute = _expand(templates["attribute"], index, at)
+        if ENTITY_PATTERN.fullmatch(entity) is None:
+            raise section.error("entity", f"point {index} would be named {entity!r}: not an id")
+        if ATTRIBUTE_PATTERN.fullmatch(attribute) is None or len(attribute) > MAX_NAME_LEN:
+            raise section.error(
+                "attribute", f"point {index} would be named {attribute!r}: not an attribute"
+            )
+        end = at + template.register_count - 1
+        span = f"{at}-{end}" if end > at else f"{at}"
+        points.append(
+            replace(
+                template,
+                entity=entity,
+                attribute=attribute,
+                address=at,
+                source=f"{device} unit {template.unit_id} {where} {span}",
+            )
+        )
+    return points
 
 
 def _modbus_point(

@@ -33,12 +33,23 @@ from fieldtwin.agent.status import STATUS_FORMAT, write_status
 from fieldtwin.agent.takeover import TakeoverDetector
 from fieldtwin.agent.uplink import Uplink
 from fieldtwin.agent.util import Backoff, Throttle, cancel_and_wait, now_ms, within
+from fieldtwin.protocol.births import split_birth
 from fieldtwin.protocol.config import ConfigError
-from fieldtwin.protocol.errors import ProtocolError
+from fieldtwin.protocol.errors import FrameTooLarge, ProtocolError
 from fieldtwin.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameSigner
 from fieldtwin.protocol.keys import KeyRegistry, PublicKey, load_private_key, load_public_key
 from fieldtwin.protocol.logfmt import fields
-from fieldtwin.protocol.messages import Birth, PointMeta, Quality, Sample, Value
+from fieldtwin.protocol.messages import (
+    MAX_BIRTH_PARTS,
+    MAX_INT,
+    MIN_INT,
+    Birth,
+    DeviceLink,
+    PointMeta,
+    Quality,
+    Sample,
+    Value,
+)
 
 log = logging.getLogger("fieldtwin.agent")
 
@@ -54,12 +65,21 @@ def _version() -> str:
 
 
 class SamplerSink:
-    """The drivers' ``Sink``: stamps ``now`` and hands readings to the sampler."""
+    """The drivers' ``Sink``: stamps ``now`` and hands readings to the sampler.
+
+    Wire integers are signed 64-bit; a uint64 reading above 2^63-1 goes on as the
+    nearest float with UNCERTAIN quality (docs/protocol.md, "Values"), never as a value
+    the hub would refuse (a refused frame would be resent forever).
+    """
 
     def __init__(self, sampler: Sampler) -> None:
         self.sampler = sampler
 
     def offer(self, index: int, value: Value, ts_ms: int, quality: Quality) -> None:
+        if type(value) is int and not MIN_INT <= value <= MAX_INT:
+            value = float(value)
+            if quality == Quality.GOOD:
+                quality = Quality.UNCERTAIN
         self.sampler.offer(index, value, ts_ms, quality, now_ms())
 
     def fail(self, index: int) -> None:
@@ -245,7 +265,9 @@ class Agent:
             on_command=self._on_command,
             backlog_samples_per_s=buffer.backlog_samples_per_s,
             ack_timeout_s=buffer.ack_timeout_s,
+            device_states=self.device_states,
         )
+        self._device_since: dict[str, tuple[bool, int]] = {}
         approvals = config.approvals
         approver_keys: dict[str, tuple[PublicKey, ...]] = {}
         for operator, files in approvals.keys.items():
@@ -280,8 +302,9 @@ class Agent:
                 max=p.max,
                 interval_ms=p.interval_ms,
                 source=p.source[:512],
+                device=device_id,
             )
-            for _, p in self.point_list
+            for device_id, p in self.point_list
         )
         self._info = {
             "agent": "fieldtwin-agent",
@@ -300,6 +323,7 @@ class Agent:
     # -- wiring -----------------------------------------------------------------------
 
     def _check_birth_size(self) -> None:
+        """Refuse at start a gateway whose birth cannot travel even in parts."""
         worst = Birth(
             self._metas,
             tuple(
@@ -312,17 +336,43 @@ class Agent:
                 )
                 for _, p in self.point_list
             ),
-            1,
+            2**62,
             self._info,
+            session=2**62,
             state_seqs=tuple(2**62 for _ in self.point_list),
         )
-        size = len(self.signer.encode(2**62, 2**62, 2**62, worst))
-        if size > DEFAULT_MAX_FRAME_BYTES * 0.9:
+        try:
+            split_birth(worst, 2**62, DEFAULT_MAX_FRAME_BYTES)
+        except FrameTooLarge as exc:
             raise AgentError(
-                f"{self.config.file}: {len(self._metas)} points make a birth of {size} bytes, "
-                f"over the {DEFAULT_MAX_FRAME_BYTES}-byte frame limit; split the devices "
-                "over two gateways"
-            )
+                f"{self.config.file}: {len(self._metas)} points make a birth too large for "
+                f"{MAX_BIRTH_PARTS} frames of {DEFAULT_MAX_FRAME_BYTES} bytes ({exc}); split "
+                "the devices over two gateways"
+            ) from None
+
+    def device_states(self) -> tuple[DeviceLink, ...]:
+        """Each device's link state for heartbeats; ``since_ms`` is when it last changed.
+
+        Up while connected and not failing. Failing means no request succeeded for three
+        polling intervals (at least 5 s) and the latest one failed: one dead unit on a bus
+        whose other units answer does not take the bus down (its points go BAD instead).
+        """
+        now = now_ms()
+        links = []
+        for driver in self.drivers:
+            stats = driver.stats
+            window = max(5000, 3 * min((p.interval_ms for _, p in driver.points), default=0))
+            success = stats.last_success_ms or 0
+            failing = (stats.last_failure_ms or 0) > success and now - success > window
+            up = stats.connected and not failing
+            held = self._device_since.get(driver.id)
+            if held is None or held[0] != up:
+                # down: since it last answered; up: since now (it answers again)
+                changed = now if up else (stats.last_success_ms or now)
+                held = self._device_since[driver.id] = (up, changed)
+            error = "" if up else (stats.last_error or "not connected")[:512]
+            links.append(DeviceLink(driver.id, up, held[1], error))
+        return tuple(links)
 
     def birth(self, low_water: int) -> Birth:
         """Point metadata plus the last *committed* sample of each point, with its frame.

@@ -94,6 +94,22 @@ def _size(nbytes: int) -> str:
     return f"{size:.1f} GiB"
 
 
+def _acks_line(uplink: dict[str, Any], buffer: dict[str, Any], now: int) -> str:
+    """Whether a hub acknowledges what this agent sends, and since when it does not."""
+    since = uplink.get("no_ack_since_ms")
+    last = uplink.get("last_ack_ms")
+    if since:
+        every = uplink.get("resend_interval_s") or 0
+        return (
+            f"acks     NO HUB HAS ACKNOWLEDGED since {_when(since, now)}; "
+            f"{int(buffer.get('frames', 0)):,} frames waiting, resent after "
+            f"{every:.0f} s without an ack (backing off)"
+        )
+    if last:
+        return f"acks     last ack from the hub {_when(last, now)}"
+    return "acks     no ack from a hub yet"
+
+
 def render_status(status: dict[str, Any], *, live: bool, now_ms: int | None = None) -> str:
     now = int(time.time() * 1000) if now_ms is None else now_ms
     lines: list[str] = []
@@ -144,6 +160,7 @@ def render_status(status: dict[str, Any], *, live: bool, now_ms: int | None = No
             f"{uplink.get('backlog_frames', 0):,} from backlog, "
             f"{uplink.get('resent_frames', 0):,} resent"
         )
+        lines.append(_acks_line(uplink, buffer, now))
     implausible = status.get("implausible_points") or {}
     if implausible:
         worst = sorted(implausible.items(), key=lambda item: -item[1])

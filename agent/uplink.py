@@ -16,12 +16,23 @@ Session behaviour (docs/protocol.md, "Session behaviour"; docs/agent.md, "Uplink
 * Live lane first: fresh frames, a window of ``live_window`` publishes in flight.
   Backlog lane: its own window and a token bucket in samples/s, so a long outage drains
   at a bounded rate while live data keeps flowing.
-* A live (not retained) ``online`` on the hub state topic, or a verified ``rebirth``,
-  makes the agent publish a birth and resend every unacknowledged frame. A frame not
-  acknowledged within ``ack_timeout_s`` while the hub is not known to be offline is
-  resent too. The hub de-duplicates by (sender, epoch, seq), so resending is safe.
+* A birth larger than one frame goes out in parts (``fieldtwin.protocol.births``), each
+  with a fresh seq; part 0's seq names the birth (and, for the first birth of a
+  connection, the session).
+* The hub state is a signed ``hub_state`` frame (``fieldtwin.protocol.presence``): a
+  new hub session seen live (not retained), or a verified ``rebirth``, makes the agent
+  publish a birth and resend every unacknowledged frame. An unsigned, badly signed or
+  replayed hub state is refused, counted and logged (rate-limited).
+* A frame not acknowledged within ``ack_timeout_s`` while the hub is not known to be
+  offline is resent; with no ack at all, each further round waits twice as long (up
+  to 16 x ``ack_timeout_s``), and ``agent status`` says since when no hub acknowledged.
+  The hub de-duplicates by (sender, epoch, seq), so resending is safe.
+* Every ``heartbeat_s`` an unsequenced, signed ``heartbeat`` (QoS 0: never queued for
+  later) tells the hub the agent and its connection are alive, with each device's link
+  state, whether or not any device has data.
 * Every downlink frame is verified against the pinned hub key; frames for another
-  gateway, acks of another epoch and anything malformed are counted and dropped.
+  gateway, acks of another epoch and anything malformed are counted and dropped (one
+  log line per reason a minute at most, then a summary).
 """
 
 from __future__ import annotations
@@ -30,8 +41,8 @@ import asyncio
 import contextlib
 import dataclasses
 import heapq
-import json
 import logging
+import random
 import ssl
 import time
 from collections import Counter, deque
@@ -42,12 +53,23 @@ from typing import Any
 from fieldtwin.agent.config import BrokerConfig
 from fieldtwin.agent.errors import OutboxError, UplinkError
 from fieldtwin.agent.outbox import AsyncOutbox, Committed
-from fieldtwin.agent.util import Backoff, Throttle, TokenBucket, now_ms, within
-from fieldtwin.protocol.errors import ProtocolError
-from fieldtwin.protocol.frames import Frame, decode_frame
+from fieldtwin.agent.util import Backoff, TokenBucket, now_ms, within
+from fieldtwin.protocol.births import split_birth
+from fieldtwin.protocol.errors import ProtocolError, SchemaViolation
+from fieldtwin.protocol.frames import DEFAULT_MAX_FRAME_BYTES, Frame, decode_frame
 from fieldtwin.protocol.keys import KeyRegistry
-from fieldtwin.protocol.logfmt import fields
-from fieldtwin.protocol.messages import Ack, Birth, Command, Death, Rebirth
+from fieldtwin.protocol.logfmt import RateLimitedLog, fields
+from fieldtwin.protocol.messages import (
+    Ack,
+    Birth,
+    Command,
+    Death,
+    DeviceLink,
+    Heartbeat,
+    HubState,
+    Rebirth,
+)
+from fieldtwin.protocol.presence import PresenceView
 from fieldtwin.protocol.topics import (
     HUB_STATE_TOPIC,
     downlink_filter,
@@ -60,6 +82,11 @@ log = logging.getLogger("fieldtwin.agent.uplink")
 BirthFactory = Callable[[int], Birth]
 """``low_water → Birth`` with the agent's current point metadata and state."""
 CommandHandler = Callable[[Frame], Awaitable[None]]
+DeviceStates = Callable[[], tuple[DeviceLink, ...]]
+"""The link state of each device right now, for heartbeats."""
+
+RESEND_BACKOFF_LIMIT = 16
+"""With no ack at all, resend rounds back off up to this multiple of ``ack_timeout_s``."""
 
 _DOWNLINK_KINDS = ("ack", "rebirth", "cmd")
 
@@ -78,13 +105,24 @@ class UplinkStats:
     published_bytes: int = 0
     backlog_frames: int = 0
     resent_frames: int = 0
+    resend_rounds: int = 0
+    resend_interval_s: float = 0.0
+    """How long a published frame may now wait for its ack before it is sent again."""
     last_publish_ms: int | None = None
     acks: int = 0
     acked_frames: int = 0
+    last_ack_ms: int | None = None
+    no_ack_since_ms: int | None = None
+    """Set while frames go unacknowledged past the ack timeout: the time of the last ack,
+    or of the first publish still waiting if no hub has acknowledged since the start."""
+    birth_parts: int = 0
+    heartbeats: int = 0
     rebirths: int = 0
     commands: int = 0
     hub_online: bool | None = None
     hub_instance: str = ""
+    hub_session: int = 0
+    hub_state_rejected: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,6 +149,9 @@ class Uplink:
         backlog_samples_per_s: float,
         ack_timeout_s: float,
         client_id: str | None = None,
+        device_states: DeviceStates | None = None,
+        heartbeat_s: float | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.gateway = gateway
         self.broker = broker
@@ -122,8 +163,11 @@ class Uplink:
         self.ack_timeout_s = ack_timeout_s
         self.client_id = client_id or f"ft-agent-{gateway}"
         self.stats = UplinkStats()
-        self._topics = {kind: uplink_topic(gateway, kind) for kind in ("data", "birth", "death")}
-        self._topics["cmd_result"] = uplink_topic(gateway, "cmd_result")
+        self.device_states = device_states or (lambda: ())
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else broker.heartbeat_s
+        self.max_frame_bytes = max_frame_bytes
+        kinds = ("data", "birth", "death", "cmd_result", "heartbeat")
+        self._topics = {kind: uplink_topic(gateway, kind) for kind in kinds}
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self._backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s)
@@ -141,7 +185,13 @@ class Uplink:
         self._pending_ack: Ack | None = None
         self._ack_event = asyncio.Event()
         self._last_rebirth = 0.0
-        self._reject_log = Throttle(10.0)
+        self._reject_log = RateLimitedLog(
+            log, "downlink frames rejected (summary)", key_names=("sender", "reason")
+        )
+        self._presence = PresenceView()
+        self._beat = 0
+        self._resend_level = 0
+        self._first_wait_ms: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -293,6 +343,7 @@ class Uplink:
                 group.create_task(self._live_lane(client, group), name="uplink-live")
                 group.create_task(self._backlog_lane(client, group), name="uplink-backlog")
                 group.create_task(self._resend_timer(), name="uplink-resend")
+                group.create_task(self._heartbeats(client), name="uplink-heartbeat")
                 group.create_task(self._stopper(client), name="uplink-stopper")
         finally:
             self._client = None
@@ -317,21 +368,58 @@ class Uplink:
         raise _SessionEnd
 
     async def _publish_birth(self, client: Any, seq: int) -> None:
+        """Publish a birth with seq ``seq``, in parts if it does not fit one frame."""
         sync = self.outbox.sync
         low_water = await self.outbox.call(sync.low_water)
         session = self._session_seq if self._session_seq is not None else seq
         birth = dataclasses.replace(
             self.birth_factory(min(low_water, seq)), session=0 if session == seq else session
         )
-        frame = await self.outbox.call(sync.encode, seq, birth)
-        await self._publish_raw(client, "birth", frame)
+        parts = await asyncio.to_thread(split_birth, birth, seq, self.max_frame_bytes)
+        seqs = [seq]
+        if len(parts) > 1:
+            seqs += await self.outbox.call(
+                lambda: [sync.reserve_seq() for _ in range(len(parts) - 1)]
+            )
+        for part, part_seq in zip(parts, seqs, strict=True):
+            frame = await self.outbox.call(sync.encode, part_seq, part)
+            await self._publish_raw(client, "birth", frame)
         self.stats.births += 1
+        self.stats.birth_parts += len(parts)
         log.info(
             "birth published",
             extra=fields(
-                seq=seq, session=session, points=len(birth.points), low_water=birth.low_water
+                seq=seq,
+                session=session,
+                points=len(birth.points),
+                parts=len(parts),
+                low_water=birth.low_water,
             ),
         )
+
+    async def _heartbeats(self, client: Any) -> None:
+        """Liveness that does not depend on device data (docs/protocol.md, "Heartbeat")."""
+        if self.heartbeat_s <= 0:
+            return
+        sync = self.outbox.sync
+        interval_ms = round(self.heartbeat_s * 1000)
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            session = self._session_seq
+            if session is None:
+                continue
+            self._beat += 1
+            body = Heartbeat(session, self._beat, interval_ms, self.device_states())
+            frame = sync.signer.encode(sync.epoch, 0, now_ms(), body)
+            try:
+                # QoS 0: a heartbeat is about now; the broker must not queue it for a hub
+                # that is away and deliver it later as if the agent were alive then.
+                await client.publish(self._topics["heartbeat"], frame, qos=0, timeout=5.0)
+            except Exception as exc:
+                if _is_mqtt_error(exc):
+                    raise UplinkError(f"publish heartbeat failed: {_describe_mqtt(exc)}") from None
+                raise
+            self.stats.heartbeats += 1
 
     async def _publish_raw(self, client: Any, kind: str, frame: bytes) -> None:
         try:
@@ -356,6 +444,8 @@ class Uplink:
                 self.stats.backlog_frames += 1
             if self.outbox.sync.is_unacked(item.seq):
                 self._published_at[item.seq] = time.monotonic()
+                if self._first_wait_ms is None:
+                    self._first_wait_ms = now_ms()
         finally:
             semaphore.release()
 
@@ -417,28 +507,52 @@ class Uplink:
                 )
 
     async def _resend_timer(self) -> None:
-        """Safety net: resend frames the hub has not acknowledged in ``ack_timeout_s``."""
+        """Safety net: resend frames the hub has not acknowledged in time.
+
+        A frame waits ``ack_timeout_s`` for its ack; while no ack arrives at all, each
+        resend round doubles the wait (jittered, up to ``RESEND_BACKOFF_LIMIT`` times),
+        so an agent without a hub does not send its whole buffer again every minute.
+        Any ack resets the wait. Also flushes the rate-limited rejection log.
+        """
         period = max(0.5, min(5.0, self.ack_timeout_s / 4))
         sync = self.outbox.sync
+        rng = random.Random()
         while True:
             await asyncio.sleep(period)
+            self._reject_log.flush()
             if self.stats.hub_online is False:
                 continue
-            cutoff = time.monotonic() - self.ack_timeout_s
+            wait_s = self.ack_timeout_s * 2 ** min(self._resend_level, 4)
+            wait_s = min(wait_s, self.ack_timeout_s * RESEND_BACKOFF_LIMIT)
+            self.stats.resend_interval_s = wait_s
+            cutoff = time.monotonic() - wait_s * (0.9 + 0.2 * rng.random())
             overdue = [
                 s for s, t in self._published_at.items() if t < cutoff and sync.is_unacked(s)
             ]
+            if not overdue:
+                continue
             for seq in overdue:
                 del self._published_at[seq]
+            if self.stats.no_ack_since_ms is None:
+                self.stats.no_ack_since_ms = self.stats.last_ack_ms or self._first_wait_ms
+            self._resend_level += 1
+            self.stats.resend_rounds += 1
             self.stats.resent_frames += len(overdue)
-            if overdue:
-                log.info("resending unacknowledged frames", extra=fields(frames=len(overdue)))
-                self._requeue(sorted(overdue))
+            log.info(
+                "resending unacknowledged frames",
+                extra=fields(
+                    frames=len(overdue),
+                    waited_s=round(wait_s),
+                    no_ack_since_ms=self.stats.no_ack_since_ms,
+                ),
+            )
+            self._requeue(sorted(overdue))
 
     def _resend_all(self) -> None:
         unacked = self.outbox.sync.unacked()
         self.stats.resent_frames += sum(1 for seq in unacked if seq in self._published_at)
         self._published_at.clear()
+        self._resend_level = 0
         self._requeue(unacked)
 
     # -- downlink ---------------------------------------------------------------------
@@ -461,17 +575,11 @@ class Uplink:
             raise
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
+        """Count exactly; log at most a few lines per reason a minute, then a summary."""
         self.stats.rejected[reason] += 1
-        if self._reject_log.ready():
-            log.warning(
-                "downlink frame rejected",
-                extra=fields(
-                    reason=reason,
-                    topic=topic,
-                    detail=detail,
-                    suppressed=self._reject_log.take_suppressed(),
-                ),
-            )
+        self._reject_log.log(
+            ("hub", reason), logging.WARNING, "downlink frame rejected", topic=topic, detail=detail
+        )
 
     async def _on_downlink(self, topic: str, payload: bytes) -> None:
         try:
@@ -495,6 +603,11 @@ class Uplink:
                 self._reject("other_epoch", topic, f"ack for epoch {body.epoch}, ours is {ours}")
                 return
             self.stats.acks += 1
+            self.stats.last_ack_ms = now_ms()
+            self.stats.no_ack_since_ms = None
+            self._resend_level = 0
+            if self.stats.hub_online is False:
+                self.stats.hub_online = True  # a signed ack proves the hub is there
             self._pending_ack = body  # acks list every range, so the newest supersedes
             self._ack_event.set()
         elif isinstance(body, Rebirth):
@@ -533,32 +646,40 @@ class Uplink:
         self._resend_all()
 
     async def _on_hub_state(self, payload: bytes, *, retained: bool) -> None:
-        """Hub presence. A retained message is the state found when subscribing (the
-        session's own birth and full resend already cover it); a live one means the hub
-        has just (re)connected and may have missed frames published while it was away,
-        whichever instance it is: tell it everything again."""
+        """Hub presence, a signed ``hub_state`` frame. A retained one is the state found
+        when subscribing (the session's own birth and full resend already cover it); a
+        new hub session seen live means the hub has just (re)connected and may have missed
+        frames published while it was away, whichever instance it is: tell it everything
+        again. Unsigned, badly signed and replayed states are refused."""
         try:
-            state = json.loads(payload.decode("utf-8"))
-            online = state["online"]
-            instance = str(state.get("instance", ""))
-            if not isinstance(online, bool):
-                raise ValueError("online is not a boolean")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            self._reject("bad_hub_state", HUB_STATE_TOPIC, str(exc))
+            frame = decode_frame(payload, self.hub_keys)
+            if frame.sender != "hub" or not isinstance(frame.body, HubState):
+                raise SchemaViolation(f"a {frame.kind} frame from {frame.sender} is no hub state")
+            verdict = self._presence.observe(frame.epoch, frame.seq, frame.body)
+        except ProtocolError as exc:
+            self.stats.hub_state_rejected += 1
+            self._reject(f"hub_state_{exc.reason}", HUB_STATE_TOPIC, str(exc))
             return
+        body = frame.body
         previous = self.stats.hub_instance
-        self.stats.hub_online = online
-        if not online:
-            log.info("hub is offline", extra=fields(instance=instance))
+        self.stats.hub_session = self._presence.session
+        if verdict == "same":
             return
-        self.stats.hub_instance = instance
+        if verdict == "offline":
+            self.stats.hub_online = False
+            log.info("hub is offline", extra=fields(instance=body.instance, reason=body.reason))
+            return
+        self.stats.hub_online = True
+        self.stats.hub_instance = body.instance
         if retained:
-            if instance != previous:
-                log.info("hub online", extra=fields(instance=instance, previous=previous or "-"))
+            log.info(
+                "hub online",
+                extra=fields(instance=body.instance, session=frame.seq, previous=previous or "-"),
+            )
             return
         log.info(
             "hub came online: sending birth and every unacknowledged frame",
-            extra=fields(instance=instance, previous=previous or "-"),
+            extra=fields(instance=body.instance, session=frame.seq, previous=previous or "-"),
         )
         await self.send_birth()
         self._resend_all()

@@ -10,9 +10,14 @@ Checks (rule ids, also used by reconciliation rules in the config):
 - ``threshold``: warning/critical limits on the high and low side, with a deadband
   (hysteresis for leaving a level) and on/off delays (a level must hold that long
   before it is entered or left), so a noisy value at a limit never flaps.
-- ``temporal.gateway_silent``: no frames from the gateway for ``gateway_silent_s``, its
-  death (MQTT will) was received, or it never connected. One finding per gateway; its
-  entities become ``stale`` and no per-sensor staleness is reported for them.
+- ``temporal.gateway_silent``: no frames and no heartbeats from the gateway for
+  ``gateway_silent_s``, its death (MQTT will) was received, or it never connected. One
+  finding per gateway; its entities become ``stale`` and no per-sensor staleness is
+  reported for them. A heartbeat of the live connection keeps a gateway alive when its
+  devices send nothing.
+- ``temporal.device_down``: the gateway is alive (heartbeats), but its latest heartbeat
+  reports the device serving an entity's points as down. One finding per entity (the
+  points' device comes from the birth); those points get no separate staleness finding.
 - ``temporal.sensor_stale``: the gateway is alive, but this attribute was not updated
   within its stale limit (``stale_after_s``, else expected interval x ``stale_factor``)
   or its last sample carries a BAD or STALE quality.
@@ -37,6 +42,7 @@ Health of an entity (as exported and shown by ``fieldtwin twin``):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +54,7 @@ from fieldtwin.hub.config import (
     ReconciliationConfig,
     TwinSchema,
 )
-from fieldtwin.hub.state import CurrentValue, Key, TwinState, numeric
+from fieldtwin.hub.state import CurrentValue, GatewayLink, Key, TwinState, numeric
 from fieldtwin.protocol.messages import Quality, Value
 
 HEALTH_STATES = ("healthy", "degraded", "stale", "unknown")
@@ -292,7 +298,8 @@ class DriftEngine:
         self._reporters = reporters
         findings: list[Finding] = []
         silent = self._gateways(state, now_ms, findings)
-        stale_count = self._attributes(state, now_ms, silent, findings)
+        down = self._devices(state, now_ms, silent, findings)
+        stale_count = self._attributes(state, now_ms, silent, findings, down)
         self._structure(state, now_ms, findings)
         active = {f.key for f in findings}
         for key in list(self.since):
@@ -330,9 +337,12 @@ class DriftEngine:
                 else:
                     why = f" ({link.death_reason})" if link.death_reason else ""
                     reason = f"disconnected: death received{why}"
-            elif now_ms - heard_ms > limit_ms:
-                age = (now_ms - link.last_frame_ms) / 1000
-                reason = f"no frames for {age:.1f} s (limit {self.config.gateway_silent_s:g} s)"
+            elif now_ms - max(heard_ms, _last_sign_of_life(state, link)) > limit_ms:
+                age = (now_ms - _last_sign_of_life(state, link)) / 1000
+                reason = (
+                    f"no frames or heartbeats for {age:.1f} s "
+                    f"(limit {self.config.gateway_silent_s:g} s)"
+                )
             if reason:
                 silent.add(gateway)
                 out.append(
@@ -350,8 +360,61 @@ class DriftEngine:
                 )
         return silent
 
-    def _attributes(
+    def _devices(
         self, state: TwinState, now_ms: int, silent: set[str], out: list[Finding]
+    ) -> set[Key]:
+        """``temporal.device_down`` per entity of a device an alive gateway reports down.
+
+        Returns the points concerned, so that they get no ``sensor_stale`` of their own
+        (the device is the cause)."""
+        down_points: dict[tuple[str, str], list[str]] = {}
+        devices: dict[tuple[str, str], Any] = {}
+        limit_ms = round(self.config.gateway_silent_s * 1000)
+        for gateway, beat in state.heartbeats.items():
+            link = state.gateways.get(gateway)
+            if gateway in silent or link is None or beat.session != link.session:
+                continue
+            if now_ms - beat.received_ms > limit_ms:
+                continue  # an old heartbeat says nothing about the devices now
+            for device_id, device in beat.down().items():
+                devices[(gateway, device_id)] = device
+        if not devices:
+            return set()
+        for (entity, attribute), point in state.points.items():
+            if (point.gateway, point.device) in devices:
+                down_points.setdefault((point.gateway, entity), []).append(attribute)
+        concerned: set[Key] = set()
+        for (gateway, entity), attributes in sorted(down_points.items()):
+            device_ids = sorted({state.points[(entity, a)].device for a in attributes})
+            device = devices[(gateway, device_ids[0])]
+            why = f": {device.error}" if device.error else ""
+            out.append(
+                self._finding(
+                    "temporal.device_down",
+                    entity,
+                    "",
+                    f"{entity}: device {', '.join(device_ids)} of gateway {gateway} is down"
+                    f"{why}; the gateway is alive ({len(attributes)} attributes without data)",
+                    now_ms,
+                    gateway=gateway,
+                    detail={
+                        "devices": device_ids,
+                        "down_since_ms": device.since_ms,
+                        "error": device.error,
+                        "attributes": sorted(attributes),
+                    },
+                )
+            )
+            concerned.update((entity, attribute) for attribute in attributes)
+        return concerned
+
+    def _attributes(
+        self,
+        state: TwinState,
+        now_ms: int,
+        silent: set[str],
+        out: list[Finding],
+        device_down: AbstractSet[Key] = frozenset(),
     ) -> int:
         stale_count = 0
         schema = self.schema
@@ -362,7 +425,7 @@ class DriftEngine:
             point = state.points.get(key)
             spec = schema.spec(entity, attribute)
             gateway = current.gateway if current is not None else (point.gateway if point else "")
-            if gateway in silent:
+            if gateway in silent or key in device_down:
                 continue
             interval_ms = point.interval_ms if point is not None else None
             stale_ms = self.stale_after_ms(spec, interval_ms)
@@ -634,13 +697,25 @@ class DriftEngine:
                 health[entity] = "stale"
                 continue
             stale = [f for f in mine if f.rule == "temporal.sensor_stale"]
-            if stale and len({f.attribute for f in stale}) >= len(values):
+            down = [f for f in mine if f.rule == "temporal.device_down"]
+            gone = {f.attribute for f in stale}.union(
+                *(f.detail.get("attributes", ()) for f in down)
+            )
+            if gone and len(gone) >= len(values):
                 health[entity] = "stale"
             elif mine:
                 health[entity] = "degraded"
             else:
                 health[entity] = "healthy"
         return health
+
+
+def _last_sign_of_life(state: TwinState, link: GatewayLink) -> int:
+    """The last frame, or heartbeat of the live connection, from a gateway (ms)."""
+    beat = state.heartbeats.get(link.gateway)
+    if beat is not None and beat.epoch == link.epoch and beat.session == link.session:
+        return max(link.last_frame_ms, beat.received_ms)
+    return link.last_frame_ms
 
 
 def _show(value: Value) -> str:

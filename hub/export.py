@@ -216,7 +216,7 @@ def _drift_detection(config: HubConfig) -> dict[str, Any]:
         "staleness_limit": (
             f"{drift.stale_factor:g} x the attribute's expected update interval "
             f"(default interval {drift.default_interval_s:g}s); gateway silent after "
-            f"{drift.gateway_silent_s:g}s without frames"
+            f"{drift.gateway_silent_s:g}s without frames or heartbeats"
         ),
         "structural_checks": checks,
     }

@@ -19,9 +19,18 @@ hold the frames and resend them, and they are not replays because the tracker ne
 recorded them. ``flush`` brings the tracker snapshot, the ``current`` table and the
 gateway links up to date once per drift cycle.
 
-Rejected frames are counted by reason and audited; a flood is audited at most
+Births larger than one frame arrive in parts (docs/protocol.md, "Births in parts"):
+parts are held in memory, unrecorded, until the last one arrives; then every part is
+stored and the assembled birth applied in that batch, so a birth changes the session,
+the twin and history exactly once, or not at all (a lost part leaves a seq gap and the
+hub asks for a rebirth). Heartbeats (unsequenced) only refresh the gateway's liveness
+and device link states in memory.
+
+Rejected frames are counted exactly by reason and audited; a flood is audited at most
 ``audit_rejections_per_minute`` times per (gateway, reason) and minute, plus one
-summary record of how many were suppressed.
+summary record of how many were suppressed, and logged at most a few lines per
+(gateway, reason) and minute plus one summary line (``RateLimitedLog``); replays and
+stale heartbeats, which normal recovery produces, are logged at info level.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from fieldtwin.hub.config import HubConfig
 from fieldtwin.hub.errors import StoreError
 from fieldtwin.hub.metrics import HubMetrics
 from fieldtwin.hub.state import (
+    GatewayHeartbeat,
     GatewayLink,
     MergeResult,
     PointInfo,
@@ -46,11 +56,12 @@ from fieldtwin.hub.state import (
     encode_columns,
 )
 from fieldtwin.hub.store import Flush, FrameRow, IngestWrite, TwinStore
+from fieldtwin.protocol.births import assemble_birth, check_same_birth
 from fieldtwin.protocol.errors import ProtocolError, Replay
 from fieldtwin.protocol.frames import Frame, Limits, decode_frame
 from fieldtwin.protocol.keys import KeyRegistry
-from fieldtwin.protocol.logfmt import fields
-from fieldtwin.protocol.messages import Birth, CommandResult, Data, Death
+from fieldtwin.protocol.logfmt import RateLimitedLog, fields
+from fieldtwin.protocol.messages import Birth, CommandResult, Data, Death, Heartbeat
 from fieldtwin.protocol.topics import parse_topic
 from fieldtwin.protocol.tracker import DeliveryTracker
 
@@ -67,6 +78,32 @@ class StaleDeath(ProtocolError):
     """A death that does not name the sender's latest birth (a replay, or late)."""
 
     reason = "stale_death"
+
+
+class StaleHeartbeat(ProtocolError):
+    """A heartbeat that does not name the gateway's live connection, or repeats a beat."""
+
+    reason = "stale_heartbeat"
+
+
+EXPECTED_REJECTIONS = frozenset({Replay.reason, StaleHeartbeat.reason})
+"""Reasons normal recovery produces (resends after a missed ack, a heartbeat racing its
+connection's birth): logged at info level, not as warnings."""
+
+
+@dataclass(slots=True)
+class _PendingBirth:
+    """The parts of one multi-part birth received so far (docs/protocol.md)."""
+
+    epoch: int
+    birth_id: int
+    parts: int
+    session: int
+    started_ms: int
+    received: dict[int, tuple[Frame, Inbound]] = field(default_factory=dict)
+
+    def copy(self) -> _PendingBirth:
+        return replace(self, received=dict(self.received))
 
 
 @dataclass(slots=True)
@@ -185,6 +222,12 @@ class IngestCore:
         self.dirty_current: set[tuple[str, str]] = set(state.unflushed)
         self.dirty_gateways: set[str] = set()
         self.flushed_upto = next_frame_id - 1
+        self.pending_births: dict[str, _PendingBirth] = {}
+        """Multi-part births waiting for parts, per gateway (memory only; a restarted hub
+        asks for a rebirth through the gap their unrecorded seqs leave)."""
+        self.reject_log = RateLimitedLog(
+            log, "frames rejected (summary)", key_names=("gateway", "reason")
+        )
 
     def _semantics(self) -> dict[tuple[str, str], SemanticSpec]:
         out: dict[tuple[str, str], SemanticSpec] = {}
@@ -203,6 +246,7 @@ class IngestCore:
     def process(self, messages: Sequence[Inbound]) -> IngestOutcome:
         outcome = IngestOutcome()
         now_ms = self.now_ms()
+        self.reject_log.flush()
         work = DeliveryTracker.from_dict(self.tracker.to_dict())
         write = IngestWrite()
         merge = MergeResult()
@@ -210,6 +254,9 @@ class IngestCore:
         events: list[AuditEvent] = []
         points: dict[tuple[str, str], PointInfo] = {}
         sequenced: set[str] = set()
+        pending = {gateway: held.copy() for gateway, held in self.pending_births.items()}
+        heartbeats: dict[str, GatewayHeartbeat] = {}
+        settled: list[tuple[Frame, Inbound]] = []
         frame_id = self.next_frame_id
 
         def link_of(gateway: str) -> GatewayLink:
@@ -233,15 +280,35 @@ class IngestCore:
                         f"{frame.kind} frame signed by {frame.sender} arrived on {message.topic}"
                     )
                 if frame.kind == "death":
-                    self._death(frame, link_of(frame.sender), message, events)
+                    self._death(frame, link_of(frame.sender), message, events, pending, settled)
                     outcome.deaths.append(frame.sender)
                     self.metrics.frames_accepted[(frame.sender, frame.kind)] += 1
                     continue
+                if frame.kind == "heartbeat":
+                    heartbeats[frame.sender] = self._heartbeat(
+                        frame, link_of(frame.sender), message, heartbeats
+                    )
+                    self.metrics.frames_accepted[(frame.sender, frame.kind)] += 1
+                    continue
                 work.check(frame.sender, frame.epoch, frame.seq)
-                work.record(frame.sender, frame.epoch, frame.seq)
+                units, birth = self._units(frame, message, link_of(frame.sender), pending, settled)
             except ProtocolError as exc:
                 self._reject(exc, gateway, message, now_ms, events, outcome)
                 continue
+            finally:
+                # Parts of births that will never be applied (superseded, or their
+                # connection died) still count as delivered, so they leave no seq gap.
+                while settled:
+                    unapplied, arrived = settled.pop(0)
+                    if self._record(work, unapplied):
+                        sequenced.add(unapplied.sender)
+                        link_of(unapplied.sender).frames += 1
+                        write.frames.append(_frame_row(frame_id, unapplied, arrived, None))
+                        frame_id += 1
+            if not units:
+                continue  # a birth part, held until the whole birth has arrived
+            for unit, _ in units:
+                work.record(unit.sender, unit.epoch, unit.seq)
             sequenced.add(frame.sender)
             link = link_of(frame.sender)
             if link.epoch and frame.epoch > link.epoch:
@@ -259,10 +326,9 @@ class IngestCore:
                 link.death_birth_seq = 0
             link.epoch = frame.epoch
             link.last_frame_ms = message.received_ms
-            link.upto_frame = frame_id
-            link.frames += 1
             samples = 0
             body = frame.body
+            first_id = frame_id
             if isinstance(body, Data):
                 samples = len(body)
                 self._history(write, body, frame_id)
@@ -278,12 +344,13 @@ class IngestCore:
                     into=merge,
                 )
                 link.online = True
-            elif isinstance(body, Birth):
-                samples = len(body.state)
+            elif birth is not None:
+                samples = len(birth.state)
+                head = units[0][0]  # part 0: its seq names the birth
                 self._birth(
-                    frame, body, link, message, merge, write, points, frame_id, events, work
+                    head, birth, link, message, merge, write, points, first_id, events, work
                 )
-                work.close_below(frame.sender, frame.epoch, body.low_water)
+                work.close_below(frame.sender, frame.epoch, birth.low_water)
                 outcome.births.append(frame.sender)
             elif isinstance(body, CommandResult):
                 outcome.cmd_results.append((frame.sender, body, message.received_ms))
@@ -308,31 +375,31 @@ class IngestCore:
                     )
                 )
             link.points += samples
-            write.frames.append(
-                FrameRow(
-                    frame_id,
-                    frame.sender,
-                    frame.kind,
-                    frame.epoch,
-                    frame.seq,
-                    frame.sent_at_ms,
-                    message.received_ms,
-                    samples,
-                    body.low_water if isinstance(body, Birth) else None,
+            for unit, arrived in units:
+                part = unit.body
+                applied = birth is not None or not isinstance(part, Birth)
+                write.frames.append(
+                    _frame_row(
+                        frame_id,
+                        unit,
+                        arrived,
+                        part.low_water if applied and isinstance(part, Birth) else None,
+                    )
                 )
-            )
-            frame_id += 1
-            outcome.accepted.append(
-                Accepted(
-                    frame.sender,
-                    frame.kind,
-                    frame.epoch,
-                    frame.seq,
-                    frame.sent_at_ms,
-                    message.received_ns,
-                    samples,
+                outcome.accepted.append(
+                    Accepted(
+                        unit.sender,
+                        unit.kind,
+                        unit.epoch,
+                        unit.seq,
+                        unit.sent_at_ms,
+                        arrived.received_ns,
+                        len(part.state) if isinstance(part, Birth) else samples,
+                    )
                 )
-            )
+                link.frames += 1
+                frame_id += 1
+            link.upto_frame = frame_id - 1
 
         known = self.state.first_seen
         for key, winner in merge.winners.items():
@@ -351,7 +418,14 @@ class IngestCore:
             ):
                 write.gateways.append(link)
         write.audit = self.audit.chain(events)
+        for gateway, waiting in list(pending.items()):
+            current = work.epoch_of(gateway)
+            if current is not None and waiting.epoch < current:
+                del pending[gateway]  # its epoch was replaced: it can never complete
+        # Heartbeats are liveness, not data: kept in memory, never stored or acknowledged.
+        self.state.heartbeats.update(heartbeats)
         if not (write.frames or write.audit or write.gateways):
+            self.pending_births = pending
             return outcome
         try:
             self.store.write_ingest(write)
@@ -367,6 +441,7 @@ class IngestCore:
         # Durable: now the working copies become the truth.
         self.audit.commit(write.audit)
         self.tracker = work
+        self.pending_births = pending
         self.state.apply(merge)
         self.state.gateways.update(links)
         self.state.points.update(points)
@@ -395,6 +470,74 @@ class IngestCore:
             oldest = min(a.sent_at_ms for a in outcome.accepted)
             metrics.ingest_lag_s = max(0.0, outcome.committed_ns / 1e9 - oldest / 1000)
         return outcome
+
+    # -- births in parts ---------------------------------------------------------------
+
+    def _units(
+        self,
+        frame: Frame,
+        message: Inbound,
+        link: GatewayLink,
+        pending: dict[str, _PendingBirth],
+        settled: list[tuple[Frame, Inbound]],
+    ) -> tuple[list[tuple[Frame, Inbound]], Birth | None]:
+        """What this frame makes storable now, and the birth to apply with it, if any.
+
+        A frame that is not part of a multi-part birth is its own unit. A part is held
+        (nothing storable yet) until the last part of its birth arrives; then every part
+        is stored in this batch and the assembled birth applied once. A part of a birth
+        older than one already applied or pending is stored but never applied, and so
+        are the held parts of a birth that a newer one supersedes (``settled``).
+        """
+        body = frame.body
+        if not isinstance(body, Birth):
+            return [(frame, message)], None
+        sender, epoch = frame.sender, frame.epoch
+        birth_id = body.birth_id(frame.seq)
+        if epoch == link.epoch and (
+            birth_id < link.birth_seq or body.session_seq(frame.seq) <= link.death_birth_seq
+        ):
+            # A newer birth was applied already, or the birth's connection has ended.
+            return [(frame, message)], None
+        held = pending.get(sender)
+        if held is not None and (held.epoch, held.birth_id) < (epoch, birth_id):
+            if held.epoch == epoch:
+                settled.extend(held.received[i] for i in sorted(held.received))
+            del pending[sender]
+            held = None
+        if body.parts == 1:
+            return [(frame, message)], body
+        if held is not None and (held.epoch, held.birth_id) > (epoch, birth_id):
+            return [(frame, message)], None  # a newer birth is arriving
+        if held is None:
+            held = pending[sender] = _PendingBirth(
+                epoch, birth_id, body.parts, body.session_seq(frame.seq), message.received_ms
+            )
+        elif body.part in held.received:
+            raise Replay(
+                f"{sender}: part {body.part} of birth {birth_id} (epoch {epoch}) already arrived"
+            )
+        else:
+            some = next(iter(held.received.values()))[0].body
+            assert isinstance(some, Birth)
+            check_same_birth(some, body)
+        held.received[body.part] = (frame, message)
+        if len(held.received) < held.parts:
+            return [], None
+        del pending[sender]
+        units = [held.received[i] for i in range(held.parts)]
+        parts = [unit.body for unit, _ in units]
+        return units, assemble_birth(parts)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _record(work: DeliveryTracker, frame: Frame) -> bool:
+        """Record a settled part as delivered, unless its epoch has been replaced."""
+        try:
+            work.check(frame.sender, frame.epoch, frame.seq)
+        except ProtocolError:
+            return False
+        work.record(frame.sender, frame.epoch, frame.seq)
+        return True
 
     # -- per kind ----------------------------------------------------------------------
 
@@ -437,6 +580,7 @@ class IngestCore:
                 point.interval_ms,
                 point.source,
                 message.received_ms,
+                point.device,
             )
         state = body.state
         if state:
@@ -500,26 +644,39 @@ class IngestCore:
         )
 
     def _death(
-        self, frame: Frame, link: GatewayLink, message: Inbound, events: list[AuditEvent]
+        self,
+        frame: Frame,
+        link: GatewayLink,
+        message: Inbound,
+        events: list[AuditEvent],
+        pending: dict[str, _PendingBirth],
+        settled: list[tuple[Frame, Inbound]],
     ) -> None:
         body = frame.body
         assert isinstance(body, Death)
         # The will is signed at connect, so it names the birth that opened the connection;
         # rebirths within it carry that seq as their ``session``. Only a death naming the
-        # live connection applies; any other is a replay or arrived too late.
+        # live connection applies; any other is a replay or arrived too late. A connection
+        # whose opening birth is still arriving in parts is live too: its death ends it.
+        held = pending.get(frame.sender)
+        opening = held is not None and held.epoch == frame.epoch and held.session == body.birth_seq
         if link.session:
             current = body.birth_seq == link.session
         else:
             # Session unknown (a store from before births carried it): any birth of this
             # epoch after the one named by the last applied death may have opened it.
             current = link.death_birth_seq < body.birth_seq <= link.birth_seq
-        if frame.epoch != link.epoch or not link.online or not current:
+        if not opening and (frame.epoch != link.epoch or not link.online or not current):
             raise StaleDeath(
                 f"death naming birth {body.birth_seq} of epoch {frame.epoch}; the gateway's "
                 f"live connection was opened by birth {link.session or '?'} of epoch "
                 f"{link.epoch} (latest birth {link.birth_seq}), the last death named birth "
                 f"{link.death_birth_seq}" + ("" if link.online else "; it is already offline")
             )
+        if held is not None and held.epoch == frame.epoch:
+            # The connection is gone: its birth in parts can never complete.
+            settled.extend(held.received[i] for i in sorted(held.received))
+            del pending[frame.sender]
         link.death_birth_seq = body.birth_seq
         link.online = False
         link.death_ms = message.received_ms
@@ -534,6 +691,41 @@ class IngestCore:
             )
         )
 
+    def _heartbeat(
+        self,
+        frame: Frame,
+        link: GatewayLink,
+        message: Inbound,
+        fresh: dict[str, GatewayHeartbeat],
+    ) -> GatewayHeartbeat:
+        """Accept a heartbeat of the live connection with a beat above the last one."""
+        body = frame.body
+        assert isinstance(body, Heartbeat)
+        if frame.epoch != link.epoch or body.session != link.session or not link.online:
+            state = "online" if link.online else "offline"
+            raise StaleHeartbeat(
+                f"heartbeat of connection {body.session} (epoch {frame.epoch}); the gateway's "
+                f"live connection is {link.session or '?'} of epoch {link.epoch} ({state})"
+            )
+        last = fresh.get(frame.sender) or self.state.heartbeats.get(frame.sender)
+        if (
+            last is not None
+            and (last.epoch, last.session) == (frame.epoch, body.session)
+            and body.beat <= last.beat
+        ):
+            raise StaleHeartbeat(
+                f"heartbeat beat {body.beat} of connection {body.session} is not after beat "
+                f"{last.beat} (a replay)"
+            )
+        return GatewayHeartbeat(
+            message.received_ms,
+            frame.epoch,
+            body.session,
+            body.beat,
+            body.interval_ms,
+            body.devices,
+        )
+
     def _reject(
         self,
         exc: ProtocolError,
@@ -543,11 +735,13 @@ class IngestCore:
         events: list[AuditEvent],
         outcome: IngestOutcome,
     ) -> None:
+        """Count exactly, audit with a per-minute cap, log rate-limited per (gateway, reason)."""
         reason = exc.reason
         outcome.rejected[reason] += 1
         if isinstance(exc, Replay):
             # A sender repeats a frame when it missed our ack: acks are idempotent, so
-            # answer with the current ranges (the repeat itself is refused).
+            # answer with the current ranges (the repeat itself is refused). Acks are
+            # coalesced: one per gateway per ``ack_interval_ms`` answers many repeats.
             epoch = self.tracker.epoch_of(gateway)
             if epoch is not None:
                 outcome.ack_due[gateway] = epoch
@@ -560,15 +754,19 @@ class IngestCore:
                 "error": str(exc)[:500],
             }
             events.append(AuditEvent(message.received_ms, "hub", "frame_rejected", gateway, detail))
-        log.warning(
+        self.reject_log.log(
+            (gateway, reason),
+            logging.INFO if reason in EXPECTED_REJECTIONS else logging.WARNING,
             "frame rejected",
-            extra=fields(reason=reason, gateway=gateway, topic=message.topic, error=str(exc)),
+            topic=message.topic[:200],
+            error=str(exc)[:500],
         )
 
     # -- flushing ----------------------------------------------------------------------
 
     def flush_plan(self) -> Flush | None:
         """What the next drift cycle writes so the journal can be short, or None."""
+        self.reject_log.flush()  # once per drift cycle: summaries appear after a flood ends
         upto = self.next_frame_id - 1
         if upto == self.flushed_upto and not self.dirty_current and not self.dirty_gateways:
             return None
@@ -607,9 +805,24 @@ class IngestCore:
                 continue
             if now_ms - self.last_rebirth.get(gateway, 0) < min_interval_ms:
                 continue
+            if gateway in self.pending_births:
+                continue  # a birth in parts is arriving; its own timeout applies below
             first, last = gaps[0]
             missing = sum(b - a + 1 for a, b in gaps)
             due.append((gateway, f"gap: {missing} seqs missing (first {first}-{last})"))
+        for gateway, held in sorted(self.pending_births.items()):
+            if now_ms - held.started_ms < timeout_ms:
+                continue
+            if now_ms - self.last_rebirth.get(gateway, 0) < min_interval_ms:
+                continue
+            missing_parts = sorted(set(range(held.parts)) - set(held.received))
+            due.append(
+                (
+                    gateway,
+                    f"incomplete birth {held.birth_id}: {len(held.received)} of {held.parts} "
+                    f"parts arrived (missing {', '.join(map(str, missing_parts[:10]))})",
+                )
+            )
         return due
 
     def note_rebirth(self, gateway: str, now_ms: int) -> None:
@@ -620,3 +833,23 @@ class IngestCore:
 
 def _copy_link(link: GatewayLink) -> GatewayLink:
     return replace(link, info=dict(link.info))
+
+
+def _frame_row(frame_id: int, frame: Frame, message: Inbound, low_water: int | None) -> FrameRow:
+    body = frame.body
+    samples = 0
+    if isinstance(body, Birth):
+        samples = len(body.state)
+    elif isinstance(body, Data):
+        samples = len(body)
+    return FrameRow(
+        frame_id,
+        frame.sender,
+        frame.kind,
+        frame.epoch,
+        frame.seq,
+        frame.sent_at_ms,
+        message.received_ms,
+        samples,
+        low_water,
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from fieldtwin.protocol.errors import REJECTION_REASONS
 
-HUB_REJECTION_REASONS = (*REJECTION_REASONS, "bad_topic", "topic_mismatch", "stale_death")
+HUB_REJECTION_REASONS = (*REJECTION_REASONS, "topic_mismatch", "stale_death", "stale_heartbeat")
 
 
 @dataclass(slots=True)

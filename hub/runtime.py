@@ -22,16 +22,16 @@ broker keeps the rest (QoS 1) and memory stays bounded; each pause is counted
 (``fieldtwin_hub_ingest_paused_total``) and logged at most once a minute.
 
 Session behaviour (docs/protocol.md): username ``hub``, client id ``ft-hub``, QoS 1,
-persistent session (so the broker queues uplink while the hub restarts), retained
-``{"online": true, "ts_ms", "instance"}`` on ``ft/v1/hub/state`` after subscribing,
-and the matching ``{"online": false}`` as the will and on a clean stop.
+persistent session (so the broker queues uplink while the hub restarts), a retained
+signed ``hub_state`` frame (online, naming the connection's session) on
+``ft/v1/hub/state`` after subscribing, and a signed offline state naming that session as
+the will and on a clean stop (``fieldtwin.protocol.presence``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -55,6 +55,7 @@ from fieldtwin.hub.service import Effects, HubService, Outbound
 from fieldtwin.hub.store import TwinStore
 from fieldtwin.protocol.aio import within
 from fieldtwin.protocol.logfmt import fields
+from fieldtwin.protocol.presence import HubPresence
 from fieldtwin.protocol.topics import (
     HUB_STATE_TOPIC,
     HUB_UPLINK_FILTER,
@@ -174,9 +175,18 @@ class Hub:
     # -- MQTT --------------------------------------------------------------------------
 
     def _state_payload(self, online: bool) -> bytes:
-        return json.dumps(
-            {"online": online, "ts_ms": self.now_ms(), "instance": self.instance}
-        ).encode()
+        """Signed hub state: ``True`` opens a new session (call it first, before the will),
+        ``False`` is the offline state naming the current session (will, clean stop)."""
+        presence = getattr(self, "_presence", None)
+        if presence is None:
+            signer = self.service.signer
+            presence = self._presence = HubPresence(
+                signer.frames, self.instance, signer.take, self.now_ms
+            )
+        if online:
+            return presence.open()
+        stopping = self._stopping or _cancelling()
+        return presence.offline("shutdown" if stopping else "connection lost")
 
     async def _mqtt_loop(self) -> None:
         broker = self.config.broker
@@ -184,6 +194,7 @@ class Hub:
         tls = aiomqtt.TLSParameters() if broker.tls else None
         while True:
             _stop_if_cancelled()
+            online_state = self._state_payload(True)
             try:
                 client = aiomqtt.Client(
                     broker.host,
@@ -209,9 +220,7 @@ class Hub:
                     await client.subscribe(HUB_UPLINK_FILTER, qos=1)
                     if self.config.operators:
                         await client.subscribe(OPERATOR_REQUEST_FILTER, qos=1)
-                    await client.publish(
-                        HUB_STATE_TOPIC, self._state_payload(True), qos=1, retain=True
-                    )
+                    await client.publish(HUB_STATE_TOPIC, online_state, qos=1, retain=True)
                     self.client = client
                     self.metrics.mqtt_connected = True
                     self.metrics.mqtt_connects += 1

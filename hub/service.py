@@ -114,6 +114,12 @@ class HubSigner:
             epoch = self.sequence.epoch
         return self.frames.encode(epoch, seq, now_ms, body)
 
+    def take(self) -> tuple[int, int]:
+        """The next (epoch, seq) for a frame signed with ``frames`` directly (the signed
+        hub state, whose online frame's seq names the session)."""
+        with self._lock:
+            return self.sequence.epoch, self.sequence.take()
+
     def wanted_ceiling(self) -> int | None:
         """A new ceiling to reserve when less than half a block is left, else None."""
         with self._lock:

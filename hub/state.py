@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from fieldtwin.protocol.messages import Value
+from fieldtwin.protocol.messages import DeviceLink, Value
 
 Key: TypeAlias = tuple[str, str]
 
@@ -165,6 +165,25 @@ class PointInfo:
     interval_ms: int
     source: str
     updated_ms: int
+    device: str = ""
+    """The agent device serving the point (from the birth; not persisted: the next birth
+    after a hub restart brings it again)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayHeartbeat:
+    """The latest accepted heartbeat of a gateway: its agent is alive, and which of its
+    devices answer. In memory only; a restarted hub learns it from the next heartbeat."""
+
+    received_ms: int
+    epoch: int
+    session: int
+    beat: int
+    interval_ms: int
+    devices: tuple[DeviceLink, ...] = ()
+
+    def down(self) -> dict[str, DeviceLink]:
+        return {device.id: device for device in self.devices if not device.up}
 
 
 @dataclass(slots=True)
@@ -197,6 +216,8 @@ class TwinState:
         """Keys that have a row in the store's ``current`` table."""
         self.unflushed: set[Key] = set()
         """Keys whose value (loaded from the frame journal) the ``current`` table lacks."""
+        self.heartbeats: dict[str, GatewayHeartbeat] = {}
+        """The latest heartbeat of each gateway (liveness that does not need device data)."""
 
     def link(self, gateway: str) -> GatewayLink:
         link = self.gateways.get(gateway)

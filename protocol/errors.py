@@ -88,5 +88,6 @@ REJECTION_REASONS: tuple[str, ...] = (
     BadSignature.reason,
     Replay.reason,
     StaleEpoch.reason,
+    BadTopic.reason,
 )
 """Reasons a receiver may reject an incoming frame, in a stable order for counters."""

@@ -10,8 +10,9 @@ Decoding is total: for any input, ``decode_frame`` returns a ``Frame`` or raises
 explicit length limits, so hostile input cannot allocate without bound.
 
 Sequence numbers: every frame a sender emits within an epoch takes the next ``seq``
-(starting at 1), except ``death``, which is signed in advance as the MQTT will and
-carries ``seq = 0``; its replay protection is the ``birth_seq`` it names.
+(starting at 1), except the unsequenced kinds: ``death``, which is signed in advance as
+the MQTT will, and ``heartbeat``, which is neither stored nor resent. They carry
+``seq = 0``; their replay protection is the session (birth seq) their bodies name.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from fieldtwin.protocol.errors import (
     UnsupportedVersion,
 )
 from fieldtwin.protocol.keys import KeyPair, KeyRegistry, PublicKey
-from fieldtwin.protocol.messages import BODY_TYPES, ID_PATTERN, MAX_INT, AnyBody, Birth
+from fieldtwin.protocol.messages import (
+    BODY_TYPES,
+    ID_PATTERN,
+    MAX_INT,
+    UNSEQUENCED_KINDS,
+    AnyBody,
+    Birth,
+    HubState,
+)
 
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 SIGNATURE_BYTES = 64
@@ -188,16 +197,28 @@ def decode_frame(
             raise SchemaViolation(
                 f"header.{name}: expected an integer in [0, 2^63), got {number!r}"
             )
-    if (seq == 0) != (kind == "death"):
+    unsequenced = kind in UNSEQUENCED_KINDS
+    if (seq == 0) != unsequenced:
         raise SchemaViolation(
-            f"header.seq: {kind} frames carry seq {'0' if kind == 'death' else '>= 1'}, got {seq}"
+            f"header.seq: {kind} frames carry seq {'0' if unsequenced else '>= 1'}, got {seq}"
         )
     lookup = keys.lookup if isinstance(keys, KeyRegistry) else keys
     lookup(sender, key_id).verify(signature, signed)
     body = body_type.from_wire(body_obj)
-    if isinstance(body, Birth) and body.session > seq:
+    if isinstance(body, Birth):
+        if body.first >= seq:
+            raise SchemaViolation(
+                f"body.first: part {body.part} names part 0 seq {body.first}, not earlier than "
+                f"its own seq {seq}"
+            )
+        if body.session > body.birth_id(seq):
+            raise SchemaViolation(
+                f"body.session: names birth {body.session}, later than this birth "
+                f"{body.birth_id(seq)}"
+            )
+    elif isinstance(body, HubState) and body.session > seq:
         raise SchemaViolation(
-            f"body.session: names birth {body.session}, later than this birth's seq {seq}"
+            f"body.session: names session {body.session}, later than this frame's seq {seq}"
         )
     return Frame(
         kind=kind,

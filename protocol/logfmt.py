@@ -55,3 +55,88 @@ def configure(level: str | int = "INFO", stream: TextIO | None = None) -> None:
     # Third-party libraries are chatty at INFO; their warnings still come through.
     for noisy in ("asyncua", "pymodbus", "amqtt", "transitions", "aiomqtt"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RateLimitedLog:
+    """Log lines keyed by (sender, reason) and bounded per key, with a summary line.
+
+    A flood of bad frames must not flood the journal: each key gets at most ``burst``
+    lines per ``interval_s`` window; what it suppresses is counted and reported in one
+    summary line when the window closes (on the next line for that key, or when
+    ``flush`` runs, which the owner calls periodically). At most ``max_keys`` keys are
+    tracked per window; further senders share the key ``("*", reason)``, so the lines
+    per window are bounded by ``(max_keys + reasons) * (burst + 1)`` whatever the input.
+    Counting the events themselves is the caller's job: this only decides about lines.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        summary: str,
+        *,
+        key_names: tuple[str, str] = ("sender", "reason"),
+        interval_s: float = 60.0,
+        burst: int = 3,
+        max_keys: int = 64,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.summary = summary
+        self.key_names = key_names
+        self.interval_s = interval_s
+        self.burst = burst
+        self.max_keys = max_keys
+        self.clock = clock
+        self._windows: dict[tuple[str, str], list[Any]] = {}
+        """key → [window start, lines written, lines suppressed, level]."""
+        self.lines = 0
+        self.suppressed = 0
+
+    def log(self, key: tuple[str, str], level: int, msg: str, **values: Any) -> bool:
+        """Write the line unless its key used up its burst; returns whether it was written."""
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is not None and now - window[0] >= self.interval_s:
+            self._close(key, window)
+            window = None
+        if window is None:
+            if len(self._windows) >= self.max_keys and key[0] != "*":
+                return self.log(("*", key[1]), level, msg, **values, **{self.key_names[0]: key[0]})
+            window = self._windows[key] = [now, 0, 0, level]
+        window[3] = max(window[3], level)
+        if window[1] >= self.burst:
+            window[2] += 1
+            self.suppressed += 1
+            return False
+        window[1] += 1
+        self.lines += 1
+        named = {self.key_names[0]: key[0], self.key_names[1]: key[1]}
+        if window[1] == self.burst:
+            named["further_lines"] = f"suppressed for {self.interval_s:g} s, then summarised"
+        self.logger.log(level, msg, extra=fields(**{**named, **values}))
+        return True
+
+    def flush(self) -> int:
+        """Close every window that has ended; returns the summary lines written."""
+        now = self.clock()
+        written = 0
+        for key, window in list(self._windows.items()):
+            if now - window[0] >= self.interval_s:
+                written += self._close(key, window)
+        return written
+
+    def _close(self, key: tuple[str, str], window: list[Any]) -> int:
+        del self._windows[key]
+        if not window[2]:
+            return 0
+        self.lines += 1
+        self.logger.log(
+            window[3],
+            self.summary,
+            extra=fields(
+                **{self.key_names[0]: key[0], self.key_names[1]: key[1]},
+                suppressed=window[2],
+                window_s=round(self.clock() - window[0], 1),
+            ),
+        )
+        return 1

@@ -27,7 +27,12 @@ MAX_TEXT_LEN = 4096
 MAX_SAMPLES_PER_FRAME = 10_000
 MAX_POINTS_PER_BIRTH = 100_000
 MAX_RANGES = 10_000
+MAX_BIRTH_PARTS = 64
+"""A birth larger than one frame travels in at most this many parts (docs/protocol.md)."""
+MAX_DEVICES_PER_HEARTBEAT = 1024
 MAX_INT = 2**63 - 1
+MIN_INT = -(2**63)
+"""Integer point values are signed 64-bit: [MIN_INT, MAX_INT] (docs/protocol.md, "Values")."""
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Sender, gateway and operator ids: safe inside an MQTT topic level and a file name."""
@@ -153,14 +158,18 @@ def _list(obj: Mapping[str, Any], key: str, path: str, max_len: int) -> list[Any
 
 
 def check_value(value: object, path: str) -> Value:
-    """A point value must be nil, a bool, an int that fits 64 bits, a finite float or text."""
+    """A point value must be nil, a bool, a signed 64-bit int, a finite float or text.
+
+    Unsigned 64-bit readings above 2^63-1 do not fit; the agent sends them as floats
+    with UNCERTAIN quality (docs/protocol.md, "Values"), so a receiver refuses them.
+    """
     kind = type(value)
     if kind is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
             raise _fail(path, "a finite number", value)
     elif kind is int:
-        if not -(2**63) <= value < 2**64:  # type: ignore[operator]
-            raise _fail(path, "a 64-bit integer", value)
+        if not MIN_INT <= value <= MAX_INT:  # type: ignore[operator]
+            raise _fail(path, "a signed 64-bit integer", value)
     elif kind is str:
         if len(value) > MAX_TEXT_LEN:  # type: ignore[arg-type]
             raise _fail(path, f"text of at most {MAX_TEXT_LEN} characters", value)
@@ -293,6 +302,9 @@ class PointMeta:
     max: float | None = None
     interval_ms: int = 1000
     source: str = ""
+    device: str = ""
+    """The id of the agent's device (endpoint) that serves the point, as heartbeats name
+    it; empty when unknown. Lets the hub tell a dead device from a silent gateway."""
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -305,6 +317,7 @@ class PointMeta:
             "max": self.max,
             "interval_ms": self.interval_ms,
             "source": self.source,
+            "device": self.device,
         }
 
     @classmethod
@@ -323,6 +336,7 @@ class PointMeta:
             max=_opt_number(m, "max", path),
             interval_ms=_int(m, "interval_ms", path, 0, 86_400_000),
             source=_str(m, "source", path, max_len=512, empty=True),
+            device=_str(m, "device", path, empty=True) if "device" in m else "",
         )
 
 
@@ -338,6 +352,12 @@ class Birth:
     one its will (``death``) names; 0 means this birth opened it. A rebirth within the
     connection takes a fresh seq but keeps the session, so the receiver can tell the
     genuine will of the live connection from a replayed one of an earlier connection.
+
+    A birth too large for one frame travels as ``parts`` frames (``part`` 0 .. parts-1),
+    each with its own seq and a slice of ``points`` and ``state``; every part carries the
+    same ``low_water``, ``session`` and ``info``, and ``first``, the seq of part 0, which
+    identifies the birth (0 in part 0 itself). A receiver applies the birth once every
+    part has arrived (docs/protocol.md, "Births in parts").
     """
 
     KIND: ClassVar[str] = "birth"
@@ -355,20 +375,37 @@ class Birth:
     dropped by the overflow policy), so each sample reaches history exactly once.
     Empty, or shorter than ``state``, when the sender does not know (seq 0 on the wire).
     """
+    part: int = 0
+    parts: int = 1
+    first: int = 0
 
     def __post_init__(self) -> None:
         if self.state_seqs and len(self.state_seqs) != len(self.state):
             raise SchemaViolation(
                 f"body.state.seq: {len(self.state_seqs)} seqs for {len(self.state)} samples"
             )
+        if not 1 <= self.parts <= MAX_BIRTH_PARTS or not 0 <= self.part < self.parts:
+            raise SchemaViolation(
+                f"body.part: part {self.part} of {self.parts}; a birth has 1 to "
+                f"{MAX_BIRTH_PARTS} parts numbered from 0"
+            )
+        if (self.part == 0) != (self.first == 0):
+            raise SchemaViolation(
+                f"body.first: part {self.part} names first part seq {self.first}; part 0 "
+                "carries 0, every later part the seq of part 0"
+            )
 
     def seq_of(self, index: int) -> int:
         """The data frame seq carrying ``state[index]``, or 0 if unknown."""
         return self.state_seqs[index] if self.state_seqs else 0
 
+    def birth_id(self, seq: int) -> int:
+        """The seq of part 0, which names the whole birth, given this frame's seq."""
+        return self.first or seq
+
     def session_seq(self, seq: int) -> int:
         """The seq of the birth that opened the connection, given this birth's own seq."""
-        return self.session or seq
+        return self.session or self.birth_id(seq)
 
     def to_wire(self) -> dict[str, Any]:
         state: dict[str, list[Any]] = _columns_to_wire(self.state)
@@ -379,6 +416,9 @@ class Birth:
             "low_water": self.low_water,
             "info": dict(self.info),
             "session": self.session,
+            "part": self.part,
+            "parts": self.parts,
+            "first": self.first,
         }
 
     @classmethod
@@ -404,6 +444,7 @@ class Birth:
                 "an integer in [0, 2^63) (0: unknown)",
                 lambda v: type(v) is int and 0 <= v <= MAX_INT,
             )
+        parts = _int(m, "parts", "body", 1, MAX_BIRTH_PARTS) if "parts" in m else 1
         return cls(
             points=tuple(PointMeta.from_wire(p, f"body.points[{i}]") for i, p in enumerate(points)),
             state=_samples_from_columns(columns),
@@ -411,6 +452,9 @@ class Birth:
             info=dict(info),
             session=_int(m, "session", "body"),
             state_seqs=tuple(seqs) if any(seqs) else (),
+            part=_int(m, "part", "body", 0, parts - 1) if "part" in m else 0,
+            parts=parts,
+            first=_int(m, "first", "body") if "first" in m else 0,
         )
 
 
@@ -686,6 +730,117 @@ class CommandResult:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceLink:
+    """One device (endpoint) of a gateway as its agent sees it right now."""
+
+    id: str
+    up: bool
+    since_ms: int = 0
+    """When the device last changed between up and down (0: unknown)."""
+    error: str = ""
+    """Why it is down (the driver's last error), empty when up."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "up": self.up, "since_ms": self.since_ms, "error": self.error}
+
+    @classmethod
+    def from_wire(cls, obj: object, path: str) -> DeviceLink:
+        m = _map(obj, path)
+        return cls(
+            id=_str(m, "id", path),
+            up=_bool(m, "up", path),
+            since_ms=_int(m, "since_ms", path),
+            error=_str(m, "error", path, max_len=512, empty=True),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Agent → hub, every few seconds: "this agent and its connection are alive", with
+    the link state of each device, whether or not any device has data to send.
+
+    Like ``death`` it is unsequenced (seq 0): it is not stored, resent or acknowledged,
+    so it never opens a gap in the sender's seqs. Its replay protection is its body: it
+    names the connection (``session``, as a death does) and counts up within it
+    (``beat``); a receiver takes only a beat above the last one it saw for the live
+    connection of the current epoch.
+    """
+
+    KIND: ClassVar[str] = "heartbeat"
+    session: int
+    beat: int
+    interval_ms: int
+    devices: tuple[DeviceLink, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "beat": self.beat,
+            "interval_ms": self.interval_ms,
+            "devices": [d.to_wire() for d in self.devices],
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Heartbeat:
+        m = _map(obj, "body")
+        devices = _list(m, "devices", "body", MAX_DEVICES_PER_HEARTBEAT)
+        return cls(
+            session=_int(m, "session", "body", 1),
+            beat=_int(m, "beat", "body", 1),
+            interval_ms=_int(m, "interval_ms", "body", 1, 86_400_000),
+            devices=tuple(
+                DeviceLink.from_wire(d, f"body.devices[{i}]") for i, d in enumerate(devices)
+            ),
+        )
+
+    def down(self) -> tuple[DeviceLink, ...]:
+        return tuple(d for d in self.devices if not d.up)
+
+
+@dataclass(frozen=True, slots=True)
+class HubState:
+    """Hub → every agent, retained on ``ft/v1/hub/state``: is the hub online.
+
+    Each broker connection of the hub is a session named by the seq of its ``online``
+    frame (``session`` 0 in that frame, as in a birth). The MQTT will, signed when the
+    connection is made, and the clean-stop message are ``online = false`` frames that
+    name that session, so an agent applies exactly the offline state of the live session
+    and refuses a replayed one (docs/protocol.md, "Hub state").
+    """
+
+    KIND: ClassVar[str] = "hub_state"
+    online: bool
+    instance: str
+    session: int = 0
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.online and not self.session:
+            raise SchemaViolation("body.session: an offline state names the session it ends")
+
+    def session_seq(self, seq: int) -> int:
+        return self.session or seq
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "online": self.online,
+            "instance": self.instance,
+            "session": self.session,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> HubState:
+        m = _map(obj, "body")
+        return cls(
+            online=_bool(m, "online", "body"),
+            instance=_str(m, "instance", "body", max_len=64, empty=True),
+            session=_int(m, "session", "body"),
+            reason=_str(m, "reason", "body", max_len=MAX_TEXT_LEN, empty=True),
+        )
+
+
 # -- the operator channel -------------------------------------------------------------
 
 REQ_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -852,6 +1007,8 @@ AnyBody: TypeAlias = (
     | Rebirth
     | Command
     | CommandResult
+    | Heartbeat
+    | HubState
     | OperatorRequest
     | OperatorResponse
     | View
@@ -867,6 +1024,8 @@ BODY_TYPES: dict[str, Any] = {
         Rebirth,
         Command,
         CommandResult,
+        Heartbeat,
+        HubState,
         OperatorRequest,
         OperatorResponse,
         View,
@@ -876,8 +1035,12 @@ BODY_TYPES: dict[str, Any] = {
 
 KINDS: tuple[str, ...] = tuple(BODY_TYPES)
 
-UPLINK_KINDS = frozenset({"birth", "data", "death", "cmd_result"})
+UPLINK_KINDS = frozenset({"birth", "data", "death", "cmd_result", "heartbeat"})
 DOWNLINK_KINDS = frozenset({"ack", "rebirth", "cmd"})
+HUB_KINDS = frozenset({"hub_state"})
+"""Kinds the hub publishes for every agent on ``ft/v1/hub/...`` rather than per gateway."""
+UNSEQUENCED_KINDS = frozenset({"death", "heartbeat"})
+"""Kinds signed with seq 0: not stored, resent or tracked; their bodies name the session."""
 OPERATOR_KINDS = frozenset({"op_req"})
 """What operators send (on their own request topic)."""
 HUB_VIEW_KINDS = frozenset({"op_resp", "view"})

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.agent_env import AgentEnv
@@ -24,11 +27,22 @@ from support.tls import TlsFiles, make_pki
 from fieldtwin.agent.config import BrokerConfig
 from fieldtwin.agent.outbox import AsyncOutbox, Outbox
 from fieldtwin.agent.runtime import Batcher
+from fieldtwin.agent.status import render_status
 from fieldtwin.agent.uplink import Uplink
+from fieldtwin.agent.util import now_ms
 from fieldtwin.protocol.frames import FrameSigner, encode_frame
 from fieldtwin.protocol.keys import KeyPair, KeyRegistry, load_private_key
-from fieldtwin.protocol.messages import Ack, Birth, PointMeta, Quality, Sample
-from fieldtwin.protocol.topics import downlink_topic
+from fieldtwin.protocol.messages import (
+    Ack,
+    Birth,
+    DeviceLink,
+    Heartbeat,
+    HubState,
+    PointMeta,
+    Quality,
+    Sample,
+)
+from fieldtwin.protocol.topics import HUB_STATE_TOPIC, downlink_topic
 
 META = (PointMeta("tank-1", "level", "float64", "m"),)
 
@@ -56,6 +70,8 @@ async def pipeline(
     backlog_rate: float = 50_000.0,
     ack_timeout_s: float = 60.0,
     tls_ca: Path | None = None,
+    heartbeat_s: float | None = None,
+    device_states: Any = None,
 ) -> AsyncIterator[Pipeline]:
     """With ``tls_ca``, the uplink uses the broker's TLS listener and trusts that CA."""
     key = load_private_key(env.gateway_key_path)
@@ -88,6 +104,8 @@ async def pipeline(
         on_command=no_commands,
         backlog_samples_per_s=backlog_rate,
         ack_timeout_s=ack_timeout_s,
+        heartbeat_s=heartbeat_s,
+        device_states=device_states,
     )
     batcher = Batcher(outbox, uplink.committed, max_samples=200, flush_ms=20)
     tasks = [
@@ -297,6 +315,98 @@ async def test_unacknowledged_frames_are_resent_after_the_ack_timeout(
         await hub.send_ack(env.gateway)
         await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), what="acked")
         assert_exactly_once(hub, env.gateway, pipe.produced)
+
+
+async def test_unsigned_forged_and_replayed_hub_states_are_refused(
+    env: AgentEnv, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Agents act on the hub state (a new session makes them resend everything), so
+    they believe only a signed state of a later session: counted, logged sparingly."""
+    hub = HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key)
+    async with hub, pipeline(env) as pipe:
+        view = hub.gateways[env.gateway]
+        stats = pipe.uplink.stats
+        await hub.wait_for(lambda: len(view.births) == 1, what="first birth")
+        await hub.wait_for(lambda: stats.hub_online is True, what="hub online")
+        first_session = stats.hub_session
+        old_online = hub._online_state
+        unsigned = json.dumps({"online": True, "ts_ms": 1, "instance": "evil"}).encode()
+        forged = encode_frame(
+            KeyPair.generate(), "hub", hub.epoch, 10**9, 1, HubState(True, "evil")
+        )
+        with caplog.at_level(logging.INFO, logger="fieldtwin.agent.uplink"):
+            for _ in range(100):
+                await hub.publish(HUB_STATE_TOPIC, unsigned)
+            await hub.publish(HUB_STATE_TOPIC, forged)
+            await hub.wait_for(lambda: stats.hub_state_rejected == 101, what="refusals")
+        assert stats.rejected == {"hub_state_not_msgpack": 100, "hub_state_unknown_key": 1}
+        lines = [r for r in caplog.records if r.getMessage() == "downlink frame rejected"]
+        assert 2 <= len(lines) <= 2 * 3  # at most 3 a minute per reason
+        assert len(view.births) == 1  # nothing was acted on
+        assert stats.hub_session == first_session
+        # a genuine new session of the hub: birth and resend
+        await hub.restart(new_instance=False)
+        await hub.wait_for(lambda: len(view.births) == 2, what="birth for the new session")
+        assert stats.hub_session > first_session
+        # the old session's online state, replayed live: refused, no birth
+        await hub.publish(HUB_STATE_TOPIC, old_online)
+        await hub.wait_for(lambda: stats.rejected["hub_state_replay"] == 1, what="replay")
+        pipe.add(5)
+        await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), what="acked")
+        assert len(view.births) == 2
+        assert stats.hub_online is True
+
+
+async def test_without_acks_resends_back_off_and_status_says_since_when(
+    env: AgentEnv, broker: MosquittoBroker
+) -> None:
+    hub = HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key, ack=False)
+    async with hub, pipeline(env, ack_timeout_s=1.0) as pipe:
+        await hub.wait_for(lambda: pipe.uplink.connected, what="connected")
+        started = time.monotonic()
+        before_ms = now_ms()
+        pipe.add(30)
+        stats = pipe.uplink.stats
+        await hub.wait_for(lambda: stats.resend_rounds >= 3, 90, what="three resend rounds")
+        elapsed = time.monotonic() - started
+        # 1 s, then 2 s, then 4 s (±10 %): without backoff three rounds take about 3 s
+        assert elapsed >= 0.9 * (1 + 2 + 4)
+        await hub.wait_for(lambda: stats.resend_interval_s >= 8.0, what="the wait doubled")
+        since = stats.no_ack_since_ms
+        assert since is not None
+        assert before_ms <= since <= now_ms()
+        shown = render_status(
+            {"uplink": stats.as_dict(), "buffer": {"frames": len(pipe.outbox.sync.unacked())}},
+            live=True,
+        )
+        assert "NO HUB HAS ACKNOWLEDGED since" in shown
+        assert "frames waiting, resent after 8 s" in shown
+        hub.acking = True
+        await hub.send_ack(env.gateway)
+        await hub.wait_for(lambda: not pipe.outbox.sync.unacked(), what="acked")
+        assert stats.no_ack_since_ms is None
+        assert stats.last_ack_ms is not None
+        shown = render_status({"uplink": stats.as_dict(), "buffer": {}}, live=True)
+        assert "last ack from the hub" in shown
+        assert_exactly_once(hub, env.gateway, pipe.produced)
+
+
+async def test_heartbeats_carry_device_states_and_name_the_connection(
+    env: AgentEnv, broker: MosquittoBroker
+) -> None:
+    states = (DeviceLink("plc", True, 5), DeviceLink("boiler", False, 7, "connection refused"))
+    hub = HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key)
+    async with hub, pipeline(env, heartbeat_s=0.5, device_states=lambda: states) as pipe:
+        view = hub.gateways[env.gateway]
+        await hub.wait_for(lambda: len(view.heartbeats) >= 3, what="three heartbeats")
+        beats = [frame.body for frame in view.heartbeats]
+        assert all(isinstance(b, Heartbeat) for b in beats)
+        assert [b.beat for b in beats] == sorted({b.beat for b in beats})  # counting up
+        assert {b.session for b in beats} == {view.births[0].seq}
+        assert beats[-1].devices == states
+        assert beats[-1].interval_ms == 500
+        assert all(frame.seq == 0 for frame in view.heartbeats)
+        assert pipe.outbox.sync.unacked() == []  # nothing stored or waiting for an ack
 
 
 @pytest.fixture

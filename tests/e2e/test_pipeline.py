@@ -54,7 +54,11 @@ HUB_OVERRIDES: dict[str, Any] = {
 }
 
 
+HEARTBEAT_S = 1.0  # well under GATEWAY_SILENT_S, as docs/agent.md asks
+
+
 def edit_agent(gateway: str, data: dict[str, Any]) -> None:
+    data.setdefault("broker", {})["heartbeat_s"] = HEARTBEAT_S
     if gateway != "gw-pumps":
         return
     pumps = data["devices"][0]
@@ -228,6 +232,32 @@ async def test_dropout_is_sensor_stale_with_gateway_alive(plant: Plant) -> None:
     await cleared(plant, "temporal.sensor_stale", "pt-1", "pressure")
 
 
+async def test_device_disconnect_is_device_down_while_the_gateway_is_alive(plant: Plant) -> None:
+    """The pump station refuses connections for 20 s: its agent and MQTT session stay up,
+    so the hub raises ``temporal.device_down`` on the station's entities, never
+    ``temporal.gateway_silent`` for gw-pumps (the predictive-twin fidelity defect)."""
+    started, _ = await inject(plant, "disconnect", device="pump-station", duration=40.0)
+    try:
+        item = await detected(
+            plant, "temporal.device_down", "tank-1", "", started, HEARTBEAT_S + 2 * SLACK_S
+        )
+        assert "device pump-station of gateway gw-pumps is down" in item["description"]
+        assert item["severity"] == "critical"
+        assert await drift_on(plant, "temporal.device_down", "pump-1") is not None
+        # for the rest of the fault window (past GATEWAY_SILENT_S), the gateway is alive
+        deadline = started / 1000 + 18
+        while time.time() < deadline:
+            assert await drift_on(plant, "temporal.gateway_silent", "gw-pumps") is None
+            assert await drift_on(plant, "temporal.sensor_stale", "tank-1", "level") is None
+            await asyncio.sleep(1.0)
+        twin = {e["physical_id"]: e for e in await plant.call("/api/twin")}
+        assert twin["tank-1"]["health"] == "stale"
+    finally:
+        await clear_faults(plant)
+    await cleared(plant, "temporal.device_down", "tank-1")
+    assert await drift_on(plant, "temporal.gateway_silent", "gw-pumps") is None
+
+
 async def test_gateway_killed_is_silent_at_once_and_recovers(plant: Plant) -> None:
     started = int(time.time() * 1000)
     await plant.agents["gw-boiler"].kill()
@@ -250,7 +280,7 @@ async def test_frozen_agent_is_silent_after_its_limit(plant: Plant) -> None:
         item = await detected(
             plant, "temporal.gateway_silent", "gw-field", "", started, GATEWAY_SILENT_S
         )
-        assert "no frames for" in item["description"]  # silence, not a death
+        assert "no frames or heartbeats for" in item["description"]  # silence, not a death
     finally:
         os.kill(agent.process.pid, signal.SIGCONT)
     await cleared(plant, "temporal.gateway_silent", "gw-field")

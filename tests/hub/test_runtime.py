@@ -25,9 +25,11 @@ from support.hub_env import (
 
 from fieldtwin.hub.api import Endpoint
 from fieldtwin.hub.runtime import Hub
+from fieldtwin.protocol.errors import UnknownKey
 from fieldtwin.protocol.frames import decode_frame
 from fieldtwin.protocol.keys import KeyRegistry
-from fieldtwin.protocol.messages import Ack, Rebirth
+from fieldtwin.protocol.messages import Ack, HubState, Rebirth
+from fieldtwin.protocol.presence import PresenceView
 from fieldtwin.protocol.topics import HUB_STATE_TOPIC, downlink_filter
 
 
@@ -42,6 +44,7 @@ class Gateway:
         self.acks: list[Ack] = []
         self.rebirths: list[Rebirth] = []
         self.hub_states: list[dict[str, Any]] = []
+        self.presence = PresenceView()
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -74,7 +77,21 @@ class Gateway:
         async for message in self._client.messages:
             payload = bytes(message.payload)  # type: ignore[arg-type]
             if str(message.topic) == HUB_STATE_TOPIC:
-                self.hub_states.append(json.loads(payload))
+                try:  # signed like every frame; an earlier test's hub used another key
+                    state = decode_frame(payload, self.hub_keys)
+                except UnknownKey:
+                    continue
+                assert isinstance(state.body, HubState)
+                self.presence.observe(state.epoch, state.seq, state.body)
+                self.hub_states.append(
+                    {
+                        "online": state.body.online,
+                        "instance": state.body.instance,
+                        "session": state.body.session_seq(state.seq),
+                        "reason": state.body.reason,
+                        "retained": bool(message.retain),
+                    }
+                )
                 continue
             frame = decode_frame(payload, self.hub_keys)
             if isinstance(frame.body, Ack):
@@ -224,12 +241,19 @@ async def test_hub_restart_mid_stream_applies_nothing_twice(
                 sent += 1
             await wait_for(lambda: gw.acked(21))
             first_instance = hub.instance
+            first_session = gw.presence.session
+        # the clean stop published a signed offline state naming the session it ends
+        await wait_for(lambda: gw.presence.online is False)
+        assert gw.hub_states[-1]["session"] == first_session
+        assert gw.hub_states[-1]["reason"] == "shutdown"
         # hub down: the gateway keeps sending; the broker queues it (persistent session)
         for i in range(20, 40):
             await gw.send(gw.signer.data([sample("tank-1", "level", 2.0 + i / 100, t + i)]))
             sent += 1
         async with running_hub(files.config) as hub:
             assert hub.instance != first_instance
+            await wait_for(lambda: gw.presence.online is True)
+            assert gw.presence.session > first_session  # a new session, moving forward
             await wait_for(lambda: gw.acked(41))
             # an agent that did not see an ack resends: all replays
             for seq in range(15, 25):

@@ -31,6 +31,7 @@ from fieldtwin.protocol.messages import (
     CommandResult,
     Data,
     Death,
+    Heartbeat,
     Quality,
     Rebirth,
     Sample,
@@ -56,13 +57,15 @@ def _roundtrip(body: object, sender: str = "gw-01", seq: int = 7) -> Frame:
     ("strategy", "sender"),
     [
         (sx.births, "gw-01"),
+        (sx.birth_parts(), "gw-01"),
         (sx.datas, "gw-01"),
         (sx.command_results, "gw-01"),
         (sx.acks, "hub"),
         (sx.rebirths, "hub"),
         (sx.commands, "hub"),
+        (sx.hub_states, "hub"),
     ],
-    ids=["birth", "data", "cmd_result", "ack", "rebirth", "cmd"],
+    ids=["birth", "birth_part", "data", "cmd_result", "ack", "rebirth", "cmd", "hub_state"],
 )
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
@@ -85,6 +88,16 @@ def test_death_roundtrips_with_seq_zero(body: Death) -> None:
     frame = _roundtrip(body, seq=0)
     assert frame.body == body
     assert frame.seq == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(body=sx.heartbeats)
+def test_heartbeat_roundtrips_with_seq_zero(body: Heartbeat) -> None:
+    frame = _roundtrip(body, seq=0)
+    assert frame.body == body
+    assert frame.seq == 0
+    with pytest.raises(SchemaViolation, match="heartbeat frames carry seq 0"):
+        _roundtrip(body, seq=3)
 
 
 def test_sample_quality_is_an_enum_after_decoding() -> None:

@@ -23,6 +23,9 @@ from fieldtwin.protocol.messages import (
     CommandResult,
     Data,
     Death,
+    DeviceLink,
+    Heartbeat,
+    HubState,
     OperatorRequest,
     OperatorResponse,
     PointMeta,
@@ -52,6 +55,7 @@ VECTORS: dict[str, tuple[str, int, AnyBody]] = {
                     5.0,
                     1000,
                     "modbus-tcp://10.0.0.5:502/1/hr/0",
+                    "plc-1",
                 ),
                 PointMeta(
                     "pump-1",
@@ -71,6 +75,36 @@ VECTORS: dict[str, tuple[str, int, AnyBody]] = {
             state_seqs=(4,),
         ),
     ),
+    "birth_part": (
+        "gw-01",
+        7,
+        Birth(
+            points=(PointMeta("tank-2", "level", "float32", "m", device="plc-1"),),
+            state=(Sample("tank-2", "level", 1.25, SENT_AT - 10, Quality.GOOD),),
+            low_water=3,
+            info={"agent": "fieldtwin 0.1.0"},
+            session=1,
+            state_seqs=(4,),
+            part=1,
+            parts=2,
+            first=5,
+        ),
+    ),
+    "heartbeat": (
+        "gw-01",
+        0,
+        Heartbeat(
+            session=1,
+            beat=42,
+            interval_ms=5000,
+            devices=(
+                DeviceLink("plc-1", True, SENT_AT - 60_000),
+                DeviceLink("boiler", False, SENT_AT - 20_000, "connection refused"),
+            ),
+        ),
+    ),
+    "hub_state": ("hub", 13, HubState(True, "a1b2c3d4e5f6")),
+    "hub_state_will": ("hub", 14, HubState(False, "a1b2c3d4e5f6", 13, "connection lost")),
     "data": (
         "gw-01",
         2,
@@ -132,10 +166,38 @@ VECTORS: dict[str, tuple[str, int, AnyBody]] = {
 }
 
 
+REJECTED: dict[str, tuple[str, int, AnyBody, str]] = {
+    "data_int_2_63": (
+        "gw-01",
+        20,
+        Data.of((Sample("meter-1", "count", 2**63, SENT_AT, Quality.GOOD),)),
+        "schema",
+    ),
+    "data_int_2_64_minus_1": (
+        "gw-01",
+        21,
+        Data.of((Sample("meter-1", "count", 2**64 - 1, SENT_AT, Quality.GOOD),)),
+        "schema",
+    ),
+}
+"""Frames a receiver must refuse, with the reason (signed correctly; the body is wrong)."""
+
+
 def _encode(name: str) -> bytes:
     sender, seq, body = VECTORS[name]
     key = {"hub": hub_key, "alice": operator_key}.get(sender, gateway_key)
     return encode_frame(key, sender, EPOCH, seq, SENT_AT, body)
+
+
+def _encode_rejected(name: str) -> bytes:
+    sender, seq, body, _ = REJECTED[name]
+    key = hub_key if sender == "hub" else gateway_key
+    return encode_frame(key, sender, EPOCH, seq, SENT_AT, body)
+
+
+def _load_rejected() -> dict[str, str]:
+    frames: dict[str, str] = json.loads(GOLDEN_FILE.read_text())["rejected"]
+    return frames
 
 
 def _load() -> dict[str, str]:
@@ -156,6 +218,7 @@ def regenerate() -> None:
                 "epoch": EPOCH,
                 "sent_at_ms": SENT_AT,
                 "frames": {name: _encode(name).hex() for name in VECTORS},
+                "rejected": {name: _encode_rejected(name).hex() for name in REJECTED},
             },
             indent=2,
         )
@@ -179,7 +242,22 @@ def test_committed_bytes_decode_to_the_same_message(name: str) -> None:
 def test_every_kind_has_a_vector() -> None:
     from fieldtwin.protocol.messages import KINDS
 
-    assert set(_load()) == set(KINDS)
+    assert set(_load()) == set(VECTORS)
+    assert {body.KIND for _, _, body in VECTORS.values()} == set(KINDS)
+
+
+@pytest.mark.parametrize("name", sorted(REJECTED))
+def test_committed_invalid_frames_are_refused(name: str) -> None:
+    """Integers outside signed 64 bits are refused: 2^63 and 2^64-1, which msgpack can
+    carry as uint64 (docs/protocol.md, "Values"; msgpack cannot encode below -2^63)."""
+    from fieldtwin.protocol.errors import ProtocolError
+
+    data = bytes.fromhex(_load_rejected()[name])
+    assert _encode_rejected(name) == data
+    with pytest.raises(ProtocolError) as caught:
+        decode_frame(data, registry())
+    assert caught.value.reason == REJECTED[name][3]
+    assert "signed 64-bit integer" in str(caught.value)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from fieldtwin.protocol.aio import recancel_stuck
+from fieldtwin.protocol.births import split_birth
 from fieldtwin.protocol.frames import FrameSigner
 from fieldtwin.protocol.keys import KeyPair, write_key_pair
-from fieldtwin.protocol.messages import Birth, Data, Death, PointMeta, Quality, Sample, Value
+from fieldtwin.protocol.messages import (
+    Birth,
+    Data,
+    Death,
+    DeviceLink,
+    Heartbeat,
+    PointMeta,
+    Quality,
+    Sample,
+    Value,
+)
 from fieldtwin.protocol.topics import uplink_topic
 
 
@@ -284,6 +295,45 @@ class GatewaySigner:
         )
         return uplink_topic(self.gateway, "birth"), self.signer.encode(
             self.epoch, seq, now_ms(), body
+        )
+
+    def birth_parts(
+        self,
+        points: Iterable[PointMeta] = (),
+        state: Iterable[Sample] = (),
+        low_water: int = 1,
+        *,
+        max_frame_bytes: int,
+        rebirth: bool = False,
+        state_seqs: Iterable[int] = (),
+    ) -> list[tuple[str, bytes]]:
+        """A birth split as an agent splits it for ``max_frame_bytes`` (parts in order)."""
+        seq = self.next_seq()
+        self.birth_seq = seq
+        if not rebirth or not self.session:
+            self.session = seq
+        whole = Birth(
+            tuple(points),
+            tuple(state),
+            low_water,
+            {"agent": "test"},
+            session=0 if self.session == seq else self.session,
+            state_seqs=tuple(state_seqs),
+        )
+        parts = split_birth(whole, seq, max_frame_bytes)
+        seqs = [seq] + [self.next_seq() for _ in parts[1:]]
+        topic = uplink_topic(self.gateway, "birth")
+        return [
+            (topic, self.signer.encode(self.epoch, number, now_ms(), part))
+            for part, number in zip(parts, seqs, strict=True)
+        ]
+
+    def heartbeat(
+        self, beat: int, devices: Iterable[DeviceLink] = (), session: int | None = None
+    ) -> tuple[str, bytes]:
+        body = Heartbeat(self.session if session is None else session, beat, 1000, tuple(devices))
+        return uplink_topic(self.gateway, "heartbeat"), self.signer.encode(
+            self.epoch, 0, now_ms(), body
         )
 
     def death(self, birth_seq: int | None = None, reason: str = "test") -> tuple[str, bytes]:

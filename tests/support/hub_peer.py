@@ -3,12 +3,15 @@
 It shows what the edge agent expects of a hub (docs/protocol.md, "Session behaviour"):
 
 * connects as MQTT user ``hub`` (client id ``ft-hub-peer-...``), publishes the retained
-  hub state ``{"online": true, "ts_ms": ..., "instance": ...}`` with an offline will;
+  signed hub state (a ``hub_state`` frame opening a session) with a signed offline will
+  naming that session, like the hub (``fieldtwin.protocol.presence``);
 * subscribes to ``ft/v1/+/up/+``, verifies every frame with the gateway keys it was
   given, checks that the signed sender matches the topic's gateway;
 * uses a ``DeliveryTracker`` to apply each (sender, epoch, seq) exactly once: a replay
   is counted in ``duplicates`` and not applied again, a birth's ``low_water`` closes
   the seqs below it;
+* assembles births sent in parts (``births`` holds one frame per whole birth, its body
+  the assembled birth) and keeps every heartbeat;
 * records what it applied (samples, births, deaths, command results) and, after
   "storing" it, sends the gateway a signed ``ack`` listing all delivered ranges of
   the gateway's current epoch (acks are coalesced, at most one per ``ack_interval_s``);
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import os
 import time
 import uuid
@@ -33,8 +36,9 @@ from typing import Any
 
 import aiomqtt
 
+from fieldtwin.protocol.births import assemble_birth
 from fieldtwin.protocol.errors import ProtocolError, Replay, StaleEpoch
-from fieldtwin.protocol.frames import Frame, decode_frame, encode_frame
+from fieldtwin.protocol.frames import Frame, FrameSigner, decode_frame, encode_frame
 from fieldtwin.protocol.keys import KeyPair, KeyRegistry, PublicKey
 from fieldtwin.protocol.messages import (
     Ack,
@@ -44,10 +48,12 @@ from fieldtwin.protocol.messages import (
     CommandResult,
     Data,
     Death,
+    Heartbeat,
     Rebirth,
     Sample,
     Value,
 )
+from fieldtwin.protocol.presence import HubPresence
 from fieldtwin.protocol.topics import (
     HUB_STATE_TOPIC,
     HUB_UPLINK_FILTER,
@@ -68,6 +74,10 @@ class GatewayView:
 
     samples: list[Sample] = field(default_factory=list)
     births: list[Frame] = field(default_factory=list)
+    birth_parts: list[Frame] = field(default_factory=list)
+    """Every birth frame as it arrived (a birth in parts gives several)."""
+    pending_parts: dict[int, dict[int, Frame]] = field(default_factory=dict)
+    heartbeats: list[Frame] = field(default_factory=list)
     deaths: list[Frame] = field(default_factory=list)
     results: list[CommandResult] = field(default_factory=list)
     applied: list[tuple[int, int]] = field(default_factory=list)
@@ -140,19 +150,22 @@ class HubPeer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _state(self, online: bool) -> bytes:
-        return json.dumps(
-            {"online": online, "ts_ms": _now_ms(), "instance": self.instance}
-        ).encode()
+    def _take_seq(self) -> tuple[int, int]:
+        self.seq += 1
+        return self.epoch, self.seq
 
     def _new_client(self) -> aiomqtt.Client:
+        self.presence = HubPresence(
+            FrameSigner("hub", self.hub_key), self.instance, self._take_seq, _now_ms
+        )
+        will, self._online_state = self.presence.connect()
         return aiomqtt.Client(
             self.broker.host,
             self.broker.port,
             username="hub",
             password=self.broker.passwords["hub"],
             identifier=f"ft-hub-peer-{os.getpid()}-{self.instance}",
-            will=aiomqtt.Will(HUB_STATE_TOPIC, self._state(False), qos=1, retain=True),
+            will=aiomqtt.Will(HUB_STATE_TOPIC, will, qos=1, retain=True),
             timeout=10,
         )
 
@@ -177,7 +190,7 @@ class HubPeer:
                 continue
             try:
                 await client.subscribe(HUB_UPLINK_FILTER, qos=1)
-                await client.publish(HUB_STATE_TOPIC, self._state(True), qos=1, retain=True)
+                await client.publish(HUB_STATE_TOPIC, self._online_state, qos=1, retain=True)
                 self._client = client
                 self.connects += 1
                 self._connected.set()
@@ -200,7 +213,8 @@ class HubPeer:
         client = self._client
         if client is not None and announce:
             with contextlib.suppress(Exception):
-                await client.publish(HUB_STATE_TOPIC, self._state(False), qos=1, retain=True)
+                offline = self.presence.offline("shutdown")
+                await client.publish(HUB_STATE_TOPIC, offline, qos=1, retain=True)
         self._running = False
         pending = {task for task in self._tasks if not task.done()}
         deadline = time.monotonic() + 30
@@ -242,6 +256,10 @@ class HubPeer:
             view.deaths.append(frame)
             self._changed.set()
             return
+        if isinstance(frame.body, Heartbeat):
+            view.heartbeats.append(frame)
+            self._changed.set()
+            return
         try:
             self.tracker.check(frame.sender, frame.epoch, frame.seq)
         except Replay:
@@ -257,7 +275,17 @@ class HubPeer:
             if self.keep_samples:
                 view.samples.extend(body.samples)
         elif isinstance(body, Birth):
-            view.births.append(frame)  # its state repeats samples already applied
+            view.birth_parts.append(frame)
+            if body.parts == 1:
+                view.births.append(frame)  # its state repeats samples already applied
+            else:
+                birth_id = body.birth_id(frame.seq)
+                held = view.pending_parts.setdefault(birth_id, {})
+                held[body.part] = frame
+                if len(held) == body.parts:
+                    del view.pending_parts[birth_id]
+                    whole = assemble_birth([f.body for f in held.values()])  # type: ignore[misc]
+                    view.births.append(dataclasses.replace(held[0], body=whole))
         elif isinstance(body, CommandResult):
             view.results.append(body)
         # "Stored": now record delivery (and, for a birth, close what will never come).

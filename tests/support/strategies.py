@@ -16,6 +16,9 @@ from fieldtwin.protocol.messages import (
     CommandResult,
     Data,
     Death,
+    DeviceLink,
+    Heartbeat,
+    HubState,
     OperatorRequest,
     OperatorResponse,
     PointMeta,
@@ -34,7 +37,7 @@ ts_ms = st.integers(0, 2**63 - 1)
 values = st.one_of(
     st.none(),
     st.booleans(),
-    st.integers(-(2**63), 2**64 - 1),
+    st.integers(-(2**63), 2**63 - 1),
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(_text_chars, max_size=64),
 )
@@ -53,6 +56,7 @@ point_metas = st.builds(
     max=numbers_or_none,
     interval_ms=st.integers(0, 86_400_000),
     source=texts,
+    device=st.one_of(st.just(""), names),
 )
 births = st.builds(
     Birth,
@@ -62,6 +66,50 @@ births = st.builds(
     info=st.dictionaries(st.text(_text_chars, max_size=20), texts, max_size=4),
     # 0 (this birth opens the session) or an earlier birth; the tests encode at seq 7.
     session=st.integers(0, 7),
+)
+
+
+@st.composite
+def birth_parts(draw: st.DrawFn) -> Birth:
+    """A part of a birth in parts, as encoded at seq 7: part 0, or a later part naming
+    part 0's earlier seq, and a session no later than that birth."""
+    parts = draw(st.integers(1, 64))
+    part = draw(st.integers(0, parts - 1))
+    first = 0 if part == 0 else draw(st.integers(1, 6))
+    base = draw(births)
+    return Birth(
+        base.points,
+        base.state,
+        base.low_water,
+        base.info,
+        session=draw(st.integers(0, first or 7)),
+        state_seqs=base.state_seqs,
+        part=part,
+        parts=parts,
+        first=first,
+    )
+
+
+device_links = st.builds(
+    DeviceLink, id=names, up=st.booleans(), since_ms=ts_ms, error=st.text(_text_chars, max_size=80)
+)
+heartbeats = st.builds(
+    Heartbeat,
+    session=st.integers(1, 2**63 - 1),
+    beat=st.integers(1, 2**63 - 1),
+    interval_ms=st.integers(1, 86_400_000),
+    devices=st.lists(device_links, max_size=5).map(tuple),
+)
+# Encoded at seq 7: an online state opens its session (0) or names an earlier one.
+hub_states = st.one_of(
+    st.builds(HubState, online=st.just(True), instance=ids, session=st.integers(0, 7)),
+    st.builds(
+        HubState,
+        online=st.just(False),
+        instance=ids,
+        session=st.integers(1, 7),
+        reason=texts,
+    ),
 )
 datas = st.lists(samples, max_size=20).map(Data.of)
 deaths = st.builds(Death, birth_seq=st.integers(1, 2**63 - 1), reason=texts)
@@ -147,4 +195,6 @@ bodies = st.one_of(
     operator_requests,
     operator_responses,
     views,
+    heartbeats,
+    hub_states,
 )
