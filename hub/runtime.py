@@ -13,7 +13,7 @@ range of its epoch), ``drift`` (drift evaluation, alarms, reconciliation, gap
 rebirths every ``drift.interval_s``), ``api`` (loopback HTTP), ``watchdog`` (systemd
 notify, when run under systemd).
 
-Session behaviour (docs/protocol.md): username ``hub``, client id ``ft-hub``, QoS 1,
+Session behaviour (docs/protocol.md): username and client id ``hub``, QoS 1,
 persistent session (so the broker queues uplink while the hub restarts), retained
 ``{"online": true, "ts_ms", "instance"}`` on ``ft/v1/hub/state`` after subscribing,
 and the matching ``{"online": false}`` as the will and on a clean stop.
