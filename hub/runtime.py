@@ -155,9 +155,11 @@ class Hub:
                             "entities": len(declared),
                             "hub_epoch": epoch,
                         },
-                    )
+                    ),
+                    *store.recovery_events(now),  # a damaged WAL was set aside (store.py)
                 ]
             )
+            self.metrics.store_recoveries += store.recovery is not None
             store.sync_declared(
                 declared,
                 relationships,
