@@ -269,7 +269,10 @@ class TwinStore:
     ) -> TwinStore:
         if read_only and not path.exists():
             raise StoreError(f"{path} does not exist; has this hub ever run?")
-        config = {"memory_limit": memory_limit, "threads": threads}
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": memory_limit,
+            "threads": threads,
+        }
         recovery: StoreRecovery | None = None
         try:
             if not read_only:
