@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +166,42 @@ async def test_agent_buffer_on_a_full_disk_keeps_samples_and_recovers(
     keys = [(s.entity, s.attribute, s.ts_ms) for s in view.samples]
     assert len(keys) == len(set(keys)), "a sample was applied twice"
     assert view.sample_count == reported, "every sample read reached the hub"
+
+
+WRITE_AND_CRASH = r"""
+import os, sys
+from pathlib import Path
+from fieldtwin.agent.outbox import Outbox
+from fieldtwin.protocol.frames import FrameSigner
+from fieldtwin.protocol.keys import KeyPair
+from fieldtwin.protocol.messages import Quality, Sample
+outbox = Outbox(Path(sys.argv[1]), FrameSigner("gw-disk", KeyPair.generate()))
+outbox.open()
+for i in range(100):
+    outbox.commit_data([[Sample("t", f"p{j}", float(i), 1_700_000_000_000 + i, Quality.GOOD)
+                         for j in range(20)]])
+os._exit(0)  # SIGKILL-like: the last commits live only in the WAL
+"""
+
+
+def test_an_agent_restarted_on_a_full_disk_keeps_its_buffer(disk: SmallDisk) -> None:
+    """Opening a buffer (and replaying its WAL) on a full disk must not mistake the
+    write errors for corruption: a quarantine would abandon every unacknowledged frame."""
+    from fieldtwin.agent.outbox import Outbox
+    from fieldtwin.protocol.frames import FrameSigner
+    from fieldtwin.protocol.keys import KeyPair
+
+    path = disk.path / "outbox.duckdb"
+    subprocess.run([sys.executable, "-c", WRITE_AND_CRASH, str(path)], check=True, timeout=60)
+    disk.fill()
+    outbox = Outbox(path, FrameSigner("gw-disk", KeyPair.generate()))
+    outbox.open()
+    try:
+        assert len(outbox.unacked()) == 100
+        assert outbox.counters.quarantined == 0
+        assert not list(disk.path.glob("outbox.duckdb.corrupt-*"))
+    finally:
+        outbox.close()
 
 
 # -- the hub -------------------------------------------------------------------------------
