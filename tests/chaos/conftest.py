@@ -37,11 +37,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     soak = config.getoption("--soak", default=None)
-    if not soak:
-        return
+    limit = int(soak * 60) + 900 if soak else 900
     for item in items:
         if item.get_closest_marker("chaos_run") is not None:
-            item.add_marker(pytest.mark.timeout(int(soak * 60) + 900))
+            item.add_marker(pytest.mark.timeout(limit))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -49,7 +49,6 @@ def soak_counts(minutes: float) -> dict[str, int]:
     return {"broker_kill": every_5_min, "agent_kill": every_5_min, "hub_term": 1, "hub_kill": 1}
 
 
-@pytest.mark.timeout(900)
 def test_nothing_lost_nothing_twice(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     soak = request.config.getoption("--soak", default=None)
     seed = request.config.getoption("--chaos-seed", default=None) or CI_SEED
