@@ -145,8 +145,9 @@ def reconcile(
     for values in stamps.values():
         values.sort()
 
-    for point, served in by_point.items():
-        gateway = gateway_of[point]
+    for point in sorted(set(by_point) | set(history)):
+        served = by_point.get(point, [])
+        gateway = gateway_of.get(point) or history[point][0].gateway
         walls = [r.wall_ms for r in served]
         taken: dict[int, Stored] = {}
         for row in sorted(history.get(point, []), key=lambda r: r.ts_ms):

@@ -46,8 +46,11 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 FIELDTWIN = [sys.executable, "-m", "fieldtwin.protocol.cli"]
 
-# gateway → (example agent config, simulator device it reads)
-GATEWAYS = {"gw-pumps": ("pumps", "pump-station"), "gw-field": ("field", "field-bus")}
+# gateway → the example agent config it runs. Only its request/response devices (Modbus
+# TCP and RTU): the simulator records a pushed serial line as served when it writes it to
+# the pty, read or not, so those lines are no ground truth of what an agent received.
+GATEWAYS = {"gw-pumps": "pumps", "gw-field": "field"}
+JUDGED_PROTOCOLS = ("modbus-tcp", "modbus-rtu")
 POLL_MS = 250
 FLUSH_MS = 100  # the agent's default group-commit window
 
@@ -244,6 +247,8 @@ class ChaosSite:
     hub: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
     envs: dict[str, AgentEnv] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+    """simulator device → the gateway that reads it"""
     lives: list[Life] = field(default_factory=list)
     starts: dict[str, int] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
@@ -277,8 +282,8 @@ class ChaosSite:
         self.broker.start()
         (root / "keys" / "hub.password").write_text(self.broker.passwords["hub"])
         (root / "keys" / "hub.password").chmod(0o600)
-        for gateway, (example, device) in GATEWAYS.items():
-            self._write_agent_config(gateway, example, device)
+        for gateway, example in GATEWAYS.items():
+            self._write_agent_config(gateway, example)
         self.hub = Proc(
             "hub", [*FIELDTWIN, "hub", "run", "-c", str(self.hub_config)], root / "logs" / "hub.log"
         )
@@ -311,14 +316,19 @@ class ChaosSite:
         self._hub_data = data
         return path
 
-    def _write_agent_config(self, gateway: str, example: str, device: str) -> None:
+    def _write_agent_config(self, gateway: str, example: str) -> None:
         from fieldtwin.protocol.keys import KeyPair, load_private_key
 
         hub_key: KeyPair = load_private_key(self.root / "keys" / "hub.key")
         env = AgentEnv.create(self.root / "agents" / gateway, gateway, self.broker, hub_key)
         (self.root / "keys" / f"{gateway}.pub").write_bytes(env.gateway_public.pem())
-        devices = devices_from_example(example, self.sim.endpoints)
+        devices = [
+            spec
+            for spec in devices_from_example(example, self.sim.endpoints)
+            if spec["protocol"] in JUDGED_PROTOCOLS
+        ]
         for spec in devices:
+            self.devices[spec["id"]] = gateway
             spec["interval_ms"] = POLL_MS
             spec["max_silence_s"] = 0  # no heartbeats: every stored sample is a read change
             for point in spec["points"]:
@@ -410,7 +420,7 @@ class ChaosSite:
 
     def settle(self) -> dict[str, Any]:
         """Stop the reads, drain every buffer to the hub, stop everything cleanly."""
-        for _, device in GATEWAYS.values():
+        for device in self.devices:
             self.sim.inject("dropout", device=device)
         time.sleep(1.0)  # a request in flight is answered (and recorded) or never
         self.note("devices stopped answering")
@@ -462,7 +472,7 @@ class ChaosSite:
 
     def reckon(self, twin: list[dict[str, Any]]) -> tuple[Verdict, list[str]]:
         """The ledger over truth and history, and the current-state check."""
-        devices = {device: gateway for gateway, (_, device) in GATEWAYS.items()}
+        devices = self.devices
         truth = duckdb.connect(str(self.truth_file), read_only=True)
         try:
             rows = truth.execute(

@@ -85,3 +85,11 @@ def test_bad_samples_and_restarts_are_not_reads() -> None:
     verdict = reconcile(rs, stored, lives, GW)
     assert (verdict.matched, verdict.stored_not_good) == (3, 1)
     assert verdict.duplicates == verdict.unmatched == verdict.lost == []
+
+
+def test_a_point_the_simulator_never_served_is_unmatched() -> None:
+    rs = reads("t.level", [1.0])
+    other = Stored("t.temp", "gw", 1010, 20.0, GOOD)
+    verdict = reconcile(rs, [*stored_for(rs, [0]), other], [Life("gw", 0, 5000, False)], GW)
+    assert len(verdict.unmatched) == 1
+    assert verdict.unmatched[0].startswith("t.temp")
