@@ -9,7 +9,13 @@ of the plant, so it checks again with its own configuration:
    to a second write);
 2. expiry: ``expires_at_ms`` in the past → ``expired``;
 3. allow-list: the point exists on this gateway and is ``writable = true``;
-4. type and limits: a number for numeric points (whole for unscaled integers), true or
+4. approvals (when ``[approvals]`` lists operators): at least ``required`` valid
+   signatures of distinct listed operators over the command's digest, which covers the
+   point, the value and the restore value (a rollback: the parent's digest, and its id
+   must be ``<parent>.rb``, so one approval authorises one write and one restore). Points
+   in ``unattended`` take commands without approvals. A compromised hub alone cannot
+   actuate;
+5. type and limits: a number for numeric points (whole for unscaled integers), true or
    false for bool points, text for string points; within ``min``/``max``.
 
 Then the driver writes with the same codec it reads with and reads the value back;
@@ -30,7 +36,9 @@ from fieldtwin.agent.config import PointConfig
 from fieldtwin.agent.errors import AgentError, OutboxError
 from fieldtwin.agent.outbox import AsyncOutbox, Committed
 from fieldtwin.agent.util import now_ms, within
+from fieldtwin.protocol.approvals import approval_digest, check_approvals, rollback_id
 from fieldtwin.protocol.frames import Frame
+from fieldtwin.protocol.keys import PublicKey
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.messages import Command, CommandResult, Quality, Value
 
@@ -49,12 +57,42 @@ class Refuse:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class Approvers:
+    """The operator keys this gateway trusts, loaded from ``[approvals]``."""
+
+    keys: Mapping[str, tuple[PublicKey, ...]]
+    required: int = 1
+    unattended: frozenset[str] = frozenset()
+
+    def check(self, command: Command) -> Refuse | None:
+        point = f"{command.entity}.{command.attribute}"
+        if point in self.unattended:
+            return None
+        if command.rollback_of and command.cmd_id != rollback_id(command.rollback_of):
+            return Refuse(
+                "rejected",
+                f"a rollback of {command.rollback_of} must have id "
+                f"{rollback_id(command.rollback_of)}, not {command.cmd_id}",
+            )
+        checked = check_approvals(command.approvals, self.keys, approval_digest(command))
+        if len(checked.valid) >= self.required:
+            return None
+        problems = "; ".join(checked.problems) or "it carries none"
+        return Refuse(
+            "rejected",
+            f"needs {self.required} valid operator approval(s), has {len(checked.valid)}: "
+            f"{problems}",
+        )
+
+
 def check_command(
     command: Command,
     *,
     gateway: str,
     now_ms: int,
     points: Mapping[tuple[str, str], PointConfig],
+    approvers: Approvers | None = None,
 ) -> Accept | Refuse:
     """The agent's policy for one command; pure, so it is tested exhaustively."""
     if command.to != gateway:
@@ -69,6 +107,10 @@ def check_command(
         )
     if not point.writable:
         return Refuse("rejected", f"{point.name} is not writable on this gateway (allow-list)")
+    if approvers is not None:
+        refusal = approvers.check(command)
+        if refusal is not None:
+            return refusal
     value = command.value
     dtype = point.dtype
     if dtype == "bool":
@@ -132,6 +174,7 @@ class CommandExecutor:
         writer: Writer,
         deliver: Callable[[list[Committed]], None],
         write_timeout_s: float = 10.0,
+        approvers: Approvers | None = None,
     ) -> None:
         self.gateway = gateway
         self.points = points
@@ -139,6 +182,7 @@ class CommandExecutor:
         self.writer = writer
         self.deliver = deliver
         self.write_timeout_s = write_timeout_s
+        self.approvers = approvers
         self._lock = asyncio.Lock()
         self.outcomes: dict[str, int] = {}
 
@@ -194,7 +238,13 @@ class CommandExecutor:
                 ),
                 False,
             )
-        decision = check_command(command, gateway=self.gateway, now_ms=now_ms(), points=self.points)
+        decision = check_command(
+            command,
+            gateway=self.gateway,
+            now_ms=now_ms(),
+            points=self.points,
+            approvers=self.approvers,
+        )
         if isinstance(decision, Refuse):
             return CommandResult(command.cmd_id, decision.status, decision.detail), True
         await self.outbox.call(sync.command_begin, command.cmd_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,24 @@ class BufferConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalConfig:
+    """Operators whose approvals this gateway accepts, and how many a command needs.
+
+    With approvers configured, a ``cmd`` is written only if it carries ``required``
+    valid approvals from distinct listed operators over its digest, so a compromised
+    hub alone cannot actuate. Points listed in ``unattended`` take commands without
+    operator approval (automatic corrections within the point's limits)."""
+
+    keys: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
+    required: int = 1
+    unattended: frozenset[str] = frozenset()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     file: Path
     gateway: str
@@ -184,6 +203,7 @@ class AgentConfig:
     status_file: Path
     status_interval_s: float = 5.0
     info: dict[str, str] = field(default_factory=dict)
+    approvals: ApprovalConfig = field(default_factory=ApprovalConfig)
 
     def points(self) -> list[tuple[DeviceConfig, PointConfig]]:
         return [(device, point) for device in self.devices for point in device.points]
@@ -224,6 +244,8 @@ def load_config(path: Path | str, *, state_dir: Path | None = None) -> AgentConf
     status_interval = status.number("interval_s", 5.0, min=0.5, max=3600)
     status.finish()
 
+    approvals = _approvals(root.section("approvals"))
+
     info_section = root.section("info")
     info = {k: info_section.text(k) for k in list(info_section.data)}
     info_section.finish()
@@ -247,7 +269,36 @@ def load_config(path: Path | str, *, state_dir: Path | None = None) -> AgentConf
         status_file=status_file,
         status_interval_s=status_interval,
         info=info,
+        approvals=approvals,
     )
+
+
+def _approvals(section: Section) -> ApprovalConfig:
+    """``[approvals]``: ``operators = { bob = "keys/bob.pub", ... }``, ``required``,
+    ``unattended = ["ENTITY.ATTRIBUTE", ...]``."""
+    raw = section.raw("operators", {})
+    if not isinstance(raw, dict):
+        raise section.error("operators", "expected a table of operator id = public key file")
+    keys: dict[str, tuple[Path, ...]] = {}
+    for operator, value in raw.items():
+        files = [value] if isinstance(value, str) else value
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            raise section.error(
+                f"operators.{operator}", "expected a public key file (or a list of them)"
+            )
+        paths = []
+        for item in files:
+            candidate = Path(os.path.expandvars(item)).expanduser()
+            paths.append(candidate if candidate.is_absolute() else section.file.parent / candidate)
+        keys[operator] = tuple(paths)
+    required = section.integer("required", 1, min=1, max=8)
+    unattended = section.text_list("unattended", [])
+    section.finish()
+    if keys and required > len(keys):
+        raise section.error(
+            "required", f"{required} approvals needed but only {len(keys)} approvers are listed"
+        )
+    return ApprovalConfig(keys=keys, required=required, unattended=frozenset(unattended))
 
 
 def _broker(section: Section, gateway: str) -> BrokerConfig:

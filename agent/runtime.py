@@ -21,7 +21,7 @@ from dataclasses import asdict
 from importlib import metadata
 from typing import Any
 
-from fieldtwin.agent.commands import CommandExecutor, WriteOutcome
+from fieldtwin.agent.commands import Approvers, CommandExecutor, WriteOutcome
 from fieldtwin.agent.config import AgentConfig, PointConfig
 from fieldtwin.agent.drivers import Driver, make_driver
 from fieldtwin.agent.errors import AgentError, OutboxError
@@ -31,8 +31,10 @@ from fieldtwin.agent.sdnotify import Notifier
 from fieldtwin.agent.status import STATUS_FORMAT, write_status
 from fieldtwin.agent.uplink import Uplink
 from fieldtwin.agent.util import Backoff, Throttle, cancel_and_wait, now_ms, within
+from fieldtwin.protocol.config import ConfigError
+from fieldtwin.protocol.errors import ProtocolError
 from fieldtwin.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameSigner
-from fieldtwin.protocol.keys import KeyRegistry, load_private_key, load_public_key
+from fieldtwin.protocol.keys import KeyRegistry, PublicKey, load_private_key, load_public_key
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.messages import Birth, PointMeta, Quality, Sample, Value
 
@@ -228,12 +230,28 @@ class Agent:
             backlog_samples_per_s=buffer.backlog_samples_per_s,
             ack_timeout_s=buffer.ack_timeout_s,
         )
+        approvals = config.approvals
+        approver_keys: dict[str, tuple[PublicKey, ...]] = {}
+        for operator, files in approvals.keys.items():
+            try:
+                approver_keys[operator] = tuple(load_public_key(p) for p in files)
+            except ProtocolError as exc:
+                raise ConfigError(
+                    config.file, f"approvals.operators.{operator}", str(exc)
+                ) from None
         self.executor = CommandExecutor(
             gateway=config.gateway,
             points=self.points,
             outbox=self.outbox,
             writer=self._write,
             deliver=self._deliver,
+            approvers=Approvers(
+                approver_keys,
+                approvals.required,
+                approvals.unattended,
+            )
+            if approvals.enabled
+            else None,
         )
         self._metas = tuple(
             PointMeta(

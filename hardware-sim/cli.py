@@ -23,15 +23,36 @@ EXIT_FAILURE = 1
 DEFAULT_CONTROL = "127.0.0.1:17100"
 
 _PARAM_FLAGS = {
-    "value": ("--value", float, "stuck: value to report (default: the last value)"),
+    "value": (
+        "--value",
+        float,
+        "stuck: value to report (default: the last value); "
+        "wrong_value: the value the actuator goes to",
+    ),
     "rate": ("--rate", float, "drift: bias growth per simulated second (default 0.01)"),
-    "offset": ("--offset", float, "drift: bias from the first tick (default 0)"),
+    "offset": (
+        "--offset",
+        float,
+        "drift: bias from the first tick (default 0); "
+        "wrong_value: the actuator goes to the written value plus this",
+    ),
     "magnitude": ("--magnitude", float, "spike: added to the value (default 10)"),
     "sigma": ("--sigma", float, "noise: standard deviation of the extra noise (default 1)"),
     "delay_ms": ("--delay-ms", float, "slow: wall-clock delay per answer (default 2000)"),
     "probability": ("--probability", float, "corrupt: share of frames corrupted (default 1)"),
     "code": ("--code", int, "exception: Modbus exception code (default 4)"),
     "status": ("--status", str, "bad_status: OPC-UA status name (default BadSensorFailure)"),
+    "count": (
+        "--count",
+        int,
+        "ignore_writes, wrong_value: only the first COUNT writes (default: every write)",
+    ),
+    "cv": ("--cv", float, "leak: leak flow in m3/h per sqrt(m) of level (default 2)"),
+    "efficiency": (
+        "--efficiency",
+        float,
+        "fouling: share of heater power reaching the water, 0-1 (default 0.5)",
+    ),
 }
 
 
@@ -101,13 +122,18 @@ def register(subparsers: Any) -> None:
         description=(
             "Kinds: stuck, drift, spike, noise (need --point); dropout, slow, disconnect, "
             "corrupt (RTU and serial), exception (Modbus), bad_status (OPC-UA) (need --device, "
-            "or --point where the kind allows it). Durations are simulated seconds."
+            "or --point where the kind allows it); ignore_writes, wrong_value (need a writable "
+            "--point); leak (a tank) and fouling (a boiler) (need --component). "
+            "Durations are simulated seconds."
         ),
     )
     inject.add_argument("kind", metavar="KIND", choices=KINDS, help=f"one of: {', '.join(KINDS)}")
     inject.add_argument("--device", help="device id, e.g. pump-station")
     inject.add_argument("--point", help="point, e.g. tank-1.level")
     inject.add_argument("--unit-id", type=int, help="Modbus unit id (faults on one unit of a bus)")
+    inject.add_argument(
+        "--component", help="process component for leak and fouling, e.g. tank-1, boiler-1"
+    )
     inject.add_argument("--duration", type=float, help="simulated seconds (default: until cleared)")
     for key, (flag, kind, text) in _PARAM_FLAGS.items():
         inject.add_argument(flag, dest=f"param_{key}", type=kind, metavar=key.upper(), help=text)
@@ -125,9 +151,25 @@ def register(subparsers: Any) -> None:
     clear.set_defaults(func=_fault_clear)
 
     truth_cmd = actions.add_parser(
-        "truth", help="current true and reported values of a running simulator"
+        "truth",
+        help="current true and reported values of a running simulator (or its recorded writes)",
+        description=(
+            "Without --writes: the current true and reported value of each point. With "
+            "--writes: every client write the ground truth recorded, oldest first, with the "
+            "value written, what the variable was before and what it became, and the "
+            "outcome (applied, ignored or altered by an actuator fault, or rejected)."
+        ),
     )
     truth_cmd.add_argument("--point", action="append", help="only this point (repeatable)")
+    truth_cmd.add_argument(
+        "--writes", action="store_true", help="list recorded client writes instead of values"
+    )
+    truth_cmd.add_argument(
+        "--since-tick", type=int, default=None, metavar="N", help="--writes: from tick N on"
+    )
+    truth_cmd.add_argument(
+        "--limit", type=int, default=None, metavar="M", help="--writes: at most M (10000)"
+    )
     _control_args(truth_cmd)
     truth_cmd.set_defaults(func=_truth)
 
@@ -275,13 +317,15 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
 
 
 def _describe(fault: dict[str, Any]) -> str:
-    target = fault.get("point") or fault.get("device")
+    target = fault.get("point") or fault.get("device") or fault.get("component")
     if fault.get("unit_id") is not None:
         target = f"{target} unit {fault['unit_id']}"
     params = ", ".join(f"{k}={v}" for k, v in (fault.get("params") or {}).items())
+    if "writes_affected" in fault:  # actuator faults
+        params = ", ".join(p for p in (params, f"writes affected={fault['writes_affected']}") if p)
     end = "until cleared" if fault.get("end_tick") is None else f"to tick {fault['end_tick']}"
     return (
-        f"{fault['id']:>4}  {fault['status']:<9} {fault['kind']:<10} {target}  "
+        f"{fault['id']:>4}  {fault['status']:<9} {fault['kind']:<13} {target}  "
         f"tick {fault['start_tick']} {end}  [{fault['source']}]{'  ' + params if params else ''}"
     )
 
@@ -297,6 +341,7 @@ def _fault_inject(args: argparse.Namespace) -> int:
         "device": args.device,
         "point": args.point,
         "unit_id": args.unit_id,
+        "component": args.component,
         "duration": args.duration,
         "params": params,
     }
@@ -344,6 +389,10 @@ def _fault_clear(args: argparse.Namespace) -> int:
 def _truth(args: argparse.Namespace) -> int:
     from urllib.parse import urlencode
 
+    if args.writes:
+        return _writes(args)
+    if args.since_tick is not None or args.limit is not None:
+        return _fail("--since-tick and --limit go with --writes")
     query = "" if not args.point else "?" + urlencode([("point", p) for p in args.point])
     try:
         answer = _call(args, "GET", f"/truth{query}")
@@ -357,6 +406,47 @@ def _truth(args: argparse.Namespace) -> int:
     print(f"{'POINT':<{width}}  {'TRUE':>14}  {'REPORTED':>14}")
     for name, values in answer["points"].items():
         print(f"{name:<{width}}  {values['true']:>14.4f}  {values['reported']:>14.4f}")
+    return EXIT_OK
+
+
+def _writes(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    pairs: list[tuple[str, str | int]] = [("point", p) for p in args.point or []]
+    if args.since_tick is not None:
+        pairs.append(("since_tick", args.since_tick))
+    if args.limit is not None:
+        pairs.append(("limit", args.limit))
+    query = "?" + urlencode(pairs) if pairs else ""
+    try:
+        answer = _call(args, "GET", f"/truth/writes{query}")
+    except SimError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(answer))
+        return EXIT_OK
+    writes = answer["writes"]
+    if not writes:
+        print("no writes recorded")
+        return EXIT_OK
+    width = max(len("POINT"), *(len(w["point"]) for w in writes))
+    print(
+        f"{'TICK':>8}  {'SIM S':>9}  {'POINT':<{width}}  {'STATUS':<8}  {'WRITTEN':>10}  "
+        f"{'BEFORE':>10}  {'RESULT':>10}  {'FAULT':>5}  VIA"
+    )
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    for w in writes:
+        fault = "-" if w["fault_id"] is None else str(w["fault_id"])
+        via = f"{w['protocol']} {w['device']}".strip()
+        detail = f"  ({w['detail']})" if w["detail"] else ""
+        print(
+            f"{w['tick']:>8}  {w['sim_s']:>9.1f}  {w['point']:<{width}}  {w['status']:<8}  "
+            f"{num(w['value']):>10}  {num(w['before']):>10}  {num(w['result']):>10}  "
+            f"{fault:>5}  {via}{detail}"
+        )
     return EXIT_OK
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from fieldtwin.protocol.logfmt import fields
-from fieldtwin.sim.engine import Simulation
+from fieldtwin.sim.engine import AppliedWrite, Simulation
 from fieldtwin.sim.errors import EndpointError, WriteRejected
 from fieldtwin.sim.faults import LinkFaults
 from fieldtwin.sim.truth import GroundTruth
@@ -37,6 +37,7 @@ class SimContext:
         self.record_served = record_served and truth is not None
         self.unrecorded_devices = unrecorded_devices
         self.counters: Counter[str] = Counter()
+        self.writes_received = 0  # numbers every client write, accepted or not
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -69,6 +70,7 @@ class SimContext:
 
     def _rejected(self, exc: WriteRejected, value: float, device: str, protocol: str) -> None:
         sim = self.sim
+        self.writes_received += 1
         self.counters["writes_rejected"] += 1
         log.info(
             "write rejected",
@@ -79,18 +81,45 @@ class SimContext:
             self.truth.add_write(
                 wall_ms(), sim.tick, sim.sim_s, device, protocol, exc.point,
                 spec.source if spec else "", value, "rejected", exc.problem,
+                seq=self.writes_received,
             )  # fmt: skip
 
-    def write(self, point: str, value: float, *, device: str, protocol: str) -> None:
-        """Accept a client write for the next tick, or raise ``WriteRejected`` (recorded too)."""
+    def write(self, point: str, value: float, *, device: str, protocol: str) -> AppliedWrite:
+        """Accept a client write for the next tick, or raise ``WriteRejected`` (recorded too).
+
+        Returns the write with its outcome: an actuator fault may have decided that the
+        actuator ignores it or goes elsewhere (the device still acknowledges it).
+        """
         now = wall_ms()
         try:
-            self.sim.request_write(point, value, device=device, protocol=protocol, wall_ms=now)
+            write = self.sim.request_write(
+                point,
+                value,
+                device=device,
+                protocol=protocol,
+                wall_ms=now,
+                seq=self.writes_received + 1,
+            )
         except WriteRejected as exc:
             self._rejected(exc, value, device, protocol)
             raise
+        self.writes_received += 1
         self.counters["writes_accepted"] += 1
-        log.info("write accepted", extra=fields(device=device, point=point, value=value))
+        if write.outcome == "applied":
+            log.info("write accepted", extra=fields(device=device, point=point, value=value))
+        else:
+            self.counters[f"writes_{write.outcome}"] += 1
+            log.info(
+                f"write {write.outcome} by actuator fault",
+                extra=fields(
+                    device=device,
+                    point=point,
+                    value=value,
+                    result=write.result,
+                    fault_id=write.fault_id,
+                ),
+            )
+        return write
 
 
 class DisconnectFollower:

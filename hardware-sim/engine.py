@@ -5,11 +5,20 @@ seed, and the list of client writes and runtime faults *with the tick at which t
 took effect*; ``Simulation`` replays such a list exactly (see ``replay``). Nothing in
 here reads a clock or touches a socket: the runner decides when a tick happens.
 
-Per tick, in order: pending client writes are applied to the process, the process
-steps by ``dt``, fault windows open and close, and every point's reported value is
-computed: ``true value + measurement noise`` followed by the point's active value
-faults in id order. A client reading twice within one tick sees the same value, like a
-transmitter that updates its output once per cycle.
+Per tick, in order: fault windows open and close (process faults set the components'
+impairments), pending client writes are applied to the process, the process steps by
+``dt``, and every point's reported value is computed: ``true value + measurement
+noise`` followed by the point's active value faults in id order. A client reading twice
+within one tick sees the same value, like a transmitter that updates its output once
+per cycle.
+
+Writes: a client write is checked against the point's limits, then the point's actuator
+fault (if one covers the tick the write takes effect) decides what the actuator does:
+``applied`` (moves to the written value), ``ignored`` (stays where it was) or
+``altered`` (moves to another value). The outcome is decided when the write arrives, so
+the register or node shows it at once and a read-back straight after the write already
+tells the truth. Every write is reported with what was written, what the variable was
+before and what it became (``AppliedWrite``), which the ground truth records.
 """
 
 from __future__ import annotations
@@ -17,17 +26,32 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fieldtwin.sim.errors import WriteRejected
-from fieldtwin.sim.faults import Fault, FaultBook, FaultRequest, check_request
+from fieldtwin.sim.faults import (
+    ACTUATOR_KINDS,
+    PROCESS_KINDS,
+    Fault,
+    FaultBook,
+    FaultRequest,
+    check_request,
+)
 from fieldtwin.sim.scenario import PointSpec, Scenario
+
+OUTCOMES = ("applied", "ignored", "altered")
 
 
 @dataclass(frozen=True, slots=True)
 class AppliedWrite:
-    """A client write as it took effect: the tick it was applied at, and who sent it."""
+    """A client write as it took effect: the tick it was applied at, and who sent it.
+
+    ``value`` is what the client wrote; ``result`` what the variable became (``None``
+    until the tick for an ignored write) and ``before`` what it was just before (set at
+    the tick). ``outcome`` is ``applied``, ``ignored`` or ``altered``; ``fault_id`` the
+    actuator fault that decided an ignored or altered write.
+    """
 
     tick: int
     point: str
@@ -36,6 +60,21 @@ class AppliedWrite:
     device: str = ""
     protocol: str = ""
     wall_ms: int = 0
+    outcome: str = "applied"
+    result: float | None = None
+    before: float | None = None
+    fault_id: int | None = None
+    seq: int = 0  # arrival order among all client writes of a run (0: not numbered)
+
+    @property
+    def moves(self) -> bool:
+        """Whether the write reaches the process (applied or altered)."""
+        return self.outcome != "ignored"
+
+    @property
+    def target(self) -> float:
+        """The value the actuator goes to when the write moves it."""
+        return self.value if self.result is None else self.result
 
 
 @dataclass(slots=True)
@@ -77,6 +116,7 @@ class Simulation:
             end = self._end_tick(start, scheduled.duration, scheduled.request.kind)
             self.faults.add(scheduled.request, start, end, "scenario")
         self._measure()
+        self._actuator_faults = any(f.kind in ACTUATOR_KINDS for f in self.faults.faults.values())
 
     # -- time --------------------------------------------------------------------------
 
@@ -96,22 +136,18 @@ class Simulation:
         """Advance one tick and return what happened in it."""
         self.tick += 1
         result = TickResult(self.tick, self.sim_s)
+        started, ended = self.faults.advance(self.tick)
+        if any(f.kind in PROCESS_KINDS for f in (*started, *ended)):
+            self._impair()
+        state = self.plant.state
         for write in self._pending:
-            self.plant.set(write.variable, write.value)
-            applied = AppliedWrite(
-                self.tick,
-                write.point,
-                write.variable,
-                write.value,
-                write.device,
-                write.protocol,
-                write.wall_ms,
-            )
-            result.writes.append(applied)
+            before = state[write.variable]
+            after = write.target if write.moves else before
+            self.plant.set(write.variable, after)
+            result.writes.append(replace(write, tick=self.tick, before=before, result=after))
         self._pending.clear()
         self._shadow.clear()
         self.plant.step(self.dt)
-        started, ended = self.faults.advance(self.tick)
         for fault in started:
             if fault.kind == "stuck" and fault.request.point is not None:
                 given = fault.request.params.get("value")
@@ -122,6 +158,14 @@ class Simulation:
         result.ended = ended
         self._measure()
         return result
+
+    def _impair(self) -> None:
+        by_component: dict[str, list[tuple[str, Any]]] = {}
+        for fault in self.faults.process_faults():
+            by_component.setdefault(fault.request.component or "", []).append(
+                (fault.kind, fault.request.params)
+            )
+        self.plant.impair(by_component)
 
     def _measure(self) -> None:
         state = self.plant.state
@@ -188,15 +232,51 @@ class Simulation:
         return value
 
     def request_write(
-        self, point: str, value: float, *, device: str = "", protocol: str = "", wall_ms: int = 0
+        self,
+        point: str,
+        value: float,
+        *,
+        device: str = "",
+        protocol: str = "",
+        wall_ms: int = 0,
+        seq: int = 0,
+        actuator_faults: bool = True,
     ) -> AppliedWrite:
-        """Queue a client write for the next tick; raises ``WriteRejected`` if not allowed."""
+        """Queue a client write for the next tick; raises ``WriteRejected`` if not allowed.
+
+        The point's actuator fault (if any covers the next tick) decides what the write
+        does; ``actuator_faults=False`` applies it as given (``replay`` of recorded
+        results, which already carry the faults' effect).
+        """
         value = self.check_write(point, value)
         spec = self.points[point]
-        write = AppliedWrite(self.tick + 1, point, spec.source, value, device, protocol, wall_ms)
+        tick = self.tick + 1
+        write = AppliedWrite(
+            tick, point, spec.source, value, device, protocol, wall_ms, result=value, seq=seq
+        )
+        if actuator_faults and self._actuator_faults:
+            fault = self.faults.actuator_fault(point, tick)
+            if fault is not None:
+                write = self._actuate(write, spec, fault)
         self._pending.append(write)
-        self._shadow[spec.source] = value
+        if write.moves:
+            self._shadow[spec.source] = write.target
         return write
+
+    def _actuate(self, write: AppliedWrite, spec: PointSpec, fault: Fault) -> AppliedWrite:
+        """What a faulty actuator does with ``write``; counts the write against the fault."""
+        fault.writes_affected += 1
+        if fault.exhausted:
+            self.faults.end(fault.id, write.tick + 1)  # its last write: the window closes
+        if fault.kind == "ignore_writes":
+            return replace(write, outcome="ignored", result=None, fault_id=fault.id)
+        given = fault.request.params.get("value")
+        target = write.value + float(fault.param("offset")) if given is None else float(given)
+        limits = self.plant.writable[spec.source]
+        if limits.boolean:
+            target = 1.0 if target >= 0.5 else 0.0
+        target = min(max(target, limits.low), limits.high)  # the actuator's travel ends here
+        return replace(write, outcome="altered", result=target, fault_id=fault.id)
 
     # -- faults ------------------------------------------------------------------------
 
@@ -212,6 +292,8 @@ class Simulation:
         request = check_request(request, self.topology)
         start = self.tick + 1 if start_tick is None else start_tick
         end = self._end_tick(start, duration, request.kind) if end_tick is None else end_tick
+        if request.kind in ACTUATOR_KINDS:
+            self._actuator_faults = True
         return self.faults.add(request, start, end, "runtime")
 
     def clear(self, fault_id: int) -> Fault:
@@ -235,7 +317,12 @@ def replay(
     faults: Iterable[FaultEvent] = (),
 ) -> list[tuple[int, str, float]]:
     """Run the model alone for ``ticks`` ticks with writes and faults at their recorded
-    ticks; returns the ground truth as (tick, point, true value) rows."""
+    ticks; returns the ground truth as (tick, point, true value) rows.
+
+    ``writes`` are what reached the process: the ground truth's writes that moved
+    (``status IN ('applied', 'altered')``) with their ``result`` as the value. Actuator
+    faults among ``faults`` therefore do not act on them again; process faults do act.
+    """
     sim = Simulation(scenario, seed)
     by_tick: dict[int, list[AppliedWrite]] = {}
     for write in writes:
@@ -245,7 +332,7 @@ def replay(
     rows = [(0, name, value) for name, value in sim.truth_rows()]
     for _ in range(ticks):
         for write in by_tick.get(sim.tick + 1, []):
-            sim.request_write(write.point, write.value)
+            sim.request_write(write.point, write.value, actuator_faults=False)
         sim.step()
         rows.extend((sim.tick, name, value) for name, value in sim.truth_rows())
     return rows

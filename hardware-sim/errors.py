@@ -25,6 +25,15 @@ class FaultError(SimError):
         super().__init__(f"{key}: {problem}")
 
 
+class UnknownFault(FaultError):
+    """A request names a fault id the simulator does not have (HTTP 404, not 400)."""
+
+    reason = "unknown_fault"
+
+    def __init__(self, fault_id: int) -> None:
+        super().__init__("id", f"no fault with id {fault_id}")
+
+
 class WriteRejected(SimError):
     """A client write is outside the point's limits or targets a read-only point."""
 
@@ -52,3 +61,9 @@ class GroundTruthError(SimError):
     """The ground-truth file cannot be created or written."""
 
     reason = "ground_truth"
+
+
+class NoGroundTruth(SimError):
+    """A query needs the ground-truth file, but this run records none (``--no-truth``)."""
+
+    reason = "no_ground_truth"

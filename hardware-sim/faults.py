@@ -1,11 +1,22 @@
 """The fault catalogue, fault requests and the book of fault windows (sans-I/O).
 
-Value faults change what a sensor reports (the process itself is untouched, so ground
-truth stays true): ``stuck``, ``drift``, ``spike``, ``noise``. Link faults change how a
-device answers: ``dropout``, ``slow``, ``disconnect``, ``corrupt``, ``exception``
-(Modbus) and ``bad_status`` (OPC-UA). A fault is active on the ticks
-``[start_tick, end_tick)``; windows open and close only at tick boundaries, so a replay
-of the same windows gives the same served values.
+Four families:
+
+- Value faults change what a sensor reports (the process itself is untouched, so
+  ground truth stays true): ``stuck``, ``drift``, ``spike``, ``noise``.
+- Link faults change how a device answers: ``dropout``, ``slow``, ``disconnect``,
+  ``corrupt``, ``exception`` (Modbus) and ``bad_status`` (OPC-UA).
+- Actuator faults change what a client *write* does to a writable point:
+  ``ignore_writes`` (the write is acknowledged, nothing moves) and ``wrong_value`` (the
+  actuator goes to another value: the written one plus an offset, or a fixed value).
+  The device answers the write normally; only a read-back shows the truth, so a
+  command's verification can fail for real.
+- Process faults change the plant itself, while every sensor stays truthful: ``leak``
+  (an extra outflow from a tank) and ``fouling`` (a boiler's heater transfers only part
+  of its power to the water). They target a process component, not a device.
+
+A fault is active on the ticks ``[start_tick, end_tick)``; windows open and close only
+at tick boundaries, so a replay of the same windows gives the same served values.
 """
 
 from __future__ import annotations
@@ -17,11 +28,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fieldtwin.sim.errors import FaultError
+from fieldtwin.sim.errors import FaultError, UnknownFault
 
 VALUE_KINDS = ("stuck", "drift", "spike", "noise")
 LINK_KINDS = ("dropout", "slow", "disconnect", "corrupt", "exception", "bad_status")
-KINDS = VALUE_KINDS + LINK_KINDS
+ACTUATOR_KINDS = ("ignore_writes", "wrong_value")
+PROCESS_KINDS = ("leak", "fouling")
+KINDS = VALUE_KINDS + LINK_KINDS + ACTUATOR_KINDS + PROCESS_KINDS
+
+# The process component type each process fault applies to.
+PROCESS_TARGETS = {"leak": "tank", "fouling": "boiler"}
 
 SUPPORT: dict[str, tuple[str, ...]] = {
     "stuck": ("modbus-tcp", "modbus-rtu", "serial-line", "opcua"),
@@ -34,6 +50,9 @@ SUPPORT: dict[str, tuple[str, ...]] = {
     "corrupt": ("modbus-rtu", "serial-line"),
     "exception": ("modbus-tcp", "modbus-rtu"),
     "bad_status": ("opcua",),
+    # Writable points exist on Modbus and OPC-UA devices only.
+    "ignore_writes": ("modbus-tcp", "modbus-rtu", "opcua"),
+    "wrong_value": ("modbus-tcp", "modbus-rtu", "opcua"),
 }
 
 MODBUS_EXCEPTION_CODES = (1, 2, 3, 4, 5, 6, 8, 10, 11)
@@ -64,18 +83,36 @@ PARAMS: dict[str, dict[str, Param]] = {
     "corrupt": {"probability": Param(1.0, low=0.0, high=1.0, doc="share of frames corrupted")},
     "exception": {"code": Param(4, kind=int, doc="Modbus exception code (1-6, 8, 10, 11)")},
     "bad_status": {"status": Param("BadSensorFailure", kind=str, doc="OPC-UA status code name")},
+    "ignore_writes": {
+        "count": Param(None, kind=int, low=1, doc="only the first COUNT writes (default: all)"),
+    },
+    "wrong_value": {
+        "offset": Param(None, doc="the actuator goes to the written value plus this"),
+        "value": Param(None, doc="the actuator goes to this value whatever is written"),
+        "count": Param(None, kind=int, low=1, doc="only the first COUNT writes (default: all)"),
+    },
+    "leak": {
+        "cv": Param(2.0, low=0.0, high=1e6, doc="leak flow in m3/h per sqrt(m) of level"),
+    },
+    "fouling": {
+        "efficiency": Param(
+            0.5, low=0.0, high=1.0, doc="share of the heater's power that reaches the water"
+        ),
+    },
 }
 
 
 @dataclass(frozen=True, slots=True)
 class FaultRequest:
-    """What to break: a kind, where (device / unit / point) and the kind's parameters."""
+    """What to break: a kind, where (device / unit / point, or a process component for
+    process faults) and the kind's parameters."""
 
     kind: str
     device: str | None = None
     point: str | None = None
     unit_id: int | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    component: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +120,7 @@ class FaultRequest:
             "device": self.device,
             "point": self.point,
             "unit_id": self.unit_id,
+            "component": self.component,
             "params": dict(self.params),
         }
 
@@ -95,9 +133,11 @@ class Topology:
     unit_ids: Mapping[str, list[int]]
     points: Mapping[str, tuple[str, bool]]  # point -> (device, boolean)
     synthetic: frozenset[str] = frozenset()
+    writable: frozenset[str] = frozenset()  # points clients may write
+    components: Mapping[str, str] = field(default_factory=dict)  # process component -> type
 
 
-def _suggest(name: str, known: Iterable[str]) -> str:
+def suggest(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -107,7 +147,7 @@ def read_params(kind: str, get: Callable[[str, Any], Any]) -> dict[str, Any]:
     if kind not in PARAMS:
         raise FaultError(
             "kind",
-            f"unknown fault kind {kind!r}{_suggest(kind, KINDS)} (kinds: {', '.join(KINDS)})",
+            f"unknown fault kind {kind!r}{suggest(kind, KINDS)} (kinds: {', '.join(KINDS)})",
         )
     params: dict[str, Any] = {}
     for key, spec in PARAMS[kind].items():
@@ -120,6 +160,8 @@ def read_params(kind: str, get: Callable[[str, Any], Any]) -> dict[str, Any]:
         elif spec.kind is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise FaultError(key, f"expected an integer, got {value!r}")
+            if spec.low is not None and value < spec.low:
+                raise FaultError(key, f"{value} is below the minimum {spec.low:g}")
         else:
             if (
                 isinstance(value, bool)
@@ -139,6 +181,12 @@ def read_params(kind: str, get: Callable[[str, Any], Any]) -> dict[str, Any]:
         )
     if kind == "bad_status":
         _check_status_name(params["status"])
+    if kind == "wrong_value" and ("offset" in params) == ("value" in params):
+        raise FaultError(
+            "offset",
+            "wrong_value needs exactly one of offset (the actuator goes to the written value "
+            "plus offset) or value (it goes to that value whatever is written)",
+        )
     return params
 
 
@@ -159,7 +207,7 @@ def params_from_mapping(kind: str, given: Mapping[str, Any]) -> dict[str, Any]:
         if key not in known:
             valid = ", ".join(known) or "(none)"
             raise FaultError(
-                key, f"{kind} takes no parameter {key!r}{_suggest(key, known)} (valid: {valid})"
+                key, f"{kind} takes no parameter {key!r}{suggest(key, known)} (valid: {valid})"
             )
     return read_params(kind, lambda key, default: given.get(key, default))
 
@@ -168,13 +216,21 @@ def check_request(request: FaultRequest, topology: Topology) -> FaultRequest:
     """Resolve the device from the point and refuse scopes the fault kind cannot have."""
     kind = request.kind
     if kind not in KINDS:
-        raise FaultError("kind", f"unknown fault kind {kind!r}{_suggest(kind, KINDS)}")
+        raise FaultError("kind", f"unknown fault kind {kind!r}{suggest(kind, KINDS)}")
+    if kind in PROCESS_KINDS:
+        return _check_process_request(request, topology)
+    if request.component is not None:
+        raise FaultError(
+            "component",
+            f"{kind} happens on a device; component applies to process faults "
+            f"({', '.join(PROCESS_KINDS)}) only",
+        )
     device = request.device
     if request.point is not None:
         if request.point not in topology.points:
             raise FaultError(
                 "point",
-                f"unknown point {request.point!r}{_suggest(request.point, topology.points)}",
+                f"unknown point {request.point!r}{suggest(request.point, topology.points)}",
             )
         owner = topology.points[request.point][0]
         if device is not None and device != owner:
@@ -185,7 +241,7 @@ def check_request(request: FaultRequest, topology: Topology) -> FaultRequest:
     if device is None:
         raise FaultError("device", "name the device (or, for value faults, the point)")
     if device not in topology.devices:
-        raise FaultError("device", f"unknown device {device!r}{_suggest(device, topology.devices)}")
+        raise FaultError("device", f"unknown device {device!r}{suggest(device, topology.devices)}")
     protocol = topology.devices[device]
     if protocol not in SUPPORT[kind]:
         raise FaultError(
@@ -193,15 +249,18 @@ def check_request(request: FaultRequest, topology: Topology) -> FaultRequest:
             f"{kind} cannot happen on a {protocol} device "
             f"(it works on: {', '.join(SUPPORT[kind])})",
         )
+    params = params_from_mapping(kind, request.params)
     if kind in VALUE_KINDS:
         if request.point is None:
             raise FaultError("point", f"{kind} changes one point's value: name the point")
         if topology.points[request.point][1] and kind != "stuck":
             raise FaultError("kind", f"{request.point} is on/off; only 'stuck' applies to it")
+    elif kind in ACTUATOR_KINDS:
+        _check_actuator_request(kind, request.point, params, topology)
     elif request.point is not None and kind not in ("exception", "bad_status"):
         raise FaultError("point", f"{kind} affects a whole device (or unit): drop the point")
     if request.unit_id is not None:
-        if kind in VALUE_KINDS or kind in ("disconnect", "bad_status"):
+        if kind in VALUE_KINDS or kind in ACTUATOR_KINDS or kind in ("disconnect", "bad_status"):
             raise FaultError("unit_id", f"{kind} does not take a unit id")
         if protocol not in ("modbus-tcp", "modbus-rtu"):
             raise FaultError("unit_id", f"{device} is not a Modbus device")
@@ -210,8 +269,57 @@ def check_request(request: FaultRequest, topology: Topology) -> FaultRequest:
                 "unit_id",
                 f"{device} has no unit {request.unit_id} (units: {topology.unit_ids.get(device)})",
             )
-    params = params_from_mapping(kind, request.params)
     return FaultRequest(kind, device, request.point, request.unit_id, params)
+
+
+def _check_actuator_request(
+    kind: str, point: str | None, params: Mapping[str, Any], topology: Topology
+) -> None:
+    writable = ", ".join(sorted(topology.writable)) or "none in this scenario"
+    if point is None:
+        raise FaultError(
+            "point", f"{kind} acts on one writable point: name it (writable: {writable})"
+        )
+    if point not in topology.writable:
+        raise FaultError(
+            "point", f"{point} is read-only; {kind} needs a writable point (writable: {writable})"
+        )
+    if kind == "wrong_value" and topology.points[point][1]:
+        if "offset" in params:
+            raise FaultError("offset", f"{point} is on/off: give value = 0 or 1, not an offset")
+        if params["value"] not in (0.0, 1.0):
+            raise FaultError("value", f"{point} is on/off: value must be 0 or 1")
+
+
+def _check_process_request(request: FaultRequest, topology: Topology) -> FaultRequest:
+    kind = request.kind
+    for key in ("device", "point", "unit_id"):
+        if getattr(request, key) is not None:
+            raise FaultError(
+                key,
+                f"{kind} is a fault of the process, not of a device: name only the "
+                f"component (e.g. a {PROCESS_TARGETS[kind]})",
+            )
+    want = PROCESS_TARGETS[kind]
+    fitting = sorted(name for name, type_ in topology.components.items() if type_ == want)
+    component = request.component
+    if component is None:
+        raise FaultError(
+            "component", f"name the {want} that has the {kind} ({want}s: {', '.join(fitting)})"
+        )
+    if component not in topology.components:
+        raise FaultError(
+            "component",
+            f"unknown process component {component!r}{suggest(component, topology.components)}",
+        )
+    if topology.components[component] != want:
+        raise FaultError(
+            "component",
+            f"{component} is a {topology.components[component]}; {kind} happens to a {want} "
+            f"({want}s: {', '.join(fitting) or 'none in this scenario'})",
+        )
+    params = params_from_mapping(kind, request.params)
+    return FaultRequest(kind, params=params, component=component)
 
 
 @dataclass
@@ -228,6 +336,7 @@ class Fault:
     frozen: float | None = None
     start_wall_ms: int | None = None
     end_wall_ms: int | None = None
+    writes_affected: int = 0  # actuator faults: writes this fault decided
 
     @property
     def kind(self) -> str:
@@ -250,6 +359,20 @@ class Fault:
             return value + self.rng.gauss(0.0, float(self.param("sigma")))
         return value
 
+    def covers(self, tick: int) -> bool:
+        """Whether ``tick`` lies in this fault's window (known before the window opens)."""
+        return (
+            self.status != "cancelled"
+            and self.start_tick <= tick
+            and (self.end_tick is None or tick < self.end_tick)
+        )
+
+    @property
+    def exhausted(self) -> bool:
+        """An actuator fault limited to ``count`` writes that has had them all."""
+        count = self.request.params.get("count")
+        return count is not None and self.writes_affected >= int(count)
+
     def to_json(self, dt: float) -> dict[str, Any]:
         out = self.request.to_json()
         out.update(
@@ -263,6 +386,8 @@ class Fault:
             start_wall_ms=self.start_wall_ms,
             end_wall_ms=self.end_wall_ms,
         )
+        if self.kind in ACTUATOR_KINDS:
+            out["writes_affected"] = self.writes_affected
         return out
 
 
@@ -312,7 +437,7 @@ class FaultBook:
         """Make a fault end at ``tick`` (the next tick boundary when cleared at run time)."""
         fault = self.faults.get(fault_id)
         if fault is None:
-            raise FaultError("id", f"no fault with id {fault_id}")
+            raise UnknownFault(fault_id)
         if fault.status in ("ended", "cancelled"):
             return fault
         if fault.end_tick is None or fault.end_tick > tick:
@@ -340,6 +465,28 @@ class FaultBook:
     @property
     def active(self) -> list[Fault]:
         return self._active
+
+    def actuator_fault(self, point: str, tick: int) -> Fault | None:
+        """The actuator fault that decides a write to ``point`` taking effect at ``tick``.
+
+        Looks at windows, not at ``active``: a write received now reaches the process at
+        the next tick, and a fault injected now starts at that tick too. If several are
+        in force, the most recently injected decides.
+        """
+        deciding = None
+        for fault in self.faults.values():
+            if (
+                fault.kind in ACTUATOR_KINDS
+                and fault.request.point == point
+                and fault.covers(tick)
+                and not fault.exhausted
+            ):
+                deciding = fault
+        return deciding
+
+    def process_faults(self) -> list[Fault]:
+        """Active process faults (leak, fouling), in id order."""
+        return [f for f in self._active if f.kind in PROCESS_KINDS]
 
     def value_faults(self, point: str) -> list[Fault]:
         return [f for f in self._active if f.request.point == point and f.kind in VALUE_KINDS]

@@ -14,8 +14,11 @@ status and no value.
 Client writes go through a guard in front of asyncua's attribute service: a write to a
 writable point must carry the point's type and lie within its limits (else
 ``BadTypeMismatch`` / ``BadOutOfRange``); an accepted write reaches the process at the
-next tick and shows in the node at once. ``dropout``, ``slow`` and ``disconnect`` are
-played by the relay in front of the server (fieldtwin.sim.relay).
+next tick and shows in the node at once. Under an actuator fault the write is answered
+Good too, but the node shows what the actuator did: its old value (``ignore_writes``)
+or the other value (``wrong_value``), never the value written. ``dropout``, ``slow``
+and ``disconnect`` are played by the relay in front of the server
+(fieldtwin.sim.relay).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.sim.context import DisconnectFollower, SimContext, wall_ms
+from fieldtwin.sim.engine import AppliedWrite
 from fieldtwin.sim.errors import EndpointError, WriteRejected
 from fieldtwin.sim.faults import LinkFaults
 from fieldtwin.sim.relay import TcpRelay
@@ -130,8 +134,15 @@ class OpcUaDevice:
                 if point is None or item.AttributeId != AttributeIds.Value:
                     passed.append(i)
                     continue
-                results[i] = self._check_write(point, item.Value)
-                if results[i] is None:
+                status, write = self._check_write(point, item.Value)
+                if status is not None:
+                    results[i] = status
+                elif write is not None and write.outcome != "applied":
+                    # The actuator did something else: acknowledge, show what it did.
+                    results[i] = ua.StatusCode()  # Good
+                    if write.moves:
+                        await self._show(point, write.target)
+                else:
                     passed.append(i)
             if passed:
                 subset = ua.WriteParameters(NodesToWrite=[params.NodesToWrite[i] for i in passed])
@@ -142,12 +153,13 @@ class OpcUaDevice:
 
         service.write = guarded_write
 
-    def _check_write(self, point: PointSpec, data_value: Any) -> Any:
+    def _check_write(self, point: PointSpec, data_value: Any) -> tuple[Any, AppliedWrite | None]:
+        """(bad status, None) for a refused write, else (None, the accepted write)."""
         from asyncua import ua
         from asyncua.ua.status_codes import StatusCodes
 
-        def bad(name: str) -> Any:
-            return ua.StatusCode(getattr(StatusCodes, name))
+        def bad(name: str) -> tuple[Any, None]:
+            return ua.StatusCode(getattr(StatusCodes, name)), None
 
         if not point.writable:
             return bad("BadNotWritable")
@@ -156,12 +168,30 @@ class OpcUaDevice:
         if variant is None or variant.VariantType != want:
             return bad("BadTypeMismatch")
         try:
-            self.ctx.write(
+            write = self.ctx.write(
                 point.name, float(variant.Value), device=self.device.id, protocol="opcua"
             )
         except WriteRejected:
             return bad("BadOutOfRange")
-        return None
+        return None, write
+
+    async def _show(self, point: PointSpec, value: float) -> None:
+        """Put the value the actuator took into the node now (the publisher would only
+        catch up after the next tick)."""
+        from asyncua import ua
+
+        if point.boolean:
+            variant = ua.Variant(value >= 0.5, ua.VariantType.Boolean)
+        else:
+            variant = ua.Variant(float(value), ua.VariantType.Double)
+        stamp = ua.DateTime.now(UTC)
+        await self.server.write_attribute_value(
+            self._nodes[point.name],
+            ua.DataValue(Value=variant, SourceTimestamp=stamp, ServerTimestamp=stamp),
+        )
+        shown = (1.0 if value >= 0.5 else 0.0) if point.boolean else float(value)
+        self._published[point.name] = (shown, "Good")
+        self.ctx.served(self.device.id, "opcua", point.name, shown, "good", "publish")
 
     # -- values ------------------------------------------------------------------------
 

@@ -14,6 +14,11 @@ scenario give the same trajectory, and adding a component does not change the ot
 Component types (parameters and variables are documented in docs/simulator.md):
 ``pump``, ``valve``, ``tank``, ``flow_meter``, ``pressure_transmitter``, ``boiler``,
 ``ambient``.
+
+Process faults (a leak, a fouled heater) are impairments of a component: the simulation
+hands each component the parameters of the process faults active on it
+(``Component.impair``) before the tick's step, so the physics stays in one place and
+the faulted trajectory is as deterministic as the healthy one.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fieldtwin.protocol.config import ConfigError, Section
 
@@ -62,6 +68,11 @@ class Component(ABC):
     def references(self) -> dict[str, str]:
         """Parameter key -> full variable name this component reads from others."""
         return {}
+
+    def impair(self, faults: list[tuple[str, Mapping[str, Any]]]) -> None:
+        """Take the (kind, params) of every process fault now active on this component
+        (an empty list when none is). Components that have no process faults ignore it."""
+        return  # the default: nothing to impair
 
     def var(self, short: str) -> str:
         return f"{self.name}.{short}"
@@ -150,7 +161,13 @@ class Valve(Component):
 
 
 class Tank(Component):
-    """Level integrates (inflow - outflow) / area, clamped to 0..max_level."""
+    """Level integrates (inflow - outflow - leak) / area, clamped to 0..max_level.
+
+    A ``leak`` fault is a hole near the bottom: Torricelli's law gives an outflow
+    ``cv · √level`` (m³/h), the same law as the valve's, so it grows with the head and
+    stops when the tank is empty. It is not one of the declared outflows: no flow
+    meter sees it, only the level does.
+    """
 
     kind = "tank"
 
@@ -165,6 +182,10 @@ class Tank(Component):
             for ref in refs:
                 if "." not in ref:
                     raise section.error(key, f"expected '<component>.<variable>', got {ref!r}")
+        self.leak_cv = 0.0
+
+    def impair(self, faults: list[tuple[str, Mapping[str, Any]]]) -> None:
+        self.leak_cv = sum(float(params["cv"]) for kind, params in faults if kind == "leak")
 
     def references(self) -> dict[str, str]:
         refs = {f"inflows[{i}]": r for i, r in enumerate(self.inflows)}
@@ -176,18 +197,22 @@ class Tank(Component):
             "level": self.level0,
             "inflow": 0.0,
             "outflow": 0.0,
+            "leak": 0.0,
             "high_level": 1.0 if self.level0 > self.high_level else 0.0,
         }
 
     def step(self, dt: float, t: float, state: State) -> dict[str, float]:
         inflow = sum(state[r] for r in self.inflows)
         outflow = sum(state[r] for r in self.outflows)
-        level = state[self.var("level")] + (inflow - outflow) / 3600.0 / self.area * dt
+        level = state[self.var("level")]
+        leak = self.leak_cv * math.sqrt(max(level, 0.0))
+        level += (inflow - outflow - leak) / 3600.0 / self.area * dt
         level = min(max(level, 0.0), self.max_level)
         return {
             "level": level,
             "inflow": inflow,
             "outflow": outflow,
+            "leak": leak,
             "high_level": 1.0 if level > self.high_level else 0.0,
         }
 
@@ -247,7 +272,13 @@ def saturation_pressure_bar(celsius: float) -> float:
 
 
 class Boiler(Component):
-    """Heater power follows its setpoint; temperature lags power; pressure follows temperature."""
+    """Heater power follows its setpoint; temperature lags power; pressure follows temperature.
+
+    ``heat_input`` is the power that reaches the water: ``efficiency · heater_power``.
+    Efficiency is 1 until a ``fouling`` fault (scale on the element) lowers it: the
+    heater still draws its power (the power reading stays true), but the water warms
+    more slowly and settles lower, at ``ambient + gain · heat_input``.
+    """
 
     kind = "boiler"
 
@@ -261,11 +292,18 @@ class Boiler(Component):
         steady = self.ambient + self.gain * self.power0
         self.temperature0 = section.number("temperature", steady)
         self.writable = {"heater_power_sp": Writable(0.0, self.max_power)}
+        self.efficiency = 1.0
+
+    def impair(self, faults: list[tuple[str, Mapping[str, Any]]]) -> None:
+        self.efficiency = math.prod(
+            float(params["efficiency"]) for kind, params in faults if kind == "fouling"
+        )
 
     def initial(self) -> dict[str, float]:
         return {
             "heater_power_sp": self.power0,
             "heater_power": self.power0,
+            "heat_input": self.power0,
             "temperature": self.temperature0,
             "pressure": max(1.01325, saturation_pressure_bar(self.temperature0)),
         }
@@ -278,10 +316,12 @@ class Boiler(Component):
         else:
             power += (sp - power) * (1 - math.exp(-dt / self.heater_tau))
         temperature = state[self.var("temperature")]
-        target = self.ambient + self.gain * power
+        heat_input = self.efficiency * power
+        target = self.ambient + self.gain * heat_input
         temperature += (target - temperature) * (1 - math.exp(-dt / self.tau))
         return {
             "heater_power": power,
+            "heat_input": heat_input,
             "temperature": temperature,
             "pressure": max(1.01325, saturation_pressure_bar(temperature)),
         }
@@ -373,6 +413,11 @@ class Plant:
     def set(self, variable: str, value: float) -> None:
         """Apply a client write (a setpoint or command); limits were checked by the caller."""
         self.state[variable] = float(value)
+
+    def impair(self, faults: Mapping[str, list[tuple[str, Mapping[str, Any]]]]) -> None:
+        """Set every component's process faults: component name -> [(kind, params)]."""
+        for component in self.components:
+            component.impair(faults.get(component.name, []))
 
     def step(self, dt: float) -> None:
         snapshot = dict(self.state)

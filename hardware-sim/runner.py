@@ -21,17 +21,17 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.sim.context import SimContext, wall_ms
-from fieldtwin.sim.control import ControlServer, HttpError, Query
+from fieldtwin.sim.control import ControlServer
 from fieldtwin.sim.engine import Simulation, TickResult
-from fieldtwin.sim.errors import FaultError, SimError
-from fieldtwin.sim.faults import Fault, FaultRequest, params_from_mapping
+from fieldtwin.sim.errors import NoGroundTruth
+from fieldtwin.sim.faults import Fault, FaultRequest
 from fieldtwin.sim.modbus_server import ModbusRtuServer, ModbusTcpServer
 from fieldtwin.sim.opcua_server import OpcUaDevice
 from fieldtwin.sim.registers import PlantRegisterMap, SyntheticRegisterMap
@@ -43,7 +43,6 @@ log = logging.getLogger("fieldtwin.sim")
 
 MAX_CATCHUP_TICKS = 2000
 FLUSH_ROWS = 20_000
-HISTORY_LIMIT = 100_000
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,12 @@ class Runner:
             record_served=scenario.record_served,
             unrecorded_devices=frozenset() if scenario.load.record_served else synthetic,
         )
-        self.control = ControlServer(scenario.control_host, scenario.control_port, self._api)
+        self.control = ControlServer(
+            scenario.control_host,
+            scenario.control_port,
+            self,
+            on_refused=lambda: self.ctx.count("control_refused"),
+        )
         self.servers: list[DeviceServer] = []
         self.load_servers: list[ModbusTcpServer] = []
         self._opcua: list[OpcUaDevice] = []
@@ -299,7 +303,9 @@ class Runner:
             if truth is not None:
                 truth.add_write(
                     write.wall_ms, result.tick, result.sim_s, write.device, write.protocol,
-                    write.point, write.variable, write.value, "applied",
+                    write.point, write.variable, write.value, write.outcome,
+                    result=write.result, before=write.before, fault_id=write.fault_id,
+                    seq=write.seq,
                 )  # fmt: skip
         for fault in result.started:
             fault.start_wall_ms = tick_ms
@@ -324,7 +330,12 @@ class Runner:
         req = fault.request
         return {
             k: v
-            for k, v in (("device", req.device), ("point", req.point), ("unit_id", req.unit_id))
+            for k, v in (
+                ("device", req.device),
+                ("point", req.point),
+                ("unit_id", req.unit_id),
+                ("component", req.component),
+            )
             if v is not None
         }
 
@@ -425,41 +436,12 @@ class Runner:
             "devices": devices,
         }
 
-    # -- control API -------------------------------------------------------------------
+    # -- control service (called by the control interface) ------------------------------
 
-    async def _api(self, method: str, path: str, query: Query, body: Any) -> tuple[int, Any]:
-        route = (method, path)
-        if route == ("GET", "/status"):
-            return 200, self._status()
-        if route == ("GET", "/faults"):
-            return 200, {
-                "faults": [f.to_json(self.sim.dt) for f in self.sim.faults.faults.values()]
-            }
-        if route == ("POST", "/faults"):
-            return 201, self._inject(body)
-        if route == ("POST", "/faults/clear"):
-            cleared = []
-            for fault in list(self.sim.faults.faults.values()):
-                if fault.status in ("scheduled", "active"):
-                    cleared.append(self.sim.clear(fault.id).to_json(self.sim.dt))
-            return 200, {"faults": cleared}
-        if method == "DELETE" and path.startswith("/faults/"):
-            ident = path.removeprefix("/faults/")
-            if not ident.isdigit():
-                raise HttpError(404, f"no fault {ident!r}")
-            try:
-                return 200, self.sim.clear(int(ident)).to_json(self.sim.dt)
-            except FaultError as exc:
-                raise HttpError(404, str(exc)) from None
-        if route == ("GET", "/truth"):
-            return 200, self._truth(query.get("point"))
-        if route == ("GET", "/truth/history"):
-            return 200, await self._history(query)
-        if path in ("/status", "/faults", "/faults/clear", "/truth", "/truth/history"):
-            raise HttpError(405, f"{method} is not allowed on {path}")
-        raise HttpError(404, f"no route {path}")
+    def point_names(self) -> Collection[str]:
+        return self.sim.points.keys()
 
-    def _status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         sim = self.sim
         return {
             "scenario": self.scenario.name,
@@ -476,77 +458,53 @@ class Runner:
             "endpoints": self.endpoints(),
         }
 
-    def _inject(self, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise HttpError(
-                400, 'expected a JSON object like {"kind": "stuck", "point": "tank-1.level"}'
-            )
-        allowed = {"kind", "device", "point", "unit_id", "duration", "params"}
-        unknown = sorted(set(body) - allowed)
-        if unknown:
-            raise HttpError(
-                400, f"unknown field {unknown[0]!r} (fields: {', '.join(sorted(allowed))})"
-            )
-        kind = body.get("kind")
-        device = body.get("device")
-        point = body.get("point")
-        unit_id = body.get("unit_id")
-        duration = body.get("duration")
-        params = body.get("params") or {}
-        if not isinstance(kind, str):
-            raise HttpError(400, "kind: expected a string")
-        for key, value in (("device", device), ("point", point)):
-            if value is not None and not isinstance(value, str):
-                raise HttpError(400, f"{key}: expected a string")
-        if unit_id is not None and (isinstance(unit_id, bool) or not isinstance(unit_id, int)):
-            raise HttpError(400, "unit_id: expected an integer")
-        if duration is not None and (
-            isinstance(duration, bool)
-            or not isinstance(duration, int | float)
-            or not 0 < duration <= 1e9
-        ):
-            raise HttpError(400, "duration: expected a positive number of simulated seconds")
-        if not isinstance(params, dict):
-            raise HttpError(400, "params: expected an object")
-        try:
-            request = FaultRequest(kind, device, point, unit_id, params_from_mapping(kind, params))
-            fault = self.sim.inject(request, None if duration is None else float(duration))
-        except FaultError as exc:
-            raise HttpError(400, str(exc)) from None
-        except SimError as exc:
-            raise HttpError(400, str(exc)) from None
+    def faults(self) -> list[dict[str, Any]]:
+        return [f.to_json(self.sim.dt) for f in self.sim.faults.faults.values()]
+
+    def inject(self, request: FaultRequest, duration: float | None) -> dict[str, Any]:
+        """Check and add a runtime fault (``FaultError`` says what is wrong with it)."""
+        fault = self.sim.inject(request, duration)
         log.info(
-            "fault injected", extra=fields(id=fault.id, kind=kind, start_tick=fault.start_tick)
+            "fault injected",
+            extra=fields(
+                id=fault.id, kind=fault.kind, start_tick=fault.start_tick, **self._where(fault)
+            ),
         )
         return fault.to_json(self.sim.dt)
 
-    def _truth(self, points: list[str] | None) -> dict[str, Any]:
+    def clear(self, fault_id: int) -> dict[str, Any]:
+        return self.sim.clear(fault_id).to_json(self.sim.dt)
+
+    def clear_all(self) -> list[dict[str, Any]]:
+        cleared = []
+        for fault in list(self.sim.faults.faults.values()):
+            if fault.status in ("scheduled", "active"):
+                cleared.append(self.sim.clear(fault.id).to_json(self.sim.dt))
+        return cleared
+
+    def truth_now(self, points: list[str]) -> dict[str, Any]:
         sim = self.sim
-        names = points or list(sim.points)
-        unknown = [p for p in names if p not in sim.points]
-        if unknown:
-            raise HttpError(404, f"unknown point {unknown[0]!r}")
         return {
             "tick": sim.tick,
             "sim_s": round(sim.sim_s, 6),
             "wall_ms": self.tick_wall_ms(sim.tick),
-            "points": {n: sim.truth_json(n) for n in names},
+            "points": {n: sim.truth_json(n) for n in points},
         }
 
-    async def _history(self, query: Query) -> dict[str, Any]:
+    def _recorded(self) -> GroundTruth:
         if self.truth is None:
-            raise HttpError(409, "this run records no ground truth (--no-truth)")
-        points = query.get("point")
-        if not points or len(points) != 1 or points[0] not in self.sim.points:
-            raise HttpError(400, "name exactly one known point: ?point=tank-1.level")
-        try:
-            since = int(query.get("since_tick", ["0"])[0])
-            limit = min(int(query.get("limit", ["10000"])[0]), HISTORY_LIMIT)
-        except ValueError:
-            raise HttpError(400, "since_tick and limit are integers") from None
-        rows = await self.truth.query(
+            raise NoGroundTruth("this run records no ground truth (--no-truth)")
+        return self.truth
+
+    async def truth_history(self, point: str, since_tick: int, limit: int) -> list[list[Any]]:
+        rows = await self._recorded().query(
             "SELECT tick, sim_s, wall_ms, value FROM truth "
             "WHERE point = ? AND tick >= ? ORDER BY tick LIMIT ?",
-            [points[0], since, limit],
+            [point, since_tick, limit],
         )
-        return {"point": points[0], "rows": [list(r) for r in rows]}
+        return [list(r) for r in rows]
+
+    async def truth_writes(
+        self, points: list[str], since_tick: int, limit: int
+    ) -> list[dict[str, Any]]:
+        return await self._recorded().writes_of(points, since_tick, limit)

@@ -164,6 +164,8 @@ class Scenario:
             unit_ids=units,
             points={p.name: (p.device, p.boolean) for p in self.points.values()},
             synthetic=frozenset(self.load.device_id(i) for i in range(self.load.devices)),
+            writable=frozenset(p.name for p in self.points.values() if p.writable),
+            components={name: str(data.get("type", "")) for name, data in self.process},
         )
 
     def device(self, device_id: str) -> DeviceSpec:
@@ -507,11 +509,14 @@ def _read_fault(section: Section, topology: Topology) -> ScheduledFault:
     device = section.text("device", None)
     point = section.text("point", None)
     unit_id = section.integer("unit_id", None, min=0, max=247)
+    component = section.text("component", None)
     at = section.number("at", 0.0, min=0.0)
     duration = section.number("duration", None, min=0.0)
     try:
         params = read_params(kind, lambda key, default: section.raw(key, default))
-        request = check_request(FaultRequest(kind, device, point, unit_id, params), topology)
+        request = check_request(
+            FaultRequest(kind, device, point, unit_id, params, component), topology
+        )
     except FaultError as exc:
         raise section.error(exc.key, exc.problem) from None
     section.finish()

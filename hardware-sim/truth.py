@@ -48,19 +48,27 @@ CREATE TABLE served (
 CREATE TABLE faults (
     id INTEGER PRIMARY KEY, source VARCHAR, kind VARCHAR, device VARCHAR, unit_id INTEGER,
     point VARCHAR, params VARCHAR, start_tick BIGINT, start_sim_s DOUBLE,
-    start_wall_ms BIGINT, end_tick BIGINT, end_sim_s DOUBLE, end_wall_ms BIGINT
+    start_wall_ms BIGINT, end_tick BIGINT, end_sim_s DOUBLE, end_wall_ms BIGINT,
+    component VARCHAR
 );
 CREATE TABLE writes (
     wall_ms BIGINT, tick BIGINT, sim_s DOUBLE, device VARCHAR, protocol VARCHAR,
-    point VARCHAR, variable VARCHAR, value DOUBLE, status VARCHAR, detail VARCHAR
+    point VARCHAR, variable VARCHAR, value DOUBLE, status VARCHAR, detail VARCHAR,
+    result DOUBLE, before DOUBLE, fault_id INTEGER, seq BIGINT
 );
 """
+
+# What a write record answers (``GET /truth/writes``, ``fieldtwin sim truth --writes``).
+WRITE_FIELDS = (
+    "seq", "wall_ms", "tick", "sim_s", "device", "protocol", "point", "variable", "value",
+    "result", "before", "status", "fault_id", "detail",
+)  # fmt: skip
 
 _TRUTH_COLS = ("tick", "sim_s", "wall_ms", "point", "value")
 _SERVED_COLS = ("wall_ms", "tick", "sim_s", "device", "protocol", "point", "value", "status", "via")
 _WRITE_COLS = (
     "wall_ms", "tick", "sim_s", "device", "protocol", "point", "variable", "value",
-    "status", "detail",
+    "status", "detail", "result", "before", "fault_id", "seq",
 )  # fmt: skip
 
 
@@ -215,8 +223,19 @@ class GroundTruth:
         value: float,
         status: str,
         detail: str = "",
+        *,
+        result: float | None = None,
+        before: float | None = None,
+        fault_id: int | None = None,
+        seq: int = 0,
     ) -> None:
-        row = (wall_ms, tick, sim_s, device, protocol, point, variable, value, status, detail)
+        """One client write: ``value`` as written, ``result`` what the variable became
+        (``None`` for a rejected write), ``before`` what it was just before, ``seq`` its
+        arrival order."""
+        row = (
+            wall_ms, tick, sim_s, device, protocol, point, variable, value, status, detail,
+            result, before, fault_id, seq,
+        )  # fmt: skip
         for column, item in zip(self.writes.data, row, strict=True):
             column.append(item)
 
@@ -225,13 +244,13 @@ class GroundTruth:
         row = (
             fault.id, fault.source, fault.kind, req.device, req.unit_id, req.point,
             json.dumps(dict(req.params), sort_keys=True), fault.start_tick,
-            fault.start_tick * dt, fault.start_wall_ms,
+            fault.start_tick * dt, fault.start_wall_ms, req.component,
         )  # fmt: skip
         self._fault_rows.append(("start", row))
 
     def fault_ended(self, fault: Fault, dt: float) -> None:
-        assert fault.end_tick is not None
-        row = (fault.end_tick, fault.end_tick * dt, fault.end_wall_ms, fault.id)
+        end = fault.end_tick if fault.end_tick is not None else fault.start_tick
+        row = (end, end * dt, fault.end_wall_ms, fault.id)
         self._fault_rows.append(("end", row))
 
     @property
@@ -276,8 +295,8 @@ class GroundTruth:
                 if what == "start":
                     conn.execute(
                         "INSERT INTO faults (id, source, kind, device, unit_id, point, params, "
-                        "start_tick, start_sim_s, start_wall_ms) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "start_tick, start_sim_s, start_wall_ms, component) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         list(row),
                     )
                 else:
@@ -298,6 +317,22 @@ class GroundTruth:
         async with self._lock:
             result: list[tuple[Any, ...]] = await self._call(self._query_sync, sql, params or [])
         return result
+
+    async def writes_of(
+        self, points: list[str] | None, since_tick: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """Recorded client writes (every status) in arrival order, optionally per point."""
+        cols = ", ".join(f'"{c}"' for c in WRITE_FIELDS)
+        where = "tick >= ?"
+        params: list[Any] = [since_tick]
+        if points:
+            where += f" AND point IN ({', '.join('?' for _ in points)})"
+            params += points
+        rows = await self.query(
+            f"SELECT {cols} FROM writes WHERE {where} ORDER BY seq, rowid LIMIT ?",
+            [*params, limit],
+        )
+        return [dict(zip(WRITE_FIELDS, row, strict=True)) for row in rows]
 
     def _query_sync(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = self._conn.execute(sql, params).fetchall()

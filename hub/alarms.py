@@ -4,14 +4,18 @@ Pure: ``AlarmBook.reconcile`` takes the drift engine's findings and ``now`` and 
 the transitions it made; operators' acknowledge/shelve calls do the same. The runtime
 persists transitions, audits them and carries out the planned actions.
 
-Lifecycle (one alarm per (rule, entity, attribute) while the condition lasts):
+Lifecycle (one alarm per (rule, entity, attribute) while it is open), after ISA-18.2:
 
-- ``active``: raised, not yet acknowledged. A rise in severity re-activates an
-  acknowledged alarm.
-- ``acknowledged``: an operator has seen it; it stays until the condition clears.
-- ``shelved``: hidden by an operator until ``shelved_until_ms``; on expiry it returns
-  to ``active`` if the condition persists, else it clears.
-- ``cleared``: the condition is gone (final; a recurrence raises a new alarm).
+- ``active``: the condition is present and nobody has acknowledged it. A rise in
+  severity re-activates an acknowledged alarm (its text and value follow the finding).
+- ``acknowledged``: an operator has seen it; it clears when the condition clears.
+- ``returned``: the condition went away before anyone acknowledged it ("returned,
+  unacknowledged"): it stays until acknowledged (then it clears) or the condition
+  comes back (then it is active again, the same alarm).
+- ``shelved``: hidden by an operator, with a reason, until ``shelved_until_ms``; on
+  expiry (or unshelve) it returns to where it was — acknowledged if it had been and
+  did not escalate since, else active — or clears if the condition is gone.
+- ``cleared``: settled (final; a recurrence raises a new alarm).
 
 Strategies, per finding (from ``[reconciliation]`` in the config):
 
@@ -33,7 +37,7 @@ from typing import Any
 from fieldtwin.hub.drift import Finding
 from fieldtwin.hub.errors import AlarmError
 
-ALARM_STATES = ("active", "acknowledged", "shelved", "cleared")
+ALARM_STATES = ("active", "acknowledged", "returned", "shelved", "cleared")
 _SEVERITY_RANK = {"warning": 1, "critical": 2}
 
 
@@ -58,6 +62,7 @@ class Alarm:
     shelved_by: str | None = None
     shelved_until_ms: int | None = None
     present: bool = True
+    shelve_reason: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -68,7 +73,7 @@ class Alarm:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Alarm:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__ if name in row})
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,18 +110,28 @@ class AlarmBook:
         return Transition(change, replace(alarm), at_ms, **kw)
 
     def reconcile(self, findings: Iterable[Finding], now_ms: int) -> list[Transition]:
-        """Raise, escalate, update and clear alarms so they match the findings."""
+        """Raise, escalate, return and clear alarms so they match the findings."""
         out: list[Transition] = []
         wanted = {f.key: f for f in findings if f.strategy != "ignore"}
         for key, alarm in list(self.open.items()):
             finding = wanted.get(key)
             alarm.present = finding is not None
+            if finding is not None:
+                self._follow(alarm, finding, now_ms, out)
             if alarm.state == "shelved":
                 if alarm.shelved_until_ms is not None and now_ms >= alarm.shelved_until_ms:
                     if finding is not None:
-                        alarm.state = "active"
+                        alarm.state = self._unshelved_state(alarm)
                         alarm.shelved_until_ms = None
-                        out.append(self._transition("unshelved", alarm, now_ms, finding=finding))
+                        out.append(
+                            self._transition(
+                                "unshelved",
+                                alarm,
+                                now_ms,
+                                finding=finding,
+                                detail={"why": "shelf expired"},
+                            )
+                        )
                     else:
                         out.append(self._clear(alarm, now_ms))
                     continue
@@ -124,19 +139,15 @@ class AlarmBook:
                     out.append(self._clear(alarm, now_ms))
                 continue
             if finding is None:
-                out.append(self._clear(alarm, now_ms))
+                if alarm.state == "acknowledged":
+                    out.append(self._clear(alarm, now_ms))
+                elif alarm.state == "active":
+                    alarm.state = "returned"
+                    out.append(self._transition("returned", alarm, now_ms))
                 continue
-            rank_now = _SEVERITY_RANK[finding.severity]
-            rank_was = _SEVERITY_RANK[alarm.severity]
-            if rank_now != rank_was:
-                alarm.severity = finding.severity
-                alarm.description = finding.description
-                alarm.value = _value_text(finding.value)
-                if rank_now > rank_was:
-                    alarm.state = "active"
-                    out.append(self._transition("escalated", alarm, now_ms, finding=finding))
-                else:
-                    out.append(self._transition("eased", alarm, now_ms, finding=finding))
+            if alarm.state == "returned":
+                alarm.state = "active"
+                out.append(self._transition("reraised", alarm, now_ms, finding=finding))
         for key, finding in wanted.items():
             if key in self.open:
                 continue
@@ -160,6 +171,31 @@ class AlarmBook:
             out.append(self._transition("raised", alarm, now_ms, finding=finding))
         return out
 
+    def _follow(self, alarm: Alarm, finding: Finding, now_ms: int, out: list[Transition]) -> None:
+        """Severity, text and value follow the finding when its severity changes; a rise
+        needs a fresh acknowledgement (also under a shelf, which stays until it expires)."""
+        rank_now = _SEVERITY_RANK[finding.severity]
+        rank_was = _SEVERITY_RANK[alarm.severity]
+        if rank_now == rank_was:
+            return
+        alarm.severity = finding.severity
+        alarm.description = finding.description
+        alarm.value = _value_text(finding.value)
+        if rank_now > rank_was:
+            alarm.acked_by = None
+            alarm.acked_ms = None
+            if alarm.state in ("acknowledged", "returned"):
+                alarm.state = "active"
+            out.append(self._transition("escalated", alarm, now_ms, finding=finding))
+        else:
+            out.append(self._transition("eased", alarm, now_ms, finding=finding))
+
+    @staticmethod
+    def _unshelved_state(alarm: Alarm) -> str:
+        if alarm.present:
+            return "acknowledged" if alarm.acked_ms is not None else "active"
+        return "cleared" if alarm.acked_ms is not None else "returned"
+
     def _clear(self, alarm: Alarm, now_ms: int) -> Transition:
         alarm.state = "cleared"
         alarm.cleared_ms = now_ms
@@ -174,33 +210,57 @@ class AlarmBook:
             raise AlarmError(f"alarm {alarm_id} is not open (unknown, or already cleared)")
         return alarm
 
-    def acknowledge(self, alarm_id: str, by: str, now_ms: int) -> Transition:
+    def acknowledge(self, alarm_id: str, by: str, now_ms: int, reason: str = "") -> Transition:
         alarm = self._get(alarm_id)
-        if alarm.state != "active":
+        if alarm.state not in ("active", "returned"):
             raise AlarmError(
-                f"alarm {alarm_id} is {alarm.state}; only active alarms are acknowledged"
+                f"alarm {alarm_id} is {alarm.state}; only active or returned alarms are "
+                "acknowledged"
             )
-        alarm.state = "acknowledged"
         alarm.acked_by = by
         alarm.acked_ms = now_ms
-        return self._transition("acknowledged", alarm, now_ms, actor=by)
+        if alarm.state == "returned":
+            # acknowledged after it returned to normal: settled
+            transition = self._clear(alarm, now_ms)
+            return Transition(
+                "acknowledged",
+                transition.alarm,
+                now_ms,
+                actor=by,
+                detail={"reason": reason, "cleared": True},
+            )
+        alarm.state = "acknowledged"
+        return self._transition("acknowledged", alarm, now_ms, actor=by, detail={"reason": reason})
 
-    def shelve(self, alarm_id: str, by: str, until_ms: int, now_ms: int) -> Transition:
+    def shelve(
+        self, alarm_id: str, by: str, until_ms: int, now_ms: int, reason: str = ""
+    ) -> Transition:
         alarm = self._get(alarm_id)
         if until_ms <= now_ms:
             raise AlarmError("a shelf must expire in the future")
+        if alarm.state == "shelved":
+            raise AlarmError(f"alarm {alarm_id} is already shelved; unshelve it first")
         alarm.state = "shelved"
         alarm.shelved_by = by
         alarm.shelved_until_ms = until_ms
-        return self._transition("shelved", alarm, now_ms, actor=by, detail={"until_ms": until_ms})
+        alarm.shelve_reason = reason
+        return self._transition(
+            "shelved", alarm, now_ms, actor=by, detail={"until_ms": until_ms, "reason": reason}
+        )
 
-    def unshelve(self, alarm_id: str, by: str, now_ms: int) -> Transition:
+    def unshelve(self, alarm_id: str, by: str, now_ms: int, reason: str = "") -> Transition:
         alarm = self._get(alarm_id)
         if alarm.state != "shelved":
             raise AlarmError(f"alarm {alarm_id} is {alarm.state}, not shelved")
-        alarm.state = "active"
         alarm.shelved_until_ms = None
-        return self._transition("unshelved", alarm, now_ms, actor=by)
+        state = self._unshelved_state(alarm)
+        if state == "cleared":
+            transition = self._clear(alarm, now_ms)
+            return Transition(
+                "unshelved", transition.alarm, now_ms, actor=by, detail={"reason": reason}
+            )
+        alarm.state = state
+        return self._transition("unshelved", alarm, now_ms, actor=by, detail={"reason": reason})
 
     def counts_by_severity(self) -> dict[str, int]:
         counts = {"warning": 0, "critical": 0}

@@ -1,27 +1,29 @@
 """The hub's loopback HTTP API: JSON queries for ``fieldtwin twin`` and ``/metrics``.
 
 A DuckDB file has one writing process, so nothing else may open the hub's database
-while it runs; readers ask the hub instead. The server binds 127.0.0.1 only and
-speaks just enough HTTP/1.1 (one request per connection, bounded request size).
-When it listens, the hub writes ``<database>.api.json`` (pid, port, instance) next to
-its database; readers find the hub through that file and fall back to opening the
-database read-only when no hub answers.
+while it runs; readers ask the hub instead. The server (aiohttp, bound to 127.0.0.1,
+with request size and header limits) serves read-only queries: every change to the
+twin, its alarms or its commands is a signed operator request on the operator channel
+(hub/channel.py), never an HTTP call, so nothing here accepts an identity it did not
+verify. When it listens, the hub writes ``<database>.api.json`` (pid, port, instance)
+next to its database; readers find the hub through that file and fall back to opening
+the database read-only when no hub answers.
 
-Routes (GET unless noted; JSON unless noted):
+Routes (GET; JSON unless noted):
 
 - ``/metrics`` (Prometheus text), ``/api/status``
 - ``/api/twin?type=&health=&where=&entity=`` (repeatable parameters)
 - ``/api/history?entity=&attribute=&from=&to=&limit=``
 - ``/api/asof?at=``, ``/api/diff?from=&to=``, ``/api/export``
-- ``/api/alarms?state=``, ``/api/drift``, ``/api/audit?limit=``
-- POST ``/api/alarms/ID/ack?by=``, ``/api/alarms/ID/shelve?by=&for=``,
-  ``/api/alarms/ID/unshelve?by=``
+- ``/api/alarms?state=``, ``/api/drift``, ``/api/audit?limit=``, ``/api/audit/verify``
+- ``/api/commands?state=&limit=``, ``/api/commands/{id}``
+
+A bad parameter is a 400 with ``{"error": ...}``; an unknown route a 404; any other
+method a 405.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from fieldtwin.hub.errors import HubError, HubUnreachable, QueryError
 from fieldtwin.protocol.logfmt import fields
 
@@ -40,7 +44,8 @@ log = logging.getLogger("fieldtwin.hub.api")
 
 MAX_REQUEST_BYTES = 16 * 1024
 Params = Mapping[str, list[str]]
-Handler = Callable[[str, str, Params], Awaitable[tuple[int, str, bytes]]]
+Call = Callable[..., Awaitable[Any]]
+"""``await call(fn, *args)`` runs ``fn(*args)`` on the hub's database thread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,93 +105,174 @@ def pid_alive(pid: int) -> bool:
 
 
 class ApiServer:
-    """Serves ``handler(method, path, params)`` on 127.0.0.1."""
+    """Serves the read-only routes of ``service`` on 127.0.0.1 (aiohttp)."""
 
-    def __init__(self, handler: Handler, port: int = 0) -> None:
-        self.handler = handler
+    def __init__(self, service: Any, call: Call, port: int = 0) -> None:
+        self.service = service
+        self.call = call
         self.port = port
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_errors])
+        routes = [
+            ("/metrics", self._metrics),
+            ("/api/status", self._status),
+            ("/api/twin", self._twin),
+            ("/api/history", self._history),
+            ("/api/asof", self._asof),
+            ("/api/diff", self._diff),
+            ("/api/export", self._export),
+            ("/api/alarms", self._alarms),
+            ("/api/drift", self._drift),
+            ("/api/audit", self._audit),
+            ("/api/audit/verify", self._audit_verify),
+            ("/api/commands", self._commands),
+            ("/api/commands/{command_id}", self._command),
+        ]
+        for path, handler in routes:
+            app.router.add_get(path, handler)
+        return app
 
     async def start(self) -> int:
+        runner = web.AppRunner(
+            self.app(),
+            access_log=None,
+            handle_signals=False,
+            max_line_size=8190,
+            max_field_size=8190,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
         try:
-            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+            await site.start()
         except OSError as exc:
+            await runner.cleanup()
             raise HubError(f"cannot listen on 127.0.0.1:{self.port} for the API: {exc}") from None
-        sock = self._server.sockets[0]
-        self.port = int(sock.getsockname()[1])
+        self._runner = runner
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self.port
         return self.port
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            status, content_type, body = await asyncio.wait_for(self._request(reader), 30)
-        except TimeoutError:
-            status, content_type, body = 408, "text/plain", b"request timeout\n"
-        except Exception as exc:  # one bad request never takes the server down
-            log.exception("api request failed", extra=fields(error=str(exc)))
-            status, content_type, body = 500, "application/json", _json({"error": str(exc)})
-        reason = {
-            200: "OK",
-            400: "Bad Request",
-            404: "Not Found",
-            405: "Method Not Allowed",
-            408: "Request Timeout",
-            409: "Conflict",
-            413: "Payload Too Large",
-            500: "Internal Server Error",
-            503: "Service Unavailable",
-        }.get(status, "OK")
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    # -- routes ------------------------------------------------------------------------
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        text = await self.call(self.service.metrics_text)
+        return web.Response(
+            text=text,
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Prometheus-Format": "0.0.4"},
         )
-        try:
-            writer.write(head.encode() + body)
-            await asyncio.wait_for(writer.drain(), 30)
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 5)
 
-    async def _request(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
-        try:
-            raw = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            return 413, "text/plain", b"request too large\n"
-        except asyncio.IncompleteReadError:
-            return 400, "text/plain", b"incomplete request\n"
-        if len(raw) > MAX_REQUEST_BYTES:
-            return 413, "text/plain", b"request too large\n"
-        line = raw.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = line.split()
-        if len(parts) != 3:
-            return 400, "text/plain", b"bad request line\n"
-        method, target, _ = parts
-        if method not in ("GET", "POST"):
-            return 405, "text/plain", b"only GET and POST\n"
-        url = urllib.parse.urlsplit(target)
-        params = urllib.parse.parse_qs(url.query, keep_blank_values=True)
-        try:
-            return await self.handler(method, url.path, params)
-        except QueryError as exc:
-            return 400, "application/json", _json({"error": str(exc)})
-        except HubError as exc:
-            return 409, "application/json", _json({"error": str(exc)})
+    async def _status(self, request: web.Request) -> web.Response:
+        return _json(await self.call(self.service.status))
+
+    async def _twin(self, request: web.Request) -> web.Response:
+        q = request.query
+        service = self.service
+        return _json(
+            await self.call(
+                lambda: service.entities(
+                    types=q.getall("type", []),
+                    health=q.getall("health", []),
+                    where=q.getall("where", []),
+                    ids=q.getall("entity", []),
+                )
+            )
+        )
+
+    async def _history(self, request: web.Request) -> web.Response:
+        q = request.query
+        entity, attribute = q.get("entity"), q.get("attribute")
+        if not entity or not attribute:
+            raise QueryError("history needs entity= and attribute=")
+        limit = _int_param(q, "limit", 1000)
+        return _json(
+            await self.call(
+                self.service.history,
+                entity,
+                attribute,
+                q.get("from", "1h"),
+                q.get("to", "now"),
+                limit,
+            )
+        )
+
+    async def _asof(self, request: web.Request) -> web.Response:
+        return _json(await self.call(self.service.as_of, request.query.get("at", "now")))
+
+    async def _diff(self, request: web.Request) -> web.Response:
+        q = request.query
+        return _json(await self.call(self.service.diff, q.get("from", "5m"), q.get("to", "now")))
+
+    async def _export(self, request: web.Request) -> web.Response:
+        return _json(await self.call(self.service.export))
+
+    async def _alarms(self, request: web.Request) -> web.Response:
+        return _json(await self.call(self.service.alarms, request.query.getall("state", [])))
+
+    async def _drift(self, request: web.Request) -> web.Response:
+        return _json(await self.call(self.service.drift))
+
+    async def _audit(self, request: web.Request) -> web.Response:
+        limit = _int_param(request.query, "limit", 50)
+        return _json(await self.call(self.service.audit_tail, limit))
+
+    async def _audit_verify(self, request: web.Request) -> web.Response:
+        return _json(await self.call(self.service.audit_verify))
+
+    async def _commands(self, request: web.Request) -> web.Response:
+        q = request.query
+        limit = _int_param(q, "limit", 100)
+        return _json(await self.call(self.service.command_list, q.getall("state", []), limit))
+
+    async def _command(self, request: web.Request) -> web.Response:
+        return _json(await self.call(self.service.command_show, request.match_info["command_id"]))
 
 
-def _json(value: Any) -> bytes:
-    return json.dumps(value, default=str).encode()
+def _int_param(query: Mapping[str, str], name: str, default: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise QueryError(f"{name}={raw!r} is not a whole number") from None
+    if not 1 <= value <= 1_000_000:
+        raise QueryError(f"{name}={value} is out of range (1 to 1000000)")
+    return value
 
 
-def json_response(value: Any, status: int = 200) -> tuple[int, str, bytes]:
-    return status, "application/json", _json(value)
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _json({"error": exc.reason}, exc.status)
+        raise
+    except QueryError as exc:
+        return _json({"error": str(exc)}, 400)
+    except HubError as exc:
+        return _json({"error": str(exc)}, 409)
+    except Exception as exc:  # one bad request never takes the server down
+        log.exception("api request failed", extra=fields(path=request.path, error=str(exc)))
+        return _json({"error": f"internal error: {exc}"}, 500)
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(value, default=str).encode(), status=status, content_type="application/json"
+    )
 
 
 # -- client --------------------------------------------------------------------------------

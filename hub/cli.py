@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +68,7 @@ def register_hub(subparsers: Any) -> None:
 def register_twin(subparsers: Any) -> None:
     twin = subparsers.add_parser(
         "twin",
-        help="query the twin: show, query, history, diff, export, alarms",
+        help="query the twin: show, query, history, diff, export, alarms, status",
         description=(
             "Read the twin of a hub (-c FILE) or of the demo (--state-dir DIR). While the "
             "hub runs, the query goes through its loopback API; otherwise the database "
@@ -141,30 +140,32 @@ def register_twin(subparsers: Any) -> None:
     export.set_defaults(func=_twin_export)
 
     alarms = actions.add_parser(
-        "alarms", help="list alarms", description="Alarms, oldest first (default: not cleared)."
+        "alarms",
+        help="list alarms; ack, shelve or unshelve one (signed)",
+        description=(
+            "Without an action: alarms, oldest first (default: not cleared). With ack, "
+            "shelve or unshelve ALARM_ID: a request signed with your operator key, sent to the "
+            "hub over the broker, with a mandatory --reason (shelve also needs --for). "
+            "Identity: --profile FILE, or the hub config (-c / --state-dir) with --key FILE or "
+            "--operator NAME (see 'fieldtwin cmd --help')."
+        ),
     )
+    alarms.add_argument(
+        "action", nargs="?", default="list", choices=("list", "ack", "shelve", "unshelve")
+    )
+    alarms.add_argument("alarm_id", nargs="?", help="e.g. A-000012 (for ack/shelve/unshelve)")
     alarms.add_argument(
         "--state",
         action="append",
-        choices=("active", "acknowledged", "shelved", "cleared"),
+        choices=("active", "acknowledged", "returned", "shelved", "cleared"),
         help="only alarms in this state (repeatable)",
     )
     alarms.add_argument("--all", action="store_true", help="include cleared alarms")
+    alarms.add_argument("--reason", help="why (required for ack, shelve, unshelve)")
+    alarms.add_argument("--for", dest="duration", help="shelve for this long, e.g. 30m or 2h")
     _add_source(alarms)
+    add_identity(alarms)
     alarms.set_defaults(func=_twin_alarms)
-
-    for name, verb in (("ack", "acknowledge"), ("shelve", "shelve"), ("unshelve", "unshelve")):
-        op = actions.add_parser(
-            name,
-            help=f"{verb} an alarm (needs the running hub)",
-            description=f"{verb.title()} an alarm.",
-        )
-        op.add_argument("alarm_id", help="e.g. A-000012")
-        op.add_argument("--by", default=_user(), help="who does it (default: $USER)")
-        if name == "shelve":
-            op.add_argument("--for", dest="duration", required=True, help="e.g. 30m, 2h")
-        _add_source(op)
-        op.set_defaults(func=_twin_alarm_op, op=name)
 
     status = actions.add_parser(
         "status", help="hub and gateway link status", description="Hub status and gateway links."
@@ -185,15 +186,6 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--where", action="append", default=[], help="attribute predicate, e.g. 'level>4.5'"
     )
-
-
-def _user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "operator"
 
 
 # -- hub ---------------------------------------------------------------------------------
@@ -344,80 +336,9 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-    lines = ["  ".join(h.upper().ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
-    for row in cells:
-        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _age(ms: int | None, now_ms: int) -> str:
-    if not ms:
-        return "-"
-    seconds = max(0.0, (now_ms - ms) / 1000)
-    if seconds < 120:
-        return f"{seconds:.1f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
-
-
-HEALTH_MARK = {"healthy": "ok", "degraded": "!", "stale": "~", "unknown": "?"}
-
-
-def entities_table(entities: Sequence[dict[str, Any]], now_ms: int) -> str:
-    rows = []
-    for entity in entities:
-        attrs = entity["attributes"]
-        health = entity["health"]
-        first = True
-        if not attrs:
-            rows.append(
-                [
-                    entity["physical_id"],
-                    entity["type"],
-                    f"{HEALTH_MARK[health]} {health}",
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                ]
-            )
-        for name, attr in sorted(attrs.items()):
-            value = _cell(attr["value"]) + (f" {attr['unit']}" if attr.get("unit") else "")
-            rows.append(
-                [
-                    entity["physical_id"] if first else "",
-                    entity["type"] if first else "",
-                    f"{HEALTH_MARK[health]} {health}" if first else "",
-                    name,
-                    value,
-                    attr["quality"],
-                    _age(attr["ts_ms"], now_ms),
-                ]
-            )
-            first = False
-    return render_table(
-        ["entity", "type", "health", "attribute", "value", "quality", "updated"], rows
-    )
-
-
 def _twin_show(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.render import cell, entities_table, render_table
+
     def action(reader: Any, config: Any) -> int:
         now = int(time.time() * 1000)
         if args.at:
@@ -427,7 +348,7 @@ def _twin_show(args: argparse.Namespace) -> int:
 
             def past_table() -> str:
                 rows = [
-                    [entity, name, _cell(a["value"]), a["quality"], a["ts"]]
+                    [entity, name, cell(a["value"]), a["quality"], a["ts"]]
                     for entity, attrs in sorted(snapshot.items())
                     for name, a in sorted(attrs.items())
                 ]
@@ -452,6 +373,8 @@ def _twin_show(args: argparse.Namespace) -> int:
 
 
 def _twin_query(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.render import entities_table
+
     def action(reader: Any, config: Any) -> int:
         now = int(time.time() * 1000)
         entities = reader.entities(types=args.type, health=args.health, where=args.where)
@@ -478,11 +401,13 @@ def _twin_query(args: argparse.Namespace) -> int:
 
 
 def _twin_history(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.render import cell, render_table
+
     def action(reader: Any, config: Any) -> int:
         samples = reader.history(args.entity, args.attribute, args.start, args.end, args.limit)
 
         def table() -> str:
-            rows = [[s["ts"], _cell(s["value"]), s["quality"], s["frame"]] for s in samples]
+            rows = [[s["ts"], cell(s["value"]), s["quality"], s["frame"]] for s in samples]
             return render_table(["source time", "value", "quality", "frame"], rows)
 
         _emit(args, samples, table)
@@ -492,12 +417,14 @@ def _twin_history(args: argparse.Namespace) -> int:
 
 
 def _twin_diff(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.render import cell, render_table
+
     def action(reader: Any, config: Any) -> int:
         changes = reader.diff(args.start, args.end)
 
         def table() -> str:
             rows = [
-                [c["entity"], c["attribute"], c["change"], _cell(c["before"]), _cell(c["after"])]
+                [c["entity"], c["attribute"], c["change"], cell(c["before"]), cell(c["after"])]
                 for c in changes
             ]
             return f"changes from {args.start} to {args.end}: {len(changes)}\n" + render_table(
@@ -511,6 +438,8 @@ def _twin_diff(args: argparse.Namespace) -> int:
 
 
 def _twin_export(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.render import render_table
+
     def action(reader: Any, config: Any) -> int:
         document = reader.export()
         fmt = args.format
@@ -546,27 +475,16 @@ def _twin_export(args: argparse.Namespace) -> int:
     return _with_reader(args, action)
 
 
-def alarms_table(alarms: Sequence[dict[str, Any]]) -> str:
-    rows = [
-        [
-            a["id"],
-            a["state"],
-            a["severity"],
-            a["rule"],
-            a["entity"] + (f".{a['attribute']}" if a["attribute"] else ""),
-            a["strategy"],
-            a["description"],
-        ]
-        for a in alarms
-    ]
-    return render_table(
-        ["id", "state", "severity", "rule", "subject", "strategy", "description"], rows
-    )
-
-
 def _twin_alarms(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.render import alarms_table
+
+    if args.action != "list":
+        return _alarm_op(args)
+
     def action(reader: Any, config: Any) -> int:
-        states = args.state or ([] if args.all else ["active", "acknowledged", "shelved"])
+        states = args.state or (
+            [] if args.all else ["active", "acknowledged", "returned", "shelved"]
+        )
         alarms = reader.alarms(states)
         _emit(args, alarms, lambda: alarms_table(alarms))
         return EXIT_OK
@@ -574,16 +492,76 @@ def _twin_alarms(args: argparse.Namespace) -> int:
     return _with_reader(args, action)
 
 
-def _twin_alarm_op(args: argparse.Namespace) -> int:
-    def action(reader: Any, config: Any) -> int:
-        alarm = reader.alarm_op(args.op, args.alarm_id, args.by, getattr(args, "duration", None))
-        _emit(args, alarm, lambda: alarms_table([alarm]))
-        return EXIT_OK
+def _alarm_op(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.render import alarms_table
 
-    return _with_reader(args, action)
+    if not args.alarm_id:
+        print(f"fieldtwin: error: twin alarms {args.action} needs ALARM_ID", file=sys.stderr)
+        return 2
+    if not args.reason:
+        print(
+            f"fieldtwin: error: twin alarms {args.action} needs --reason (it is audited)",
+            file=sys.stderr,
+        )
+        return 2
+    request: dict[str, Any] = {"alarm_id": args.alarm_id, "reason": args.reason}
+    if args.action == "shelve":
+        if not args.duration:
+            print("fieldtwin: error: shelve needs --for DURATION (e.g. 30m)", file=sys.stderr)
+            return 2
+        request["duration"] = args.duration
+    result = operator_call(args, f"alarm.{args.action}", request)
+    if result is None:
+        return EXIT_FAILURE
+    _emit(args, result, lambda: alarms_table([result]))
+    return EXIT_OK
+
+
+def add_identity(parser: argparse.ArgumentParser) -> None:
+    """Options that say which operator signs (shared by ``cmd`` and ``twin alarms``)."""
+    group = parser.add_argument_group("operator identity")
+    group.add_argument(
+        "--profile", type=Path, help="operator profile (TOML); or $FIELDTWIN_PROFILE"
+    )
+    group.add_argument("--key", type=Path, help="your private key file; or $FIELDTWIN_OPERATOR_KEY")
+    group.add_argument("--operator", help="your operator id (default: the key file's name)")
+    group.add_argument("--password-file", type=Path, help="your broker password file")
+    group.add_argument("--broker", help="broker URL (default: the hub config's)")
+    group.add_argument(
+        "--timeout", type=float, default=None, help="seconds to wait for the hub (default 15)"
+    )
+
+
+def operator_call(args: argparse.Namespace, op: str, request: dict[str, Any]) -> Any:
+    """Send one signed request; print a clear error and return None when refused."""
+    import asyncio
+    import dataclasses
+
+    from fieldtwin.hub.opclient import OperatorError, call, profile_from
+
+    try:
+        hub_config = None
+        if getattr(args, "profile", None) is None:
+            hub_config = _config_path(args)
+        profile = profile_from(
+            profile=args.profile,
+            hub_config=hub_config,
+            operator=args.operator,
+            key=args.key,
+            password_file=args.password_file,
+            broker=args.broker,
+        )
+        if args.timeout is not None:
+            profile = dataclasses.replace(profile, timeout_s=args.timeout)
+        return asyncio.run(call(profile, op, request))
+    except OperatorError as exc:
+        print(f"fieldtwin: refused ({exc.code}): {exc}", file=sys.stderr)
+        return None
 
 
 def _twin_status(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.render import render_table
+
     def action(reader: Any, config: Any) -> int:
         status = reader.status()
 

@@ -225,6 +225,9 @@ class StrategyRule:
     entity: str = "*"
     attribute: str = "*"
     severity: str | None = None
+    auto_execute: bool = False
+    """auto_correct only: send corrective commands without operator approval, within the
+    attribute's limits and step (agents that require operator approvals still refuse)."""
 
     def matches(self, rule: str, entity_type: str, entity: str, attribute: str) -> bool:
         drift_ok = (
@@ -255,6 +258,12 @@ class ReconciliationConfig:
                 return candidate.strategy, candidate.severity
         return self.default, None
 
+    def auto_execute(self, rule: str, entity_type: str, entity: str, attribute: str) -> bool:
+        for candidate in self.rules:
+            if candidate.matches(rule, entity_type, entity, attribute):
+                return candidate.auto_execute
+        return False
+
 
 @dataclass(frozen=True, slots=True)
 class DriftConfig:
@@ -275,6 +284,8 @@ class IngestConfig:
     rebirth_min_interval_s: float = 10.0
     audit_rejections_per_minute: int = 60
     max_frame_bytes: int = 1 << 20
+    queue_max_frames: int = 10_000
+    """Frames received but not yet stored; beyond it the hub stops reading the broker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -903,6 +914,7 @@ def _ingest(section: Section) -> IngestConfig:
             "audit_rejections_per_minute", 60, min=0, max=1_000_000
         ),
         max_frame_bytes=section.integer("max_frame_bytes", 1 << 20, min=1024, max=64 << 20),
+        queue_max_frames=section.integer("queue_max_frames", 10_000, min=10, max=1_000_000),
     )
     section.finish()
     return config
@@ -929,8 +941,11 @@ def _reconciliation(section: Section) -> ReconciliationConfig:
                 entity=item.text("entity", "*"),
                 attribute=item.text("attribute", "*"),
                 severity=item.text("severity", None, choices=SEVERITIES),
+                auto_execute=item.flag("auto_execute", False),
             )
         )
+        if rules[-1].auto_execute and rules[-1].strategy != "auto_correct":
+            raise item.error("auto_execute", "only an auto_correct rule executes commands")
         item.finish()
     section.finish()
     return ReconciliationConfig(default=default, rules=tuple(rules))

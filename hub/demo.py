@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -72,52 +71,11 @@ def free_port() -> int:
 # -- TOML writing ---------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"TOML cannot hold {value!r}")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list) and not any(isinstance(v, dict) for v in value):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+def toml_dumps(data: Mapping[str, Any]) -> str:
+    """The configs the demo generates, written with tomli-w (a maintained TOML writer)."""
+    import tomli_w
 
-
-def _key(key: str) -> str:
-    bare = key.replace("-", "").replace("_", "").isalnum()
-    return key if bare else json.dumps(key)
-
-
-def toml_dumps(data: Mapping[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for the configs the demo generates."""
-    lines: list[str] = []
-    tables: list[tuple[str, Mapping[str, Any]]] = []
-    arrays: list[tuple[str, list[Mapping[str, Any]]]] = []
-    for key, value in data.items():
-        if isinstance(value, dict) and (
-            not value or any(isinstance(v, dict | list) for v in value.values()) or prefix == ""
-        ):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            arrays.append((key, value))
-        else:
-            lines.append(f"{_key(key)} = {_toml_value(value)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for key, table in tables:
-        name = f"{prefix}{_key(key)}"
-        out += f"\n[{name}]\n" + toml_dumps(table, f"{name}.")
-    for key, items in arrays:
-        name = f"{prefix}{_key(key)}"
-        for item in items:
-            out += f"\n[[{name}]]\n" + toml_dumps(item, f"{name}.")
-    return out
+    return tomli_w.dumps(dict(data))
 
 
 # -- the state folder -----------------------------------------------------------------------
@@ -150,6 +108,9 @@ class Layout:
     def password_file(self, user: str) -> Path:
         return self.keys / f"{user}.password"
 
+    def operator_profile(self, operator: str) -> Path:
+        return self.root / "operators" / f"{operator}.toml"
+
 
 def example_gateways(examples: Path) -> dict[str, Path]:
     """Gateway id → example agent config, one per device family."""
@@ -180,6 +141,7 @@ def agent_config(
     endpoints: Mapping[str, Any],
     broker_url: str,
     heartbeat_s: float | None = None,
+    approvers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """An example agent config pointed at this run's simulator, broker and keys.
 
@@ -214,6 +176,12 @@ def agent_config(
         broker["password_file"] = str(layout.password_file(gateway))
     broker.setdefault("reconnect_max_s", 5.0)
     data["broker"] = broker
+    if approvers:
+        # defence in depth: the gateway itself checks the operators' approvals
+        data["approvals"] = {
+            "operators": {name: str(layout.keys / f"{name}.pub") for name in approvers},
+            "required": 1,
+        }
     return data
 
 
@@ -238,8 +206,35 @@ def hub_config(
         gw: {**declared.get(gw, {}), "public_key": str(layout.keys / f"{gw}.pub")}
         for gw in gateways
     }
+    for name, operator in data.get("operators", {}).items():
+        operator["public_key"] = str(layout.keys / f"{name}.pub")
     _deep_merge(data, overrides or {})
     return data
+
+
+def example_operators(examples: Path) -> dict[str, list[str]]:
+    """Operator id → roles, as examples/hub.toml declares them (the demo's operators)."""
+    data = tomllib.loads((examples / "hub.toml").read_text(encoding="utf-8"))
+    return {name: list(spec.get("roles", [])) for name, spec in data.get("operators", {}).items()}
+
+
+def write_operator_profiles(layout: Layout, operators: Sequence[str], broker_url: str) -> None:
+    """``STATE/operators/NAME.toml`` for each demo operator (``fieldtwin cmd --profile``)."""
+    from fieldtwin.hub.opclient import OperatorProfile, write_profile
+
+    for name in operators:
+        password_file = layout.password_file(name)
+        write_profile(
+            layout.operator_profile(name),
+            OperatorProfile(
+                operator=name,
+                key_file=layout.keys / f"{name}.key",
+                hub_key_file=layout.keys / "hub.pub",
+                broker_url=broker_url,
+                username=name,
+            ),
+            password_file if password_file.exists() else None,
+        )
 
 
 def _deep_merge(target: dict[str, Any], changes: Mapping[str, Any]) -> None:
@@ -381,6 +376,7 @@ class Plant:
         self.started_ms = 0
         self.created_keys: list[str] = []
         self.all_gateways = example_gateways(self.examples)
+        self.operators: dict[str, list[str]] = {}
 
     @property
     def components(self) -> list[Component]:
@@ -396,7 +392,8 @@ class Plant:
         for folder in (layout.root, layout.keys, layout.logs, layout.agents):
             folder.mkdir(parents=True, exist_ok=True)
         gateways = list(self.options.gateways or self.all_gateways)
-        self.created_keys = ensure_keys(layout, ["hub", *self.all_gateways])
+        self.operators = example_operators(self.examples)
+        self.created_keys = ensure_keys(layout, ["hub", *self.all_gateways, *self.operators])
         self.started_ms = int(time.time() * 1000)
         if not self.broker_url:
             port = free_port()
@@ -423,6 +420,7 @@ class Plant:
         )
         _deep_merge(config, self.options.hub_overrides)
         layout.hub_config.write_text(toml_dumps(config), encoding="utf-8")
+        write_operator_profiles(layout, list(self.operators), self.broker_url)
         self.hub = Component(
             "hub", [*FIELDTWIN, "hub", "run", "-c", str(layout.hub_config)], layout.logs / "hub.log"
         )
@@ -435,6 +433,7 @@ class Plant:
                 self.endpoints,
                 self.broker_url,
                 self.options.heartbeat_s,
+                [n for n, roles in self.operators.items() if {"approver", "admin"} & set(roles)],
             )
             if self.options.agent_edit is not None:
                 self.options.agent_edit(gateway, data)
@@ -514,12 +513,13 @@ class Plant:
         return points
 
     async def stop(self) -> dict[str, int | None]:
-        """Agents first (their deaths reach the hub), then hub, simulator, broker."""
+        """Hub first (a planned stop of the whole plant raises no alarms about the parts
+        that stop after it), then agents, simulator, broker."""
         codes: dict[str, int | None] = {}
-        results = await asyncio.gather(*(a.stop(signal.SIGTERM) for a in self.agents.values()))
-        codes.update(zip(self.agents, results, strict=True))
         if self.hub is not None:
             codes["hub"] = await self.hub.stop(signal.SIGTERM)
+        results = await asyncio.gather(*(a.stop(signal.SIGTERM) for a in self.agents.values()))
+        codes.update(zip(self.agents, results, strict=True))
         if self.sim is not None:
             codes["simulator"] = await self.sim.stop(signal.SIGINT)
         if self.broker is not None:
@@ -892,7 +892,7 @@ async def gather_facts(plant: Plant, duration_s: float) -> RunFacts:
 
 
 async def live_screen(plant: Plant) -> str:
-    from fieldtwin.hub.cli import alarms_table, entities_table, render_table
+    from fieldtwin.hub.render import alarms_table, entities_table, render_table
 
     status, entities, alarms = await asyncio.gather(
         plant.call("/api/status"),

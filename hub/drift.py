@@ -309,13 +309,22 @@ class DriftEngine:
         for gateway in sorted(names):
             link = state.gateways.get(gateway)
             reason = ""
+            severity: str | None = None
+            # Silence is measured from the hub's start at the earliest: a hub restarted on
+            # an old store has not yet had the chance to hear from anyone.
+            heard_ms = max(link.last_frame_ms if link else 0, self.started_ms)
             if link is None or link.last_frame_ms == 0:
                 if now_ms - self.started_ms >= limit_ms:
                     reason = "never connected since the hub started"
             elif not link.online:
-                why = f" ({link.death_reason})" if link.death_reason else ""
-                reason = f"disconnected: death received{why}"
-            elif now_ms - link.last_frame_ms > limit_ms:
+                if link.death_reason == "shutdown":
+                    # the agent said goodbye: a planned stop is news, not an emergency
+                    reason = "stopped (planned shutdown of its agent)"
+                    severity = "warning"
+                else:
+                    why = f" ({link.death_reason})" if link.death_reason else ""
+                    reason = f"disconnected: death received{why}"
+            elif now_ms - heard_ms > limit_ms:
                 age = (now_ms - link.last_frame_ms) / 1000
                 reason = f"no frames for {age:.1f} s (limit {self.config.gateway_silent_s:g} s)"
             if reason:
@@ -327,6 +336,7 @@ class DriftEngine:
                         "",
                         f"gateway {gateway} is silent: {reason}",
                         now_ms,
+                        severity=severity,
                         gateway=gateway,
                         detail={"last_frame_ms": link.last_frame_ms if link else 0},
                     )
@@ -397,7 +407,8 @@ class DriftEngine:
         elif current.quality in (Quality.BAD, Quality.STALE):
             quality = "bad" if current.quality == Quality.BAD else "stale"
             reason = f"the gateway reports it with {quality} quality"
-        elif now_ms - current.ts_ms > stale_ms:
+        elif now_ms - max(current.ts_ms, self.started_ms) > stale_ms:
+            # (a hub restarted on an old store gives every sensor a full stale limit first)
             age = (now_ms - current.ts_ms) / 1000
             reason = f"not updated for {age:.1f} s (limit {stale_ms / 1000:g} s)"
         else:

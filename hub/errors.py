@@ -46,3 +46,23 @@ class BrokerUnavailable(HubError):
 
 class DemoError(HubError):
     """The demo could not start a component, or a component died."""
+
+
+class CommandError(HubError):
+    """A command operation is not allowed (unknown id, wrong state, two-person rule...).
+
+    ``code`` is the operator channel's refusal code (``not_found``, ``conflict``,
+    ``forbidden``, ``invalid``, ``refused``)."""
+
+    def __init__(self, message: str, *, code: str = "conflict") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class OperatorRefused(HubError):
+    """An operator request was refused before it reached an operation (identity, expiry,
+    replay, role); ``code`` says why in one word, the message says it for a person."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code

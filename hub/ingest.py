@@ -97,6 +97,8 @@ class IngestOutcome:
     points_stored: int = 0
     births: list[str] = field(default_factory=list)
     deaths: list[str] = field(default_factory=list)
+    cmd_results: list[tuple[str, CommandResult, int]] = field(default_factory=list)
+    """(gateway, result, received_ms) of the batch's stored ``cmd_result`` frames."""
     committed_ns: int = 0
     error: StoreError | None = None
 
@@ -284,6 +286,7 @@ class IngestCore:
                 work.close_below(frame.sender, frame.epoch, body.low_water)
                 outcome.births.append(frame.sender)
             elif isinstance(body, CommandResult):
+                outcome.cmd_results.append((frame.sender, body, message.received_ms))
                 write.cmd_results.append(
                     (
                         message.received_ms,

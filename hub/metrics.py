@@ -38,6 +38,12 @@ class HubMetrics:
     drift_checks: int = 0
     drift_seconds: float = 0.0
     started_s: float = field(default_factory=time.time)
+    operator_requests: Counter[str] = field(default_factory=Counter)
+    """Accepted mutating operator requests, by operation."""
+    operator_refused: Counter[str] = field(default_factory=Counter)
+    """Refused operator requests, by reason code."""
+    ingest_paused: int = 0
+    """Times the broker reader paused because the ingest queue was full."""
 
 
 def _labels(**labels: str) -> str:
@@ -57,6 +63,7 @@ def render(
     gateways: Iterable[tuple[str, bool, float]],
     entities_by_health: Mapping[str, int],
     findings_by_type: Mapping[str, int],
+    commands_by_state: Mapping[str, int] | None = None,
 ) -> str:
     """The Prometheus text page. ``gateways`` yields (id, up, seconds since last frame)."""
     lines: list[str] = []
@@ -184,6 +191,33 @@ def render(
         "counter",
         "Drift evaluations run.",
         [("", metrics.drift_checks)],
+    )
+    family(
+        "fieldtwin_hub_commands_in_flight",
+        "gauge",
+        "Commands not yet settled, by state.",
+        (
+            (_labels(state=state), (commands_by_state or {}).get(state, 0))
+            for state in ("awaiting_approval", "approved", "sent", "executed", "rolling_back")
+        ),
+    )
+    family(
+        "fieldtwin_hub_operator_requests_total",
+        "counter",
+        "Operator actions accepted (signed, verified, authorised), by operation.",
+        ((_labels(op=op), n) for op, n in sorted(metrics.operator_requests.items())),
+    )
+    family(
+        "fieldtwin_hub_operator_refused_total",
+        "counter",
+        "Operator requests refused, by reason.",
+        ((_labels(code=code), n) for code, n in sorted(metrics.operator_refused.items())),
+    )
+    family(
+        "fieldtwin_hub_ingest_paused_total",
+        "counter",
+        "Times the hub stopped reading from the broker because its ingest queue was full.",
+        [("", metrics.ingest_paused)],
     )
     family(
         "fieldtwin_hub_uptime_seconds",

@@ -381,3 +381,98 @@ def audit_tail(store: TwinStore, limit: int = 50) -> list[dict[str, Any]]:
         }
         for seq, ts_ms, actor, action, subject, detail, digest in reversed(rows)
     ]
+
+
+# -- commands ----------------------------------------------------------------------------
+
+COMMAND_STATES = (
+    "awaiting_approval",
+    "approved",
+    "sent",
+    "executed",
+    "failed",
+    "rolling_back",
+    "refused",
+    "rejected",
+    "cancelled",
+    "expired",
+    "verified",
+    "failed_final",
+    "rolled_back",
+    "rollback_failed",
+)
+OPEN_COMMAND_STATES = COMMAND_STATES[:6]
+
+
+def _command_times(row: dict[str, Any]) -> dict[str, Any]:
+    for name in (
+        "proposed_ms",
+        "updated_ms",
+        "approved_ms",
+        "sent_ms",
+        "verified_ms",
+        "closed_ms",
+        "result_ms",
+        "approval_deadline_ms",
+        "send_deadline_ms",
+        "verify_deadline_ms",
+        "expires_at_ms",
+    ):
+        row[name[:-3]] = iso(row.get(name))
+    checkpoint = row.get("checkpoint")
+    if checkpoint:
+        checkpoint["ts"] = iso(checkpoint.get("ts_ms"))
+        checkpoint["taken"] = iso(checkpoint.get("taken_ms"))
+    for approval in row.get("approvals", []):
+        approval["at"] = iso(approval.get("at_ms"))
+    return row
+
+
+def commands(
+    store: TwinStore, states: Sequence[str] = (), limit: int = 100
+) -> list[dict[str, Any]]:
+    """Commands, newest first; ``states`` may include ``open`` for every unsettled state."""
+    wanted: list[str] = []
+    for state in states:
+        if state == "open":
+            wanted.extend(OPEN_COMMAND_STATES)
+        elif state == "failed":
+            wanted.extend(["failed", "failed_final"])
+        elif state in COMMAND_STATES:
+            wanted.append(state)
+        else:
+            raise QueryError(
+                f"{state!r} is not a command state (open, {', '.join(COMMAND_STATES)})"
+            )
+    if wanted:
+        marks = ", ".join("?" for _ in wanted)
+        rows = store.command_rows(f"state IN ({marks})", wanted, limit=limit)
+    else:
+        rows = store.command_rows(limit=limit)
+    return [_command_times(row) for row in rows]
+
+
+def command(store: TwinStore, command_id: str) -> dict[str, Any]:
+    """One command with its timeline (every transition) and its rollback's, if any."""
+    rows = store.command_rows("id = ?", [command_id], limit=1)
+    if not rows:
+        raise QueryError(f"no command {command_id}")
+    row = _command_times(rows[0])
+    ids = [command_id] + ([row["rollback_id"]] if row.get("rollback_id") else [])
+    row["timeline"] = [
+        {
+            "command": cmd_id,
+            "at": iso(at_ms),
+            "at_ms": at_ms,
+            "change": change,
+            "before": before,
+            "after": after,
+            "actor": actor,
+            "request": request,
+            "detail": json.loads(detail) if detail else {},
+        }
+        for cmd_id, at_ms, change, before, after, actor, request, detail in store.command_events(
+            ids
+        )
+    ]
+    return row

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from fieldtwin.hub import queries
 from fieldtwin.hub.api import ApiClient, Endpoint, pid_alive
 from fieldtwin.hub.config import HubConfig
-from fieldtwin.hub.errors import HubError, HubUnreachable, StoreLocked
+from fieldtwin.hub.errors import HubUnreachable, StoreLocked
 from fieldtwin.hub.export import twin_document
 from fieldtwin.hub.store import TwinStore
 
@@ -49,8 +49,6 @@ class TwinReader(Protocol):
     def drift(self) -> list[dict[str, Any]]: ...
 
     def status(self) -> dict[str, Any]: ...
-
-    def alarm_op(self, op: str, alarm_id: str, by: str, duration: str | None) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
 
@@ -115,15 +113,6 @@ class LiveReader:
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.client.call("/api/status")
-        return result
-
-    def alarm_op(self, op: str, alarm_id: str, by: str, duration: str | None) -> dict[str, Any]:
-        params: dict[str, Any] = {"by": by}
-        if duration is not None:
-            params["for"] = duration
-        result: dict[str, Any] = self.client.call(
-            f"/api/alarms/{alarm_id}/{op}", params, method="POST"
-        )
         return result
 
     def close(self) -> None:
@@ -214,12 +203,6 @@ class FileReader:
             "last_check": queries.iso(self.store.last_check_ms()),
             "audit_head": self.store.audit_head(),
         }
-
-    def alarm_op(self, op: str, alarm_id: str, by: str, duration: str | None) -> dict[str, Any]:
-        raise HubError(
-            f"the hub is not running; start it ('fieldtwin hub run -c {self.config.file}') "
-            "to acknowledge or shelve alarms"
-        )
 
     def close(self) -> None:
         self.store.close()

@@ -68,7 +68,7 @@ from fieldtwin.protocol.tracker import DeliveryTracker
 
 log = logging.getLogger("fieldtwin.hub.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -107,7 +107,7 @@ _DDL = (
         attribute VARCHAR, severity VARCHAR, state VARCHAR, strategy VARCHAR,
         description VARCHAR, value VARCHAR, gateway VARCHAR, raised_ms BIGINT,
         updated_ms BIGINT, cleared_ms BIGINT, acked_by VARCHAR, acked_ms BIGINT,
-        shelved_by VARCHAR, shelved_until_ms BIGINT, present BOOLEAN)""",
+        shelved_by VARCHAR, shelved_until_ms BIGINT, present BOOLEAN, shelve_reason VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS drift_events (
         id BIGINT PRIMARY KEY, rule VARCHAR, drift_type VARCHAR, entity VARCHAR,
         attribute VARCHAR, severity VARCHAR, strategy VARCHAR, description VARCHAR,
@@ -125,6 +125,15 @@ _DDL = (
     """CREATE TABLE IF NOT EXISTS cmd_results (
         received_ms BIGINT, gateway VARCHAR, cmd_id VARCHAR, status VARCHAR, detail VARCHAR,
         readback VARCHAR, readback_ts_ms BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS commands (
+        id VARCHAR PRIMARY KEY, entity VARCHAR, attribute VARCHAR, gateway VARCHAR,
+        state VARCHAR, proposed_by VARCHAR, proposed_ms BIGINT, updated_ms BIGINT,
+        closed_ms BIGINT, record VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS command_events (
+        cmd_id VARCHAR, at_ms BIGINT, change VARCHAR, before VARCHAR, after VARCHAR,
+        actor VARCHAR, request VARCHAR, detail VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS operator_requests (
+        operator VARCHAR, req_id VARCHAR, op VARCHAR, expires_ms BIGINT, received_ms BIGINT)""",
 )
 
 
@@ -206,6 +215,12 @@ class SyncWrite:
     audit: list[AuditRecord] = field(default_factory=list)
     checked_ms: int = 0
     flush: Flush | None = None
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    """Command rows (``CommandRecord.row()``); the latest of each id wins."""
+    command_events: list[tuple[Any, ...]] = field(default_factory=list)
+    """(cmd_id, at_ms, change, before, after, actor, request, detail JSON)."""
+    nonces: list[tuple[str, str, str, int, int]] = field(default_factory=list)
+    """(operator, req_id, op, expires_ms, received_ms) of accepted mutating requests."""
 
 
 @dataclass(slots=True)
@@ -338,10 +353,15 @@ class TwinStore:
             if version is None:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
                 self.set_meta("created_ms", str(int(time.time() * 1000)))
-            elif version == "1":
+            elif version in ("1", "2"):
                 # 1 -> 2: the seq of the birth that opened each gateway's connection.
                 self.con.execute(
                     "ALTER TABLE gateways ADD COLUMN IF NOT EXISTS session BIGINT DEFAULT 0"
+                )
+                # 2 -> 3: commands, their events and operator request nonces (new tables,
+                # created above), and the reason an alarm was shelved.
+                self.con.execute(
+                    "ALTER TABLE alarms ADD COLUMN IF NOT EXISTS shelve_reason VARCHAR"
                 )
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
             elif version != str(SCHEMA_VERSION):
@@ -692,6 +712,34 @@ class TwinStore:
                 )
             for action in batch.actions:
                 con.execute("INSERT INTO actions VALUES (?, ?, ?, ?, ?)", list(action))
+            if batch.commands:
+                latest = {row["id"]: row for row in batch.commands}
+                con.execute("DELETE FROM commands WHERE list_contains(?, id)", [list(latest)])
+                con.execute(
+                    "INSERT INTO commands SELECT " + ", ".join(["unnest(?)"] * 10),
+                    [
+                        [r["id"] for r in latest.values()],
+                        [r["entity"] for r in latest.values()],
+                        [r["attribute"] for r in latest.values()],
+                        [r["gateway"] for r in latest.values()],
+                        [r["state"] for r in latest.values()],
+                        [r["proposed_by"] for r in latest.values()],
+                        [r["proposed_ms"] for r in latest.values()],
+                        [r["updated_ms"] for r in latest.values()],
+                        [r["closed_ms"] for r in latest.values()],
+                        [json.dumps(r, default=str, sort_keys=True) for r in latest.values()],
+                    ],
+                )
+            if batch.command_events:
+                con.execute(
+                    "INSERT INTO command_events SELECT " + ", ".join(["unnest(?)"] * 8),
+                    [list(col) for col in zip(*batch.command_events, strict=True)],
+                )
+            if batch.nonces:
+                con.execute(
+                    "INSERT INTO operator_requests SELECT " + ", ".join(["unnest(?)"] * 5),
+                    [list(col) for col in zip(*batch.nonces, strict=True)],
+                )
             if batch.checked_ms:
                 con.execute("UPDATE checkpoint SET last_check_ms = ?", [batch.checked_ms])
             self._insert_audit(con, batch.audit)
@@ -799,6 +847,36 @@ class TwinStore:
             "proposal": one("SELECT max(CAST(substr(id, 3) AS BIGINT)) FROM proposals"),
         }
 
+    def command_rows(
+        self, where: str = "true", params: Sequence[Any] = (), limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Command records (newest first), as ``CommandRecord.row()`` wrote them."""
+        rows = self.query(
+            f"SELECT record FROM commands WHERE {where} ORDER BY proposed_ms DESC, id DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [json.loads(row[0]) for row in rows]
+
+    def command_events(self, cmd_ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        return self.query(
+            "SELECT cmd_id, at_ms, change, before, after, actor, request, detail "
+            "FROM command_events WHERE list_contains(?, cmd_id) ORDER BY at_ms, rowid",
+            [list(cmd_ids)],
+        )
+
+    def next_command_number(self) -> int:
+        row = self.query(
+            "SELECT max(CAST(split_part(substr(id, 3), '.', 1) AS BIGINT)) FROM commands"
+        )
+        return int(row[0][0] or 0) + 1
+
+    def live_nonces(self, now_ms: int) -> list[tuple[str, str, int]]:
+        rows = self.query(
+            "SELECT operator, req_id, expires_ms FROM operator_requests WHERE expires_ms >= ?",
+            [now_ms],
+        )
+        return [(str(a), str(b), int(c)) for a, b, c in rows]
+
     def last_check_ms(self) -> int:
         row = self.query("SELECT last_check_ms FROM checkpoint")
         return int(row[0][0] or 0) if row else 0
@@ -846,6 +924,7 @@ ALARM_COLUMNS = (
     "shelved_by",
     "shelved_until_ms",
     "present",
+    "shelve_reason",
 )
 
 

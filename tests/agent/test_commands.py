@@ -106,3 +106,89 @@ def test_readback_tolerance_follows_the_register_resolution() -> None:
     assert not readback_matches(RUNNING, True, 1)
     assert readback_matches(HEATER, 25.0, 25.0)
     assert not readback_matches(HEATER, 25.0, 25.001)
+
+
+# -- operator approvals (defence in depth) ----------------------------------------------------
+
+
+def _approved(
+    value: object,
+    approvers: tuple[str, ...] = ("bob",),
+    *,
+    restore: object = 900,
+    cmd_id: str = "C-000007",
+) -> Command:
+    from support.keys import operator_key, other_key
+
+    from fieldtwin.protocol.approvals import command_digest, sign_approval
+
+    keys = {"bob": operator_key, "eve": other_key}
+    digest = command_digest(cmd_id, "gw-pumps", "pump-1", "speed_sp", value, restore)  # type: ignore[arg-type]
+    approvals = tuple(sign_approval(name, keys[name], digest) for name in approvers)
+    return Command(
+        "gw-pumps",
+        cmd_id,
+        "pump-1",
+        "speed_sp",
+        value,
+        NOW + 30_000,
+        approvals,  # type: ignore[arg-type]
+        restore_value=restore,  # type: ignore[arg-type]
+    )
+
+
+def _decide_with_approvers(
+    cmd: Command, required: int = 1, unattended: frozenset[str] = frozenset()
+) -> Accept | Refuse:
+    from support.keys import operator_key
+
+    from fieldtwin.agent.commands import Approvers
+
+    approvers = Approvers({"bob": (operator_key.public,)}, required, unattended)
+    return check_command(cmd, gateway="gw-pumps", now_ms=NOW, points=POINTS, approvers=approvers)
+
+
+def test_with_approvers_configured_a_command_needs_a_valid_approval() -> None:
+    assert _decide_with_approvers(_approved(1200)) == Accept(SPEED_SP, 1200)
+    none = _decide_with_approvers(_approved(1200, ()))
+    assert none == Refuse("rejected", "needs 1 valid operator approval(s), has 0: it carries none")
+    stranger = _decide_with_approvers(_approved(1200, ("eve",)))
+    assert isinstance(stranger, Refuse)
+    assert "eve with key" in stranger.detail
+    assert "is not a known approver" in stranger.detail
+    # a hub that changes the value (or the restore value) after approval breaks the signature
+    tampered = _approved(1200)
+    from dataclasses import replace
+
+    for changed in (replace(tampered, value=1800), replace(tampered, restore_value=0)):
+        refused = _decide_with_approvers(changed)
+        assert isinstance(refused, Refuse)
+        assert "signature does not verify" in refused.detail
+    # ... and so does replaying the approvals under another command id
+    assert isinstance(_decide_with_approvers(replace(tampered, cmd_id="C-000008")), Refuse)
+    assert isinstance(_decide_with_approvers(_approved(1200), required=2), Refuse)
+    unattended = _decide_with_approvers(
+        _approved(1200, ()), unattended=frozenset({"pump-1.speed_sp"})
+    )
+    assert unattended == Accept(SPEED_SP, 1200)
+
+
+def test_a_rollback_carries_the_parents_approvals_and_restores_only_the_checkpoint() -> None:
+    from dataclasses import replace
+
+    parent = _approved(1200, restore=900)
+    rollback = replace(
+        parent,
+        cmd_id="C-000007.rb",
+        value=900,
+        restore_value=None,
+        rollback_of="C-000007",
+        rollback_from=1200,
+    )
+    assert _decide_with_approvers(rollback) == Accept(SPEED_SP, 900)
+    elsewhere = _decide_with_approvers(replace(rollback, value=1500))
+    assert isinstance(elsewhere, Refuse)  # not the approved restore value
+    renamed = _decide_with_approvers(replace(rollback, cmd_id="C-000007.rb2"))
+    assert renamed == Refuse(
+        "rejected", "a rollback of C-000007 must have id C-000007.rb, not C-000007.rb2"
+    )

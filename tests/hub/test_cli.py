@@ -15,7 +15,15 @@ import aiomqtt
 import pytest
 import yaml
 from support.broker import MosquittoBroker
-from support.hub_env import GatewaySigner, HubFiles, now_ms, sample, wait_for, write_hub_config
+from support.hub_env import (
+    GatewaySigner,
+    HubFiles,
+    now_ms,
+    register_operators,
+    sample,
+    wait_for,
+    write_hub_config,
+)
 
 from fieldtwin.hub.api import Endpoint
 
@@ -41,7 +49,7 @@ async def cli_json(*args: str | Path) -> Any:
 
 @pytest.fixture
 def files(tmp_path: Path, broker: MosquittoBroker) -> HubFiles:
-    return write_hub_config(
+    files = write_hub_config(
         tmp_path,
         broker_url=broker.url,
         password=broker.passwords["hub"],
@@ -49,6 +57,8 @@ def files(tmp_path: Path, broker: MosquittoBroker) -> HubFiles:
         silent_s=30,
         missing_s=60,
     )
+    register_operators(broker, files)
+    return files
 
 
 async def publish(broker: MosquittoBroker, messages: list[tuple[str, bytes]]) -> None:
@@ -126,14 +136,52 @@ async def test_hub_run_and_twin_commands_live_and_offline(
         (alarm,) = await wait_for(alarmed, within=30, interval=0.5)
         assert alarm["state"] == "active"
         assert alarm["severity"] == "critical"
-        acked = await cli_json("twin", "ack", "-c", config, alarm["id"], "--by", "olga")
+        ack = ("twin", "alarms", "ack", alarm["id"], "-c", config, "--operator", "olga")
+        acked = await cli_json(*ack, "--reason", "seen it")
         assert acked["state"] == "acknowledged"
-        assert acked["acked_by"] == "olga"
-        again = await cli("twin", "ack", "-c", config, alarm["id"], check=False)
+        assert acked["acked_by"] == "olga"  # the verified identity, not a claimed name
+        unsigned = await cli(*ack, check=False)
+        assert unsigned.returncode == 2
+        assert "needs --reason" in unsigned.stderr
+        again = await cli(*ack, "--reason", "twice", check=False)
         assert again.returncode == 1
-        assert "only active alarms" in again.stderr
-        shelved = await cli_json("twin", "shelve", "-c", config, alarm["id"], "--for", "10m")
+        assert "only active or returned alarms" in again.stderr
+        viewer = await cli(
+            "twin",
+            "alarms",
+            "shelve",
+            alarm["id"],
+            "-c",
+            config,
+            "--operator",
+            "vic",
+            "--for",
+            "10m",
+            "--reason",
+            "noisy",
+            check=False,
+        )
+        assert viewer.returncode == 1
+        assert "forbidden" in viewer.stderr
+        assert "vic (viewer) may not alarm.shelve" in viewer.stderr
+        shelved = await cli_json(
+            "twin",
+            "alarms",
+            "shelve",
+            alarm["id"],
+            "-c",
+            config,
+            "--operator",
+            "olga",
+            "--for",
+            "10m",
+            "--reason",
+            "sensor maintenance",
+        )
         assert shelved["state"] == "shelved"
+        assert shelved["shelve_reason"] == "sensor maintenance"
+        audit = await cli_json("twin", "status", "-c", config)
+        assert audit["audit_head"][0] > 0
         status = await cli_json("twin", "status", "-c", config)
         assert status["gateways"][0]["id"] == "gw-01"
         assert status["mqtt_connected"]
@@ -155,9 +203,9 @@ async def test_hub_run_and_twin_commands_live_and_offline(
     assert "4.7 m" in offline
     alarms = await cli_json("twin", "alarms", "-c", config, "--all")
     assert [a["state"] for a in alarms if a["rule"] == "threshold"] == ["shelved"]
-    refused = await cli("twin", "ack", "-c", config, alarm["id"], check=False)
+    refused = await cli(*ack, "--reason", "late", "--timeout", "2", check=False)
     assert refused.returncode == 1
-    assert "the hub is not running" in refused.stderr
+    assert "did not answer" in refused.stderr
     exported = yaml.safe_load(
         (await cli("twin", "export", "-c", config, "--format", "yaml")).stdout
     )

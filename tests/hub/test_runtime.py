@@ -149,7 +149,7 @@ async def test_hub_acks_stores_and_serves_the_twin(
         # replay through the broker: refused, counted, nothing applied twice
         await gw.send(gw.signer.data([sample("tank-1", "level", 9.9, t + 3)], seq=3))
         await wait_for(lambda: hub.metrics.frames_rejected["replay"] == 1)
-        assert hub.ingest.state.current[("tank-1", "level")].value == pytest.approx(2.55)
+        assert hub.service.ingest.state.current[("tank-1", "level")].value == pytest.approx(2.55)
     assert not files.config.parent.joinpath("state", "hub.duckdb.api.json").exists()
 
 
@@ -165,7 +165,7 @@ async def test_gap_leads_to_rebirth_and_birth_closes_it(
         assert gw.rebirths[0].to == "gw-01"
         await gw.send(gw.signer.birth([], [], low_water=gw.signer.seq + 1))
         await wait_for(lambda: gw.acked(gw.signer.seq) and gw.acked(2))
-        assert hub.ingest.tracker.gaps("gw-01") == []
+        assert hub.service.ingest.tracker.gaps("gw-01") == []
 
 
 async def test_death_makes_gateway_silent_and_raises_alarm(
@@ -239,11 +239,11 @@ async def test_hub_restart_mid_stream_applies_nothing_twice(
                 )
             await wait_for(lambda: hub.metrics.frames_rejected["replay"] == 10)
             rows = await hub.db(
-                hub.store.query,
+                hub.service.store.query,
                 "SELECT count(*), count(DISTINCT ts_ms) FROM history WHERE attribute = 'level'",
             )
             assert rows == [(sent, sent)]
-            current = hub.ingest.state.current[("tank-1", "level")]
+            current = hub.service.ingest.state.current[("tank-1", "level")]
             assert current.value == pytest.approx(2.39)
             assert current.ts_ms == t + 39
             endpoint = Endpoint.read(files.config.parent / "state" / "hub.duckdb.api.json")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from pymodbus.client import ModbusTcpClient
 from support.sim import ROOT, WATER_PLANT, SimulatorProcess, wait_for
 
 
@@ -140,41 +140,87 @@ name = "ambient-1.temperature"
     assert "simulator stopped" in result.stderr
 
 
-def _http(address: str, raw: bytes) -> tuple[int, dict[str, object]]:
-    host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(raw)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+def test_actuator_and_process_faults_from_the_cli(plant: SimulatorProcess) -> None:
+    control = plant.endpoints["control"]
 
+    def inject(*args: str) -> dict[str, object]:
+        result = fieldtwin("sim", "fault", "inject", *args, "--control", control, "--json")
+        assert result.returncode == 0, result.stderr
+        fault: dict[str, object] = json.loads(result.stdout)
+        return fault
 
-def test_control_interface_refuses_bad_requests(plant: SimulatorProcess) -> None:
-    address = plant.endpoints["control"]
-    before = len(plant.control("GET", "/faults")["faults"])
-    cases = [
-        (b"GET /nowhere HTTP/1.1\r\n\r\n", 404, "no route"),
-        (b"PUT /faults HTTP/1.1\r\n\r\n", 405, "not allowed"),
-        (b"POST /faults HTTP/1.1\r\nContent-Length: 5\r\n\r\n{oops", 400, "not JSON"),
-        (b"POST /faults HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]", 400, "expected a JSON object"),
-        (b"hello\r\n\r\n", 400, "HTTP/1.1 request line"),
-        (b"POST /faults HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413, "larger than"),
-        (b"GET /truth?point=nope HTTP/1.1\r\n\r\n", 404, "unknown point"),
-        (b"DELETE /faults/abc HTTP/1.1\r\n\r\n", 404, "no fault"),
+    leak = inject("leak", "--component", "tank-1", "--cv", "2.5", "--duration", "20")
+    assert (leak["kind"], leak["component"], leak["device"], leak["params"]) == (
+        "leak", "tank-1", None, {"cv": 2.5},
+    )  # fmt: skip
+    fouling = inject("fouling", "--component", "boiler-1", "--efficiency", "0.7")
+    assert fouling["params"] == {"efficiency": 0.7}
+    ignore = inject("ignore_writes", "--point", "pump-1.speed_sp", "--count", "1")
+    assert (ignore["device"], ignore["params"], ignore["writes_affected"]) == (
+        "pump-station", {"count": 1}, 0,
+    )  # fmt: skip
+    wrong = inject("wrong_value", "--point", "boiler-1.heater_power_sp", "--value", "25")
+    assert (wrong["device"], wrong["params"]) == ("boiler", {"value": 25.0})
+    listed = fieldtwin("sim", "fault", "list", "--control", control).stdout
+    assert "leak          tank-1" in listed
+    assert "fouling       boiler-1" in listed
+    assert "efficiency=0.7" in listed
+
+    since = plant.status()["tick"]
+    client = ModbusTcpClient("127.0.0.1", port=plant.device("pump-station")["port"], timeout=5)
+    try:
+        assert client.connect()
+        assert not client.write_register(0, 1200, device_id=1).isError()  # ignored (count 1)
+        assert not client.write_register(0, 900, device_id=1).isError()  # applied
+        assert client.write_register(0, 5000, device_id=1).isError()  # rejected
+    finally:
+        client.close()
+    query = ("sim", "truth", "--writes", "--point", "pump-1.speed_sp", "--since-tick", str(since))
+
+    def recorded() -> list[dict[str, object]]:
+        result = fieldtwin(*query, "--control", control, "--json")
+        assert result.returncode == 0, result.stderr
+        writes: list[dict[str, object]] = json.loads(result.stdout)["writes"]
+        return writes
+
+    wait_for(lambda: len(recorded()) == 3, message="three writes recorded")
+    records = recorded()
+    assert [(w["status"], w["value"], w["result"]) for w in records] == [
+        ("ignored", 1200.0, 900.0),
+        ("applied", 900.0, 900.0),
+        ("rejected", 5000.0, None),  # in arrival order, whatever tick each was recorded at
     ]
-    for raw, status, text in cases:
-        code, body = _http(address, raw)
-        assert code == status, (raw, body)
-        assert text in str(body["error"]), (raw, body)
-    body_json = json.dumps({"kind": "stuck", "point": "tank-1.level", "colour": "red"}).encode()
-    code, body = _http(
-        address,
-        b"POST /faults HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body_json), body_json),
-    )
-    assert (code, body["error"]) == (
-        400,
-        "unknown field 'colour' (fields: device, duration, kind, params, point, unit_id)",
-    )
-    assert len(plant.control("GET", "/faults")["faults"]) == before  # nothing was injected
+    assert [w["seq"] for w in records] == sorted(w["seq"] for w in records)
+    listed = fieldtwin("sim", "fault", "list", "--control", control).stdout
+    assert "ignore_writes pump-1.speed_sp" in listed
+    assert "count=1, writes affected=1" in listed
+    table = fieldtwin(*query, "--control", control)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == [
+        "TICK", "SIM", "S", "POINT", "STATUS", "WRITTEN", "BEFORE", "RESULT", "FAULT", "VIA",
+    ]  # fmt: skip
+    assert lines[1].split()[3:9] == [
+        "ignored",
+        "1200",
+        "900",
+        "900",
+        str(ignore["id"]),
+        "modbus-tcp",
+    ]
+    assert lines[3].endswith("(5000 is outside 0..1800)")
+
+    mistakes = [
+        (("wrong_value", "--point", "valve-1.position"), "wrong_value needs exactly one of offset"),
+        (("leak", "--point", "tank-1.level"), "leak is a fault of the process, not of a device"),
+        (("fouling", "--component", "boiler-1", "--efficiency", "1.5"), "out of range 0.0..1.0"),
+        (("ignore_writes", "--point", "pump-1.speed"), "pump-1.speed is read-only"),
+    ]
+    for args, message in mistakes:
+        result = fieldtwin("sim", "fault", "inject", *args, "--control", control)
+        assert result.returncode == 1
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    stray = fieldtwin("sim", "truth", "--limit", "5", "--control", control)
+    assert stray.returncode == 1
+    assert "--since-tick and --limit go with --writes" in stray.stderr

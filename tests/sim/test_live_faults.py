@@ -2,8 +2,10 @@
 
 Value faults (stuck, drift, spike, noise) are checked against the simulator's ground
 truth; link faults (dropout, slow, disconnect, corrupt, exception, bad_status) by what
-the client experiences. Every test ends its faults (the ``plant`` fixture) and waits for
-the device to recover, so the next test starts from a healthy plant.
+the client experiences; actuator faults (ignore_writes, wrong_value) by what a client's
+write and read-back see and what the ground truth recorded of each write. Every test
+ends its faults (the ``plant`` fixture) and waits for the device to recover, so the next
+test starts from a healthy plant.
 """
 
 from __future__ import annotations
@@ -407,3 +409,94 @@ async def test_opcua_bad_status_dropout_slow_disconnect(plant: SimulatorProcess)
     await _until(refused, "OPC-UA endpoint refuses connections")
     plant.clear_faults()
     await _until(readable, "OPC-UA endpoint back")
+
+
+# -- actuator faults ----------------------------------------------------------------------
+
+
+def test_actuator_faults_over_modbus_tcp(plant: SimulatorProcess) -> None:
+    point = "valve-1.position"  # holding register 1, uint16, scale 0.1
+    since = plant.status()["tick"]
+    with tcp(plant) as client:
+
+        def register() -> int:
+            return int(client.read_holding_registers(1, count=1, device_id=1).registers[0])
+
+        assert register() == 500
+        fault = plant.inject("ignore_writes", point=point)
+        assert fault["device"] == "pump-station"
+        assert not client.write_register(1, 200, device_id=1).isError()  # acknowledged...
+        assert register() == 500  # ...but the read-back straight away shows the old value
+        wait_for(lambda: len(plant.writes(point, since_tick=since)) == 1, message="recorded")
+        time.sleep(0.5)  # five simulated seconds: the valve does not move
+        assert register() == 500
+        assert truth_of(plant, point)["true"] == pytest.approx(50.0)
+        plant.control("DELETE", f"/faults/{fault['id']}")
+
+        # Goes elsewhere once, then works again: a rollback to 50 % lands.
+        once = plant.inject("wrong_value", point=point, params={"offset": 15.0, "count": 1})
+        assert not client.write_register(1, 200, device_id=1).isError()
+        assert register() == 350
+        wait_for(lambda: truth_of(plant, point)["true"] == pytest.approx(35.0), message="35 %")
+        assert not client.write_register(1, 500, device_id=1).isError()
+        assert register() == 500
+        wait_for(lambda: truth_of(plant, point)["true"] == pytest.approx(50.0), message="50 %")
+    wait_for(lambda: len(plant.writes(point, since_tick=since)) == 3, message="all recorded")
+    records = plant.writes(point, since_tick=since)
+    assert [
+        (w["status"], w["value"], w["before"], w["result"], w["fault_id"]) for w in records
+    ] == [
+        ("ignored", pytest.approx(20.0), pytest.approx(50.0), pytest.approx(50.0), fault["id"]),
+        ("altered", pytest.approx(20.0), pytest.approx(50.0), pytest.approx(35.0), once["id"]),
+        ("applied", pytest.approx(50.0), pytest.approx(35.0), pytest.approx(50.0), None),
+    ]
+    assert {(w["device"], w["protocol"], w["variable"]) for w in records} == {
+        ("pump-station", "modbus-tcp", point)
+    }
+    assert records[0]["tick"] < records[1]["tick"] < records[2]["tick"]
+    wait_for(lambda: fault_status(plant, once["id"]) == "ended", message="used up, it ends")
+
+
+async def test_actuator_faults_on_the_opcua_heater_setpoint(plant: SimulatorProcess) -> None:
+    point = "boiler-1.heater_power_sp"
+    boiler = plant.device("boiler")
+    since = plant.status()["tick"]
+
+    def write_of(value: float) -> ua.DataValue:
+        return ua.DataValue(ua.Variant(value, ua.VariantType.Double))
+
+    async with Client(boiler["url"], timeout=10) as client:
+        idx = await client.get_namespace_index(boiler["namespace"])
+        node = client.get_node(ua.NodeId(point, idx))
+        power = client.get_node(ua.NodeId("boiler-1.heater_power", idx))
+        assert await node.read_value() == 30.0
+        wrong = plant.inject("wrong_value", point=point, params={"offset": -5.0})
+        await node.write_value(write_of(40.0))  # answered Good (asyncua raises on Bad)
+        assert await node.read_value() == 35.0  # the node shows where the actuator went
+        await _until(lambda: _near(power, 35.0), "heater power follows 35 kW, not 40")
+
+        plant.clear_faults()
+        ignore = plant.inject("ignore_writes", point=point)
+        await node.write_value(write_of(45.0))
+        assert await node.read_value() == 35.0
+        await asyncio.sleep(0.5)  # five simulated seconds, 2.5 heater time constants
+        assert await node.read_value() == 35.0
+        assert truth_of(plant, "boiler-1.heater_power")["true"] == pytest.approx(35.0, abs=0.1)
+
+        plant.clear_faults()
+        await node.write_value(write_of(30.0))  # back where it was
+        assert await node.read_value() == 30.0
+    wait_for(lambda: len(plant.writes(point, since_tick=since)) == 3, message="all recorded")
+    records = plant.writes(point, since_tick=since)
+    assert [
+        (w["status"], w["value"], w["before"], w["result"], w["fault_id"]) for w in records
+    ] == [
+        ("altered", 40.0, 30.0, 35.0, wrong["id"]),
+        ("ignored", 45.0, 35.0, 35.0, ignore["id"]),
+        ("applied", 30.0, 35.0, 30.0, None),
+    ]
+    assert {(w["device"], w["protocol"]) for w in records} == {("boiler", "opcua")}
+
+
+async def _near(node: object, value: float) -> bool:
+    return bool(abs(await node.read_value() - value) < 0.05)  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import struct
@@ -17,7 +18,8 @@ from asyncua.sync import Client as SyncClient
 from pymodbus.client import ModbusTcpClient
 from support.sim import WATER_PLANT, SimulatorProcess, wait_for
 
-from fieldtwin.sim.engine import AppliedWrite, replay
+from fieldtwin.sim.engine import AppliedWrite, FaultEvent, replay
+from fieldtwin.sim.faults import FaultRequest
 from fieldtwin.sim.scenario import load_scenario
 
 POINTS = 18  # points of the water plant
@@ -38,8 +40,14 @@ def test_clean_shutdown_and_replayable_ground_truth(tmp_path: Path) -> None:
         assert all(link.is_symlink() for link in links)
         client = ModbusTcpClient("127.0.0.1", port=sim.device("pump-station")["port"], timeout=5)
         assert client.connect()
+        # The valve's actuator goes 20 % short of the first write, then works again.
+        wrong = sim.inject(
+            "wrong_value", point="valve-1.position", params={"offset": -20.0, "count": 1}
+        )
+        leak = sim.inject("leak", component="tank-1", duration=10.0, params={"cv": 5.0})
+        foul = sim.inject("fouling", component="boiler-1", params={"efficiency": 0.8})
         assert not client.write_register(0, 1500, device_id=1).isError()
-        assert not client.write_register(1, 800, device_id=1).isError()
+        assert not client.write_register(1, 800, device_id=1).isError()  # lands on 60 %
         assert client.write_register(0, 9999, device_id=1).isError()  # rejected, recorded
         fault = sim.inject("drift", point="tank-1.level", duration=5.0, params={"rate": 0.2})
         assert not client.read_input_registers(0, count=6, device_id=1).isError()
@@ -81,29 +89,44 @@ def test_clean_shutdown_and_replayable_ground_truth(tmp_path: Path) -> None:
             "SELECT count(*), count(DISTINCT tick) FROM truth"
         ).fetchone() or (0, 0)
         assert (count, ticks) == ((last_tick + 1) * POINTS, last_tick + 1)
+        # What reached the process: the result of every write that moved an actuator.
         writes = db.execute(
-            "SELECT tick, point, variable, value FROM writes WHERE status = 'applied' ORDER BY tick"
+            "SELECT tick, point, variable, result FROM writes "
+            "WHERE status IN ('applied', 'altered') ORDER BY tick, rowid"
         ).fetchall()
         assert [(w[1], w[3]) for w in writes] == [
             ("pump-1.speed_sp", 1500.0),
-            ("valve-1.position", 80.0),
+            ("valve-1.position", 60.0),
         ]
-        rejected = db.execute(
-            "SELECT point, value, detail FROM writes WHERE status = 'rejected'"
+        altered = db.execute(
+            "SELECT value, before, result, fault_id FROM writes WHERE status = 'altered'"
         ).fetchall()
-        assert rejected == [("pump-1.speed_sp", 9999.0, "9999 is outside 0..1800")]
+        assert altered == [(80.0, 50.0, 60.0, wrong["id"])]
+        rejected = db.execute(
+            "SELECT point, value, detail, result FROM writes WHERE status = 'rejected'"
+        ).fetchall()
+        assert rejected == [("pump-1.speed_sp", 9999.0, "9999 is outside 0..1800", None)]
         windows = db.execute(
-            "SELECT id, kind, point, start_tick, end_tick, source FROM faults"
+            "SELECT id, kind, point, component, start_tick, end_tick, source FROM faults "
+            "ORDER BY id"
         ).fetchall()
         assert windows == [
-            (
-                fault["id"],
-                "drift",
-                "tank-1.level",
-                fault["start_tick"],
-                fault["start_tick"] + 50,
-                "runtime",
-            )
+            (wrong["id"], "wrong_value", "valve-1.position", None, wrong["start_tick"],
+             windows[0][5], "runtime"),
+            (leak["id"], "leak", None, "tank-1", leak["start_tick"], leak["start_tick"] + 100,
+             "runtime"),
+            (foul["id"], "fouling", None, "boiler-1", foul["start_tick"], last_tick + 1,
+             "runtime"),
+            (fault["id"], "drift", "tank-1.level", None, fault["start_tick"],
+             fault["start_tick"] + 50, "runtime"),
+        ]  # fmt: skip
+        assert windows[0][5] == writes[1][0] + 1  # used up by its one write, it closed
+        process_faults = [
+            FaultEvent(FaultRequest(kind, params=json.loads(params), component=component), s, e)
+            for kind, component, params, s, e in db.execute(
+                "SELECT kind, component, params, start_tick, end_tick FROM faults "
+                "WHERE component IS NOT NULL ORDER BY id"
+            ).fetchall()
         ]
         served = dict(
             db.execute("SELECT protocol || ':' || via, count(*) FROM served GROUP BY 1").fetchall()
@@ -124,10 +147,14 @@ def test_clean_shutdown_and_replayable_ground_truth(tmp_path: Path) -> None:
     applied = [
         AppliedWrite(tick, point, variable, value) for tick, point, variable, value in writes
     ]
-    replayed = sorted(replay(scenario, last_tick, writes=applied), key=lambda r: (r[0], r[1]))
+    replayed = sorted(
+        replay(scenario, last_tick, writes=applied, faults=process_faults),
+        key=lambda r: (r[0], r[1]),
+    )
     assert replayed == recorded
-    assert (
-        sorted(replay(scenario, last_tick, writes=applied), key=lambda r: (r[0], r[1])) == replayed
+    # without the leak and the fouling, the truth would have been another
+    assert sorted(replay(scenario, last_tick, writes=applied), key=lambda r: (r[0], r[1])) != (
+        recorded
     )
 
 

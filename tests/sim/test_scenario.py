@@ -213,6 +213,36 @@ type = "uint16"
             'kind = "drift"\npoint = "tank-1.level"\nrte = 1.0',
             r"faults\[0\]\.rte: unknown key; did you mean 'rate'",
         ),
+        (
+            'kind = "leak"\npoint = "tank-1.level"',
+            r"faults\[0\]\.point: leak is a fault of the process, not of a device",
+        ),
+        (
+            'kind = "leak"\ncomponent = "pump-1"',
+            r"faults\[0\]\.component: pump-1 is a pump; leak happens to a tank \(tanks: tank-1\)",
+        ),
+        (
+            'kind = "fouling"\ncomponent = "tank-1"',
+            r"faults\[0\]\.component: tank-1 is a tank; fouling happens to a boiler "
+            r"\(boilers: none in this scenario\)",
+        ),
+        (
+            'kind = "ignore_writes"\npoint = "tank-1.level"',
+            r"faults\[0\]\.point: tank-1\.level is read-only; ignore_writes needs a writable "
+            r"point \(writable: pump-1\.speed_sp\)",
+        ),
+        (
+            'kind = "wrong_value"\npoint = "pump-1.speed_sp"',
+            r"faults\[0\]\.offset: wrong_value needs exactly one of offset",
+        ),
+        (
+            'kind = "wrong_value"\npoint = "pump-1.speed_sp"\ncount = 0\nvalue = 5.0',
+            r"faults\[0\]\.count: 0 is below the minimum 1",
+        ),
+        (
+            'kind = "stuck"\npoint = "tank-1.level"\ncomponent = "tank-1"',
+            r"faults\[0\]\.component: stuck happens on a device",
+        ),
     ],
 )
 def test_fault_schedule_errors(tmp_path: Path, fault: str, expected: str) -> None:
@@ -227,6 +257,22 @@ def test_scheduled_faults_load(tmp_path: Path) -> None:
     assert scheduled.request.device == "plc"
     assert scheduled.request.params == {"rate": 0.5, "offset": 0.0}
     assert (scheduled.at, scheduled.duration) == (5.0, 2.0)
+
+
+def test_scheduled_process_and_actuator_faults_load(tmp_path: Path) -> None:
+    text = (
+        BASE
+        + '\n[[faults]]\nkind = "leak"\ncomponent = "tank-1"\nat = 10.0\ncv = 1.5\n'
+        + '\n[[faults]]\nkind = "wrong_value"\npoint = "pump-1.speed_sp"\noffset = -100.0\n'
+    )
+    leak, wrong = load_scenario(_write(tmp_path, text)).faults
+    assert (leak.request.component, leak.request.device, leak.request.params) == (
+        "tank-1",
+        None,
+        {"cv": 1.5},
+    )
+    assert leak.at == 10.0
+    assert (wrong.request.device, wrong.request.params) == ("plc", {"offset": -100.0})
 
 
 def _write(tmp_path: Path, text: str) -> Path:

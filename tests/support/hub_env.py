@@ -84,6 +84,11 @@ unit = "rpm"
 writable = true
 min = 0
 max = 1800
+max_step = 600
+tolerance = 5
+approvals = 1
+two_person = true
+verify_timeout_s = {verify_s}
 
 [types.pump.attributes.running]
 writable = true
@@ -99,6 +104,29 @@ id = "pump-1"
 type = "pump"
 gateway = "gw-01"
 desired = {{ speed_sp = 900 }}
+
+[[interlocks]]
+id = "pump-needs-water"
+description = "pump speed above 0 requires tank level above 0.3 m"
+target = "pump-1.speed_sp"
+when = "> 0"
+require = "tank-1.level > 0.3"
+
+[operators.olga]
+public_key = "keys/olga.pub"
+roles = ["operator"]
+
+[operators.piet]
+public_key = "keys/piet.pub"
+roles = ["approver"]
+
+[operators.ada]
+public_key = "keys/ada.pub"
+roles = ["admin"]
+
+[operators.vic]
+public_key = "keys/vic.pub"
+roles = ["viewer"]
 
 [[relationships]]
 source = "pump-1"
@@ -125,12 +153,21 @@ strategy = "investigate"
 """
 
 
+OPERATORS = ("olga", "piet", "ada", "vic")
+"""The test config's operators: olga operator, piet approver, ada admin, vic viewer."""
+
+
 @dataclass
 class HubFiles:
     config: Path
     hub_key: KeyPair
     gateway_keys: dict[str, KeyPair]
     database: Path
+    operator_keys: dict[str, KeyPair] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> Path:
+        return self.config.parent / "keys"
 
 
 def write_hub_config(
@@ -144,12 +181,13 @@ def write_hub_config(
     stale_s: float = 3.0,
     frozen_s: float = 5.0,
     drift_interval_s: float = 0.2,
+    verify_s: float = 10.0,
     extra: str = "",
 ) -> HubFiles:
     directory.mkdir(parents=True, exist_ok=True)
     keys = directory / "keys"
     pairs: dict[str, KeyPair] = {}
-    for name in ("hub", "gw-01", "gw-02"):
+    for name in ("hub", "gw-01", "gw-02", *OPERATORS):
         if (keys / f"{name}.key").exists():
             from fieldtwin.protocol.keys import load_private_key
 
@@ -169,11 +207,25 @@ def write_hub_config(
             stale_s=stale_s,
             frozen_s=frozen_s,
             drift_interval_s=drift_interval_s,
+            verify_s=verify_s,
             extra=extra,
         )
     )
     hub_key = pairs.pop("hub")
-    return HubFiles(config, hub_key, pairs, database)
+    operators = {name: pairs.pop(name) for name in OPERATORS}
+    return HubFiles(config, hub_key, pairs, database, operators)
+
+
+def register_operators(broker: Any, files: HubFiles) -> None:
+    """Broker users for the config's operators, with password files next to their keys
+    (where ``fieldtwin cmd --operator NAME -c hub.toml`` looks for them)."""
+    import os
+
+    for name in OPERATORS:
+        password = broker.passwords.get(name) or broker.add_user(name, role="operator")
+        path = files.keys / f"{name}.password"
+        path.write_text(password + "\n")
+        os.chmod(path, 0o600)
 
 
 @dataclass

@@ -10,6 +10,8 @@ faults, truth), so tests never need simulator code: the simulator is a device.
     sim.device("pump-station")["port"]
     sim.inject("dropout", device="field-bus", unit_id=2)
     sim.truth("tank-1.level")["points"]["tank-1.level"]["true"]
+    sim.inject("wrong_value", point="valve-1.position", params={"offset": -20.0, "count": 1})
+    sim.writes("valve-1.position")   # [{"value": written, "result": became, "status", ...}]
     assert sim.stop() == 0, sim.log
 
 ``SimulatorProcess(scenario, speed=..., truth=..., stderr_path=...)`` with ``.start()``
@@ -204,8 +206,21 @@ class SimProcess:
         query = urllib.parse.urlencode([("point", p) for p in points])
         return self.request("GET", "/truth" + (f"?{query}" if query else ""))
 
+    def writes(self, *points: str, since_tick: int | None = None) -> list[dict[str, Any]]:
+        """Client writes the ground truth recorded (every point, or these), oldest first:
+        ``value`` written, ``before``, ``result`` (what the variable became), ``status``
+        (applied, ignored, altered, rejected), ``fault_id``, ``tick``, ``wall_ms``...
+        A write shows from the tick it took effect (a rejected one at once)."""
+        pairs: list[tuple[str, Any]] = [("point", p) for p in points]
+        if since_tick is not None:
+            pairs.append(("since_tick", since_tick))
+        query = urllib.parse.urlencode(pairs)
+        answer = self.request("GET", "/truth/writes" + (f"?{query}" if query else ""))
+        return list(answer["writes"])
+
     def inject(self, kind: str, **target: Any) -> Any:
-        """Start a fault: ``inject("dropout", device="field-bus", unit_id=2)``."""
+        """Start a fault: ``inject("dropout", device="field-bus", unit_id=2)``,
+        ``inject("leak", component="tank-1", params={"cv": 2.0})``."""
         params = target.pop("params", {})
         return self.request("POST", "/faults", {"kind": kind, **target, "params": params})
 

@@ -1,0 +1,389 @@
+"""The hub service in process: operator requests, the command lifecycle, audit.
+
+A real DuckDB store, frames signed by the protocol package (gateways and operators),
+a controllable clock; no broker: the service's answers and downlink frames are the
+``Effects`` it returns, decoded and verified here as an operator or agent would.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.hub_env import GatewaySigner, HubFiles, point, sample, write_hub_config
+
+from fieldtwin.hub.audit import verify_chain
+from fieldtwin.hub.config import load_hub_config
+from fieldtwin.hub.ingest import Inbound
+from fieldtwin.hub.metrics import HubMetrics
+from fieldtwin.hub.service import Effects, HubService
+from fieldtwin.hub.store import TwinStore
+from fieldtwin.protocol.approvals import (
+    approval_digest,
+    check_approvals,
+    command_digest,
+    sign_approval,
+)
+from fieldtwin.protocol.frames import FrameSigner, decode_frame
+from fieldtwin.protocol.keys import KeyRegistry
+from fieldtwin.protocol.messages import Command, CommandResult, OperatorRequest, OperatorResponse
+from fieldtwin.protocol.topics import operator_request_topic, uplink_topic
+
+T0 = 1_800_000_000_000
+
+
+@dataclass
+class Clock:
+    now_ms: int = T0
+
+    def __call__(self) -> float:
+        return self.now_ms / 1000
+
+    def advance(self, ms: int) -> None:
+        self.now_ms += ms
+
+
+@dataclass
+class Rig:
+    files: HubFiles
+    clock: Clock
+    service: HubService
+    gw: GatewaySigner
+    hub_keys: KeyRegistry
+    sent: list[Command] = field(default_factory=list)
+
+    @property
+    def store(self) -> TwinStore:
+        return self.service.store
+
+    def feed(self, *messages: tuple[str, bytes]) -> Effects:
+        batch = [Inbound(t, p, self.clock.now_ms) for t, p in messages]
+        outcome, effects = self.service.ingest_batch(batch)
+        assert outcome.error is None
+        self._collect(effects)
+        return effects
+
+    def ask(self, operator: str, op: str, args: dict[str, Any] | None = None) -> OperatorResponse:
+        body = OperatorRequest(secrets.token_hex(12), self.clock.now_ms + 30_000, op, args or {})
+        payload = FrameSigner(operator, self.files.operator_keys[operator]).encode(
+            1, 1, self.clock.now_ms, body
+        )
+        effects = self.service.handle_request(operator_request_topic(operator), payload)
+        answers = self._collect(effects)
+        assert len(answers) == 1, answers
+        assert answers[0].to == operator
+        return answers[0]
+
+    def ok(self, operator: str, op: str, args: dict[str, Any] | None = None) -> Any:
+        answer = self.ask(operator, op, args)
+        assert answer.ok, (answer.code, answer.error)
+        return answer.result
+
+    def approve(self, operator: str, command_id: str) -> Any:
+        row = self.ok(operator, "cmd.show", {"cmd_id": command_id})
+        digest = bytes.fromhex(row["digest"])
+        approval = sign_approval(operator, self.files.operator_keys[operator], digest)
+        return self.ask(
+            operator,
+            "cmd.approve",
+            {"cmd_id": command_id, "signature": approval.signature, "key_id": approval.key_id},
+        )
+
+    def tick(self, ms: int = 0) -> Effects:
+        self.clock.advance(ms)
+        effects = self.service.command_tick()
+        self._collect(effects)
+        return effects
+
+    def result(self, command: Command, status: str, readback: Any) -> Effects:
+        body = CommandResult(command.cmd_id, status, "", readback, self.clock.now_ms)
+        frame = self.gw.signer.encode(self.gw.epoch, self.gw.next_seq(), self.clock.now_ms, body)
+        return self.feed((uplink_topic("gw-01", "cmd_result"), frame))
+
+    def _collect(self, effects: Effects) -> list[OperatorResponse]:
+        answers = []
+        for item in effects.publish:
+            frame = decode_frame(item.payload, self.hub_keys)
+            if isinstance(frame.body, OperatorResponse):
+                answers.append(frame.body)
+            elif isinstance(frame.body, Command):
+                assert item.topic == "ft/v1/gw-01/down/cmd"
+                self.sent.append(frame.body)
+        return answers
+
+    def audit_actions(self) -> list[str]:
+        return [row[0] for row in self.store.query("SELECT action FROM audit ORDER BY seq")]
+
+
+def _open(files: HubFiles, clock: Clock) -> HubService:
+    config = load_hub_config(files.config)
+    store = TwinStore.open(config.database, memory_limit="256MB", threads=1)
+    return HubService(config, store, instance="test", metrics=HubMetrics(), clock=clock)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    files = write_hub_config(tmp_path)
+    clock = Clock()
+    service = _open(files, clock)
+    gw = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
+    rig = Rig(files, clock, service, gw, KeyRegistry.of({"hub": files.hub_key.public}))
+    rig.feed(
+        gw.birth(
+            [
+                point("pump-1", "speed_sp", "uint16", unit="rpm", writable=True, min=0, max=1800),
+                point("tank-1", "level", unit="m"),
+            ]
+        )
+    )
+    rig.feed(
+        gw.data(
+            [
+                sample("pump-1", "speed_sp", 900, clock.now_ms),
+                sample("tank-1", "level", 2.5, clock.now_ms),
+            ]
+        )
+    )
+    service.sync_cycle(clock.now_ms)
+    yield rig
+    rig.service.close()
+
+
+def samples(rig: Rig, points: dict[str, Any]) -> None:
+    rig.clock.advance(100)
+    rig.feed(
+        rig.gw.data(
+            [
+                sample(*key.split("."), value, rig.clock.now_ms)  # type: ignore[call-arg]
+                for key, value in points.items()
+            ]
+        )
+    )
+
+
+def test_propose_approve_send_verify_with_every_step_audited(rig: Rig) -> None:
+    proposed = rig.ok(
+        "olga",
+        "cmd.propose",
+        {"target": "pump-1.speed_sp", "value": 1200, "reason": "raise inflow"},
+    )
+    command_id = proposed["id"]
+    assert proposed["state"] == "awaiting_approval"
+    assert proposed["checkpoint"]["value"] == 900
+    assert proposed["checkpoint"]["twin_hash"].startswith("sha256:")
+    assert (
+        proposed["digest"]
+        == command_digest(command_id, "gw-01", "pump-1", "speed_sp", 1200, 900).hex()
+    )
+    own = rig.approve("olga", command_id)
+    assert own.code == "forbidden"  # olga is an operator, not an approver
+    assert rig.sent == []
+    approved = rig.approve("piet", command_id)
+    assert approved.ok, approved.error
+    (cmd,) = rig.sent
+    assert (cmd.cmd_id, cmd.entity, cmd.attribute, cmd.value, cmd.restore_value) == (
+        command_id,
+        "pump-1",
+        "speed_sp",
+        1200,
+        900,
+    )
+    assert cmd.approved_by == ("piet",)
+    keys = {"piet": [rig.files.operator_keys["piet"].public]}
+    assert check_approvals(cmd.approvals, keys, approval_digest(cmd)).valid == ("piet",)
+    rig.clock.advance(200)
+    rig.result(cmd, "ok", 1200)
+    assert rig.ok("vic", "cmd.show", {"cmd_id": command_id})["state"] == "executed"
+    rig.clock.advance(300)
+    samples(rig, {"pump-1.speed_sp": 1200})
+    rig.tick()
+    shown = rig.ok("vic", "cmd.show", {"cmd_id": command_id})
+    assert shown["state"] == "verified"
+    assert [e["change"] for e in shown["timeline"]] == [
+        "proposed",
+        "policy_passed",
+        "approval_added",
+        "approved",
+        "sent",
+        "result",
+        "verified",
+    ]
+    assert shown["timeline"][2]["actor"] == "piet"
+    assert shown["timeline"][2]["request"]  # the signed request that authorised it
+    actions = rig.audit_actions()
+    for change in (
+        "proposed",
+        "policy_passed",
+        "approval_added",
+        "approved",
+        "sent",
+        "result",
+        "verified",
+    ):
+        assert f"command_{change}" in actions
+    assert actions.count("operator_request") == 2  # the propose and piet's approval
+    assert "operator_refused" in actions  # olga's attempt is audited too
+    rows = rig.store.query(
+        "SELECT seq, ts_ms, actor, action, subject, detail, prev_hash, hash FROM audit ORDER BY seq"
+    )
+    assert verify_chain(rows).ok
+
+
+def test_interlock_limits_and_roles_refuse_with_reasons(rig: Rig) -> None:
+    samples(rig, {"tank-1.level": 0.2})
+    refused = rig.ok(
+        "olga", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1200, "reason": "r"}
+    )
+    assert refused["state"] == "refused"
+    assert (
+        "interlock pump-needs-water refused: tank-1.level is 0.2 m, needs > 0.3"
+        in refused["outcome"]
+    )
+    dry = rig.ok("vic", "cmd.dry_run", {"target": "pump-1.speed_sp", "value": 2000})
+    assert dry["allowed"] is False
+    assert {c["check"] for c in dry["policy"] if not c["ok"]} == {
+        "limits",
+        "step",
+        "interlock pump-needs-water",
+    }
+    viewer = rig.ask(
+        "vic", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1000, "reason": "r"}
+    )
+    assert (viewer.ok, viewer.code) == (False, "forbidden")
+    typo = rig.ask(
+        "olga", "cmd.propose", {"target": "pump-1.sped_sp", "value": 1000, "reason": "r"}
+    )
+    assert typo.ok
+    assert "did you mean speed_sp" in typo.result["outcome"]
+    missing = rig.ask("olga", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1000})
+    assert (missing.code, missing.error) == ("invalid", "reason is required (non-empty text)")
+
+
+def test_failed_write_is_rolled_back_to_the_checkpoint_under_the_same_approvals(rig: Rig) -> None:
+    command_id = rig.ok(
+        "olga", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1400, "reason": "r"}
+    )["id"]
+    assert rig.approve("piet", command_id).ok
+    (cmd,) = rig.sent
+    rig.result(cmd, "failed", 900)  # the actuator ignored the write
+    rollback = rig.sent[-1]
+    assert rollback.cmd_id == f"{command_id}.rb"
+    assert (rollback.value, rollback.rollback_of, rollback.rollback_from) == (900, command_id, 1400)
+    assert approval_digest(rollback) == approval_digest(cmd)
+    assert rollback.approved_by == ("piet",)
+    rig.result(rollback, "ok", 900)
+    rig.clock.advance(100)
+    samples(rig, {"pump-1.speed_sp": 900})
+    rig.tick()
+    shown = rig.ok("olga", "cmd.show", {"cmd_id": command_id})
+    assert shown["state"] == "rolled_back"
+    assert shown["rollback_id"] == rollback.cmd_id
+    assert "rolled back to 900" in shown["outcome"]
+    changes = [(e["command"], e["change"]) for e in shown["timeline"]]
+    assert (command_id, "failed") in changes
+    assert (rollback.cmd_id, "verified") in changes
+    assert changes[-1] == (command_id, "rolled_back")
+
+
+def test_no_result_and_no_convergence_fails_at_the_deadline(rig: Rig) -> None:
+    command_id = rig.ok(
+        "olga", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1000, "reason": "r"}
+    )["id"]
+    rig.approve("piet", command_id)
+    rig.tick(9_000)
+    assert rig.ok("olga", "cmd.show", {"cmd_id": command_id})["state"] == "sent"
+    samples(rig, {"tank-1.level": 2.5})  # the interlock input stays fresh for the rollback
+    rig.tick(1_400)  # verify_timeout_s = 10 in the test config
+    shown = rig.ok("olga", "cmd.show", {"cmd_id": command_id})
+    assert shown["state"] == "rolling_back"
+    assert (
+        "did not converge within 10 s: reported 900, target 1000 (no result from the gateway)"
+        in shown["outcome"]
+    )
+
+
+def test_an_approval_not_sent_within_its_select_window_expires(rig: Rig) -> None:
+    command_id = rig.ok(
+        "olga", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1000, "reason": "r"}
+    )["id"]
+    rig.feed(rig.gw.death(reason="connection lost"))  # the gateway goes away
+    rig.service.sync_cycle(rig.clock.now_ms)
+    assert rig.approve("piet", command_id).ok
+    assert rig.sent == []  # policy at send time: gateway offline, so it waits
+    rig.tick(29_000)
+    assert rig.ok("olga", "cmd.show", {"cmd_id": command_id})["state"] == "approved"
+    rig.tick(1_500)
+    shown = rig.ok("olga", "cmd.show", {"cmd_id": command_id})
+    assert shown["state"] == "expired"
+    assert "select window of 30 s" in shown["outcome"]
+    assert rig.sent == []
+
+
+def test_replays_unsigned_and_unknown_requests_are_refused_and_audited(rig: Rig) -> None:
+    body = OperatorRequest("x" * 24, rig.clock.now_ms + 30_000, "alarm.list", {})
+    payload = FrameSigner("olga", rig.files.operator_keys["olga"]).encode(
+        1, 1, rig.clock.now_ms, body
+    )
+    topic = operator_request_topic("olga")
+    rig.service.handle_request(topic, payload)
+    effects = rig.service.handle_request(topic, payload)
+    (answer,) = rig._collect(effects)
+    assert (answer.ok, answer.code) == (False, "replay")
+    forged = FrameSigner("olga", rig.files.operator_keys["vic"]).encode(
+        1, 1, rig.clock.now_ms, body
+    )
+    (answer,) = rig._collect(rig.service.handle_request(topic, forged))
+    assert answer.code == "unknown_operator"
+    (answer,) = rig._collect(rig.service.handle_request(topic, b"\x92\xc4\x01x\xc4\x01y"))
+    assert answer.code == "invalid"
+    refusals = rig.store.query(
+        "SELECT actor, json_extract_string(detail, '$.code') FROM audit "
+        "WHERE action = 'operator_refused' ORDER BY seq"
+    )
+    assert refusals == [("olga", "replay"), ("olga", "unknown_operator"), ("olga", "invalid")]
+    assert rig.service.metrics.operator_refused["replay"] == 1
+
+
+def test_a_mutating_request_replayed_after_a_restart_is_refused(rig: Rig, tmp_path: Path) -> None:
+    body = OperatorRequest(
+        "y" * 24,
+        rig.clock.now_ms + 60_000,
+        "cmd.propose",
+        {"target": "pump-1.speed_sp", "value": 1000, "reason": "r"},
+    )
+    payload = FrameSigner("olga", rig.files.operator_keys["olga"]).encode(
+        1, 1, rig.clock.now_ms, body
+    )
+    topic = operator_request_topic("olga")
+    (first,) = rig._collect(rig.service.handle_request(topic, payload))
+    assert first.ok
+    rig.service.close()
+    rig.service = _open(rig.files, rig.clock)
+    (again,) = rig._collect(rig.service.handle_request(topic, payload))
+    assert (again.ok, again.code) == (False, "replay")
+    # the command itself survived the restart, still awaiting approval
+    assert rig.ok("olga", "cmd.list", {"states": ["open"]})[0]["id"] == first.result["id"]
+
+
+def test_alarm_operations_are_signed_and_audited_with_the_verified_identity(rig: Rig) -> None:
+    samples(rig, {"tank-1.level": 4.8})
+    for _ in range(3):
+        rig.clock.advance(1500)
+        rig.service.sync_cycle(rig.clock.now_ms)
+        samples(rig, {"tank-1.level": 4.8})
+    alarms = rig.ok("vic", "alarm.list", {"states": ["active"]})
+    (alarm,) = [a for a in alarms if a["rule"] == "threshold"]
+    denied = rig.ask("vic", "alarm.ack", {"alarm_id": alarm["id"], "reason": "seen"})
+    assert denied.code == "forbidden"
+    acked = rig.ok("olga", "alarm.ack", {"alarm_id": alarm["id"], "reason": "seen it"})
+    assert (acked["state"], acked["acked_by"]) == ("acknowledged", "olga")
+    detail = rig.store.query(
+        "SELECT actor, json_extract_string(detail, '$.reason'), "
+        "json_extract_string(detail, '$.request') FROM audit WHERE action = 'alarm_acknowledged'"
+    )
+    assert detail[0][:2] == ("olga", "seen it")
+    assert detail[0][2]
