@@ -25,6 +25,7 @@ from fieldtwin.hub.broker import (
     registry_users,
     users_from_hub_config,
 )
+from fieldtwin.hub.config import load_hub_config
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDTWIN = [sys.executable, "-m", "fieldtwin.protocol.cli"]
@@ -132,7 +133,13 @@ def test_cli_generates_from_a_hub_config(tmp_path: Path) -> None:
     assert "alice" in result.stdout
     for name in ("hub", "gw-01", "gw-02", "alice"):
         assert (out / "passwords" / f"{name}.password").stat().st_mode & 0o777 == 0o600
-    assert users_from_hub_config(files.config)[0] == registry_users(["gw-01", "gw-02"], ["alice"])
+    config = load_hub_config(files.config)
+    assert "alice" in config.operators
+    assert users_from_hub_config(files.config)[0] == registry_users(
+        config.gateways, config.operators
+    )
+    for name in ("hub", *config.gateways, *config.operators):
+        assert (out / "passwords" / f"{name}.password").exists()
     # a second run keeps every password and says so
     again = subprocess.run(
         [*FIELDTWIN, "broker", "config", "-c", str(files.config), "--out", str(out)],
