@@ -2,7 +2,8 @@
 
 Session behaviour (docs/protocol.md, "Session behaviour"; docs/agent.md, "Uplink"):
 
-* The client id is ``ft-agent-{gateway}``, the username the gateway id, QoS 1.
+* The client id and the username are the gateway id (a site broker binds the client id
+  to the username: ``use_username_as_clientid``), QoS 1.
 * Before connecting, the birth's seq is reserved (persisted) so the MQTT will can be a
   signed ``death`` naming it. That seq names the connection (the session): rebirths
   within it take fresh seqs but carry it as ``session``, and the shutdown death names
@@ -161,7 +162,7 @@ class Uplink:
         self.on_command = on_command
         self.backlog_rate = backlog_samples_per_s
         self.ack_timeout_s = ack_timeout_s
-        self.client_id = client_id or f"ft-agent-{gateway}"
+        self.client_id = client_id or gateway
         self.stats = UplinkStats()
         self.device_states = device_states or (lambda: ())
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else broker.heartbeat_s

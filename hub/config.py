@@ -297,7 +297,9 @@ class BrokerConfig:
     tls: bool = False
     username: str = "hub"
     password: str | None = None
-    client_id: str = "ft-hub"
+    client_id: str = "hub"
+    """Defaults to the username: a site broker (``fieldtwin broker config``) binds the
+    client id to the username anyway (``use_username_as_clientid``)."""
     keepalive_s: int = 15
 
     @property
@@ -479,13 +481,14 @@ def _broker(section: Section) -> BrokerConfig:
         raise section.error("password_file", "give either password or password_file, not both")
     if section.has("password_file"):
         password = section.secret_file("password_file")
+    username = section.text("username", "hub")
     config = BrokerConfig(
         host=host,
         port=port,
         tls=tls,
-        username=section.text("username", "hub"),
+        username=username,
         password=password,
-        client_id=section.text("client_id", "ft-hub"),
+        client_id=section.text("client_id", username),
         keepalive_s=section.integer("keepalive_s", 15, min=5, max=3600),
     )
     section.finish()

@@ -26,6 +26,7 @@ class HubMetrics:
     points_stored: int = 0
     batches: int = 0
     store_errors: int = 0
+    store_recoveries: int = 0
     acks_sent: int = 0
     rebirths_sent: Counter[str] = field(default_factory=Counter)
     alarms_published: int = 0
@@ -125,6 +126,13 @@ def render(
         "counter",
         "Ingest batches the twin store failed to write (not acknowledged; senders resend).",
         [("", metrics.store_errors)],
+    )
+    family(
+        "fieldtwin_hub_store_recoveries_total",
+        "counter",
+        "Starts that found the store's write-ahead log damaged and opened it from its last "
+        "checkpoint (audited as store_wal_damaged; history after that checkpoint is missing).",
+        [("", metrics.store_recoveries)],
     )
     family(
         "fieldtwin_hub_acks_sent_total", "counter", "Ack frames sent.", [("", metrics.acks_sent)]

@@ -21,7 +21,7 @@ the database falls behind, the MQTT reader waits for room instead of reading on,
 broker keeps the rest (QoS 1) and memory stays bounded; each pause is counted
 (``fieldtwin_hub_ingest_paused_total``) and logged at most once a minute.
 
-Session behaviour (docs/protocol.md): username ``hub``, client id ``ft-hub``, QoS 1,
+Session behaviour (docs/protocol.md): username and client id ``hub``, QoS 1,
 persistent session (so the broker queues uplink while the hub restarts), a retained
 signed ``hub_state`` frame (online, naming the connection's session) on
 ``ft/v1/hub/state`` after subscribing, and a signed offline state naming that session as

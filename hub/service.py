@@ -231,9 +231,11 @@ class HubService:
                         "operators": sorted(config.operators),
                         "hub_epoch": epoch,
                     },
-                )
+                ),
+                *store.recovery_events(now),  # a damaged WAL was set aside (store.py)
             ]
         )
+        metrics.store_recoveries += store.recovery is not None
         store.sync_declared(
             declared, relationships, {"twin_id": config.twin_id, "domain": config.domain}, records
         )

@@ -25,12 +25,23 @@ covers, last drift check), ``audit`` (hash-chained), ``alarms``,
 A DuckDB file is locked by the process that opens it for writing. Readers such as
 ``fieldtwin twin`` therefore ask a running hub over its loopback API and open the
 file (read-only) only when no hub holds it.
+
+A damaged write-ahead log (a torn disk, a bad sector, a file mangled by hand) would
+make every start fail, and systemd would restart the hub into the same failure. So a
+writing ``open`` that fails while replaying the WAL moves the WAL aside
+(``hub.duckdb.wal.damaged-<ms>``, kept for inspection), opens the file as of its last
+checkpoint, and reports it in ``TwinStore.recovery``; the hub turns that into an
+audit record, an error log line and a metric (docs/reliability.md). What the WAL
+held after the checkpoint is gone from the hub; the gateways' births restore the
+current state, and history has a hole for that stretch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +51,7 @@ from typing import Any
 
 import duckdb
 
-from fieldtwin.hub.audit import GENESIS_HASH, AuditRecord
+from fieldtwin.hub.audit import GENESIS_HASH, AuditEvent, AuditRecord
 from fieldtwin.hub.errors import StoreError, StoreLocked, StoreSchemaError
 from fieldtwin.hub.state import (
     CurrentValue,
@@ -52,7 +63,10 @@ from fieldtwin.hub.state import (
     encode_columns,
 )
 from fieldtwin.protocol.errors import StaleEpoch
+from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.tracker import DeliveryTracker
+
+log = logging.getLogger("fieldtwin.hub.store")
 
 SCHEMA_VERSION = 3
 
@@ -224,6 +238,30 @@ def _value_text(value: Any) -> str:
     return json.dumps(value)
 
 
+@dataclass(frozen=True, slots=True)
+class StoreRecovery:
+    """The store was opened from its last checkpoint because its WAL was damaged."""
+
+    wal: Path
+    moved_to: Path
+    wal_bytes: int
+    error: str
+    checkpoint_ms: int | None
+    """When the last checkpoint was written (the WAL's stretch starts there), if known."""
+
+    def describe(self) -> str:
+        return (
+            f"the write-ahead log {self.wal} was damaged ({self.error}); the store was opened "
+            f"from its last checkpoint and the damaged log ({self.wal_bytes} bytes) kept as "
+            f"{self.moved_to}: frames stored after that checkpoint are missing from history"
+        )
+
+
+def _is_wal_damage(exc: BaseException) -> bool:
+    text = str(exc)
+    return "replaying WAL" in text or "Corrupt WAL" in text
+
+
 class TwinStore:
     """A DuckDB connection with the twin's schema; one instance per process."""
 
@@ -231,6 +269,7 @@ class TwinStore:
         self.con = con
         self.path = path
         self.read_only = read_only
+        self.recovery: StoreRecovery | None = None
 
     # -- opening ---------------------------------------------------------------------
 
@@ -245,19 +284,27 @@ class TwinStore:
     ) -> TwinStore:
         if read_only and not path.exists():
             raise StoreError(f"{path} does not exist; has this hub ever run?")
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": memory_limit,
+            "threads": threads,
+        }
+        recovery: StoreRecovery | None = None
         try:
             if not read_only:
                 path.parent.mkdir(parents=True, exist_ok=True)
-            con = duckdb.connect(
-                str(path),
-                read_only=read_only,
-                config={"memory_limit": memory_limit, "threads": threads},
-            )
+            try:
+                con = duckdb.connect(str(path), read_only=read_only, config=config)
+            except duckdb.Error as exc:
+                if read_only or not _is_wal_damage(exc):
+                    raise
+                recovery = _set_wal_aside(path, exc)
+                con = duckdb.connect(str(path), read_only=False, config=config)
         except duckdb.Error as exc:
             raise _error(exc, path, "cannot open") from None
         except OSError as exc:
             raise StoreError(f"cannot open {path}: {exc}") from None
         store = cls(con, path, read_only)
+        store.recovery = recovery
         try:
             if read_only:
                 store._check_version()
@@ -267,6 +314,27 @@ class TwinStore:
             con.close()
             raise
         return store
+
+    def recovery_events(self, now_ms: int) -> list[AuditEvent]:
+        """The audit record of a recovery at open (none when the open was clean)."""
+        recovery = self.recovery
+        if recovery is None:
+            return []
+        return [
+            AuditEvent(
+                now_ms,
+                "hub",
+                "store_wal_damaged",
+                str(self.path),
+                {
+                    "moved_to": str(recovery.moved_to),
+                    "wal_bytes": recovery.wal_bytes,
+                    "checkpoint_ms": recovery.checkpoint_ms,
+                    "error": recovery.error,
+                    "description": recovery.describe(),
+                },
+            )
+        ]
 
     def close(self) -> None:
         try:
@@ -882,6 +950,33 @@ ORDER BY entity, attribute
 """
 """Current state = the ``current`` table plus the frames journaled after its last flush,
 decided by the same last-writer-wins order as live ingest."""
+
+
+def _set_wal_aside(path: Path, exc: BaseException) -> StoreRecovery:
+    """Move a WAL that DuckDB cannot replay out of the way, keeping it for inspection."""
+    wal = path.with_name(path.name + ".wal")
+    if not wal.exists():
+        raise exc
+    moved = wal.with_name(f"{wal.name}.damaged-{int(time.time() * 1000)}")
+    size = wal.stat().st_size
+    checkpoint_ms: int | None = None
+    with contextlib.suppress(OSError):
+        checkpoint_ms = int(path.stat().st_mtime * 1000)
+    os.replace(wal, moved)
+    error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    recovery = StoreRecovery(wal, moved, size, error, checkpoint_ms)
+    log.error(
+        "twin store opened from its last checkpoint: the WAL was damaged",
+        extra=fields(
+            alarm="store_wal_damaged",
+            path=path,
+            moved_to=moved,
+            wal_bytes=size,
+            checkpoint_ms=checkpoint_ms,
+            error=error,
+        ),
+    )
+    return recovery
 
 
 def _current_columns(rows: dict[Key, CurrentValue]) -> list[list[Any]]:

@@ -1,8 +1,16 @@
-"""A real Mosquitto broker for tests, run with the project's own ACL and passwords.
+"""A real Mosquitto broker for tests, configured by ``fieldtwin broker config``'s generator.
 
-The broker listens on a free loopback port and can be stopped and restarted on the
-same port (to test reconnects and buffering). Users are added with ``add_user``; the
-broker reloads its password file on SIGHUP, so users can be added while it runs.
+The config, ACL and password file are exactly what ``fieldtwin.hub.broker.generate``
+writes for a site (docs/broker.md), from a registry of users that tests extend with
+``add_user``: ``hub``, gateways, and operators (``add_user(name, role="operator")``).
+The broker reloads its password and ACL files on SIGHUP, so users can be added while it
+runs. Options differ from a site's only where a test needs it: a free loopback port,
+no persistence, a log file, ``user root`` when the tests run as root (Mosquitto would
+drop to its own user, which cannot enter a private temp folder), and — for the broker
+shared by a test module — client ids not bound to usernames (``bind_client_ids=False``),
+because those modules run several hubs and hub stand-ins, each with its own client id
+and persistent session, against one broker. Brokers built with ``site=True`` (the broker
+hardening tests, the chaos test) keep that binding, as a site does.
 """
 
 from __future__ import annotations
@@ -16,10 +24,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from fieldtwin.hub.broker import BrokerFiles, BrokerOptions, BrokerUser, generate, registry_users
 from support.tls import TlsFiles
-
-ROOT = Path(__file__).resolve().parents[2]
-ACL_TEMPLATE = ROOT / "examples" / "mosquitto" / "fieldtwin.acl"
 
 
 def find_mosquitto() -> str:
@@ -33,13 +39,6 @@ def find_mosquitto() -> str:
     raise RuntimeError("mosquitto is not installed; run .ci/run or 'apt-get install mosquitto'")
 
 
-def find_mosquitto_passwd() -> str:
-    for candidate in (shutil.which("mosquitto_passwd"), "/usr/bin/mosquitto_passwd"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise RuntimeError("mosquitto_passwd is not installed (package mosquitto)")
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -50,41 +49,102 @@ def free_port() -> int:
 class MosquittoBroker:
     """One broker process; ``url`` is ``mqtt://127.0.0.1:PORT``."""
 
-    def __init__(self, workdir: Path, port: int | None = None, tls: TlsFiles | None = None) -> None:
-        """With ``tls``, a second listener on ``tls_port`` speaks MQTT over TLS."""
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        tls: bool = False,
+        *,
+        site: bool = False,
+        require_client_certs: bool = True,
+        max_frame_bytes: int | None = None,
+        gateways: tuple[str, ...] = (),
+        operators: tuple[str, ...] = (),
+    ) -> None:
+        """With ``tls``, a second listener on ``tls_port`` speaks MQTT over TLS with the
+        generator's CA (``tls_files``); ``site`` binds client ids to usernames."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.host = "127.0.0.1"
-        self.passwd_file = workdir / "passwd"
-        self.acl_file = workdir / "fieldtwin.acl"
-        self.conf_file = workdir / "mosquitto.conf"
-        self.log_file = workdir / "mosquitto.log"
-        self.passwords: dict[str, str] = {}
-        self._process: subprocess.Popen[bytes] | None = None
-        shutil.copyfile(ACL_TEMPLATE, self.acl_file)
-        self.passwd_file.write_text("")
-        # Started as root, mosquitto drops to user "mosquitto", which cannot read a
-        # private temp folder; telling it to stay root keeps CI containers working.
-        run_as = "user root\n" if os.geteuid() == 0 else ""
         self.tls_port = free_port() if tls else None
-        tls_listener = (
-            f"listener {self.tls_port} 127.0.0.1\n"
-            f"cafile {tls.ca_file}\ncertfile {tls.cert_file}\nkeyfile {tls.key_file}\n"
-            if tls
-            else ""
+        self.log_file = workdir / "mosquitto.log"
+        self.options = BrokerOptions(
+            port=self.port,
+            bind=self.host,
+            tls=tls,
+            tls_port=self.tls_port or 8883,
+            tls_bind=self.host,
+            require_client_certs=require_client_certs,
+            persistence_dir=None,
+            log_file=self.log_file,
+            run_as="root" if os.geteuid() == 0 else None,
+            bind_client_ids=site,
         )
-        self.conf_file.write_text(
-            run_as + "per_listener_settings false\n"
-            "allow_anonymous false\n"
-            f"password_file {self.passwd_file}\n"
-            f"acl_file {self.acl_file}\n"
-            f"listener {self.port} 127.0.0.1\n" + tls_listener + "persistence false\n"
-            "max_inflight_messages 100\n"
-            "max_queued_messages 100000\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
-            f"log_dest file {self.log_file}\n"
+        if max_frame_bytes is not None:
+            self.options.max_frame_bytes = max_frame_bytes
+        self.roles: dict[str, str] = dict.fromkeys(gateways, "gateway")
+        self.roles.update(dict.fromkeys(operators, "operator"))
+        self._process: subprocess.Popen[bytes] | None = None
+        self.files: BrokerFiles = self._generate()
+
+    # -- the generated files ----------------------------------------------------------------
+
+    def _users(self) -> list[BrokerUser]:
+        return registry_users(
+            [n for n, r in self.roles.items() if r == "gateway"],
+            [n for n, r in self.roles.items() if r == "operator"],
         )
+
+    def _generate(self) -> BrokerFiles:
+        return generate(self.workdir, self._users(), self.options)
+
+    @property
+    def conf_file(self) -> Path:
+        return self.files.conf
+
+    @property
+    def acl_file(self) -> Path:
+        return self.files.acl
+
+    @property
+    def passwd_file(self) -> Path:
+        return self.files.passwd
+
+    @property
+    def passwords(self) -> dict[str, str]:
+        return self.files.passwords
+
+    @property
+    def tls_files(self) -> TlsFiles:
+        files = self.files
+        assert files.ca_cert is not None, "no TLS listener"
+        assert files.server_cert is not None
+        assert files.server_key is not None
+        return TlsFiles(files.ca_cert, files.server_cert, files.server_key)
+
+    def client_cert(self, user: str) -> tuple[Path, Path]:
+        """(certificate, key) the generator issued for ``user``."""
+        return self.files.client_certs[user]
+
+    def add_user(self, username: str, password: str | None = None, role: str | None = None) -> str:
+        """Register a user (gateway unless ``role``; ``hub`` is always there); returns
+        its password. The files are generated again and a running broker reloads them."""
+        if username != "hub":
+            self.roles[username] = role or self.roles.get(username, "gateway")
+        if password is not None:
+            secret = self.workdir / "passwords" / f"{username}.password"
+            secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            secret.write_text(password + "\n")
+            secret.chmod(0o600)
+        self.files = self._generate()
+        if self.running:
+            assert self._process is not None
+            self._process.send_signal(signal.SIGHUP)
+            time.sleep(0.2)  # let the broker reload before the caller connects
+        return self.passwords[username]
+
+    # -- the process -----------------------------------------------------------------------
 
     @property
     def url(self) -> str:
@@ -99,21 +159,9 @@ class MosquittoBroker:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def add_user(self, username: str, password: str | None = None) -> str:
-        """Create (or reset) a user; returns its password."""
-        password = password or f"pw-{username}-{os.urandom(4).hex()}"
-        subprocess.run(
-            [find_mosquitto_passwd(), "-b", str(self.passwd_file), username, password],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        self.passwords[username] = password
-        if self.running:
-            assert self._process is not None
-            self._process.send_signal(signal.SIGHUP)
-            time.sleep(0.2)  # let the broker reload before the caller connects
-        return password
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def start(self, timeout: float = 10.0) -> None:
         if self.running:

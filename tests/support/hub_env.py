@@ -236,7 +236,7 @@ def register_operators(broker: Any, files: HubFiles) -> None:
     import os
 
     for name in OPERATORS:
-        password = broker.passwords.get(name) or broker.add_user(name)
+        password = broker.passwords.get(name) or broker.add_user(name, role="operator")
         path = files.keys / f"{name}.password"
         path.write_text(password + "\n")
         os.chmod(path, 0o600)
