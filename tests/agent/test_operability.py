@@ -226,7 +226,7 @@ async def test_two_agents_with_one_gateway_id_are_told_why_they_flap(
         record = next(r for r in caplog.records if "same gateway id" in r.getMessage())
         extra = record.ft_fields  # type: ignore[attr-defined]
         assert extra["alarm"] == "gateway_id_conflict"
-        assert extra["client_id"] == f"ft-agent-{env.gateway}"
+        assert extra["client_id"] == env.gateway
         assert env.gateway in extra["fix"]
         flagged = [a for a in (one, two) if a.status({})["gateway_id_conflict_suspected"]]
         assert flagged

@@ -62,8 +62,10 @@ async def plant(
     keys = state / "keys"
     keys.mkdir()
     (keys / "hub.password").write_text(broker.passwords["hub"])
-    for user in ("gw-pumps", "gw-field", "gw-boiler", "alice", "bob", "vic"):
+    for user in ("gw-pumps", "gw-field", "gw-boiler"):
         (keys / f"{user}.password").write_text(broker.add_user(user))
+    for user in ("alice", "bob", "vic"):
+        (keys / f"{user}.password").write_text(broker.add_user(user, role="operator"))
     plant = Plant(
         PlantOptions(state_dir=state, broker_url=broker.url, speed=2.0, hub_overrides=HUB_OVERRIDES)
     )

@@ -155,7 +155,10 @@ async def test_a_20000_point_gateway_reaches_the_twin(
                     for k in range(REGISTERS)
                 }
                 assert len(ticks) <= 16, (device, sorted(ticks)[:20])
-            assert sum(hub.metrics.frames_rejected.values()) == 0, hub.metrics.frames_rejected
+            # A loaded machine may make the agent resend a frame whose ack was late; the hub
+            # drops that copy as a replay, which is recovery working. Anything else is a bug.
+            rejected = {k: n for k, n in hub.metrics.frames_rejected.items() if k != "replay"}
+            assert rejected == {}, hub.metrics.frames_rejected
             assert await hub.db(hub.service.ingest.tracker.gaps, "gw-01") == []
             print(
                 f"\n{POINTS} points: {stats.births} birth(s) in {stats.birth_parts} parts of at "
