@@ -2,7 +2,8 @@
 
 Two agents configured with one gateway id log in with the same MQTT client id (the
 gateway id, which is also its MQTT username). The broker keeps one connection per client
-id and closes the older one whenever the other connects, so both agents flap: connect, birth, kicked off,
+id and closes the older one whenever the other connects, so both agents flap: connect,
+birth, kicked off,
 reconnect after the backoff, kick the other off... Over MQTT 3.1.1 the kicked client
 is just disconnected, without a reason. What the agent can observe:
 
