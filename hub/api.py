@@ -30,7 +30,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,10 @@ class ApiServer:
             ("/api/audit/verify", self._audit_verify),
             ("/api/commands", self._commands),
             ("/api/commands/{command_id}", self._command),
+            ("/api/predict", self._predict),
+            ("/api/simulate", self._simulate),
+            ("/api/models", self._models),
+            ("/api/risk", self._risk),
         ]
         for path, handler in routes:
             app.router.add_get(path, handler)
@@ -235,6 +239,46 @@ class ApiServer:
 
     async def _command(self, request: web.Request) -> web.Response:
         return _json(await self.call(self.service.command_show, request.match_info["command_id"]))
+
+    async def _predict(self, request: web.Request) -> web.Response:
+        q = request.query
+        target = q.get("target")
+        if not target:
+            raise QueryError("predict needs target=ENTITY.ATTRIBUTE")
+        return _json(
+            await self.call(self.service.predict, target, q.get("horizon", ""), q.get("at", ""))
+        )
+
+    async def _simulate(self, request: web.Request) -> web.Response:
+        q = request.query
+        sets = parse_sets(q.getall("set", []))
+        return _json(await self.call(self.service.simulate, sets, q.get("horizon", "")))
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return _json(await self.call(self.service.model_list))
+
+    async def _risk(self, request: web.Request) -> web.Response:
+        return _json(await self.call(self.service.risk))
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, float]:
+    """``ENTITY.ATTRIBUTE=VALUE`` items (what-if inputs) as a mapping; QueryError if bad."""
+    out: dict[str, float] = {}
+    for item in items:
+        point, eq, raw = item.partition("=")
+        if not eq or "." not in point:
+            raise QueryError(
+                f"{item!r}: expected ENTITY.ATTRIBUTE=VALUE, e.g. pump-1.speed_sp=1200"
+            )
+        text = raw.strip().lower()
+        try:
+            value = {"true": 1.0, "false": 0.0}.get(text)
+            out[point.strip()] = value if value is not None else float(text)
+        except ValueError:
+            raise QueryError(f"{item!r}: {raw!r} is not a number (or true/false)") from None
+    if not out:
+        raise QueryError("give at least one set=ENTITY.ATTRIBUTE=VALUE")
+    return out
 
 
 def _int_param(query: Mapping[str, str], name: str, default: int) -> int:

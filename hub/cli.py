@@ -68,7 +68,7 @@ def register_hub(subparsers: Any) -> None:
 def register_twin(subparsers: Any) -> None:
     twin = subparsers.add_parser(
         "twin",
-        help="query the twin: show, query, history, diff, export, alarms, status",
+        help="query the twin: show, query, history, diff, export, alarms, predict, simulate",
         description=(
             "Read the twin of a hub (-c FILE) or of the demo (--state-dir DIR). While the "
             "hub runs, the query goes through its loopback API; otherwise the database "
@@ -166,6 +166,52 @@ def register_twin(subparsers: Any) -> None:
     _add_source(alarms)
     add_identity(alarms)
     alarms.set_defaults(func=_twin_alarms)
+
+    predict = actions.add_parser(
+        "predict",
+        help="forecast an attribute with 80/95 % intervals and the limits it may cross",
+        description=(
+            "Forecast ENTITY.ATTRIBUTE from its learned model (docs/prediction.md): the "
+            "expected value with 80 % and 95 % intervals, and when it is likely to cross "
+            "each threshold. --at TIME forecasts from a past time with a model fitted only "
+            "on history before it, and compares the forecast with what devices reported."
+        ),
+    )
+    predict.add_argument("target", help="ENTITY.ATTRIBUTE, e.g. tank-1.level")
+    predict.add_argument("--horizon", default="", help="how far ahead, e.g. 10m (default: config)")
+    predict.add_argument("--at", default="", help="forecast from this past time and compare")
+    _add_source(predict)
+    predict.set_defaults(func=_twin_predict)
+
+    simulate = actions.add_parser(
+        "simulate",
+        help="what-if: predicted effect of holding values, without touching any device",
+        description=(
+            "Hold each --set ENTITY.ATTRIBUTE=VALUE from now and run the learned models: "
+            "the predicted trajectories of the attributes they influence, the thresholds "
+            "they would cross, and (live hub) the interlock verdict a command would get. "
+            "Nothing is sent to any device."
+        ),
+    )
+    simulate.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        required=True,
+        metavar="ENTITY.ATTRIBUTE=VALUE",
+        help="a value to hold (repeatable), e.g. pump-1.speed_sp=1200",
+    )
+    simulate.add_argument("--horizon", default="", help="how far ahead, e.g. 10m")
+    _add_source(simulate)
+    simulate.set_defaults(func=_twin_simulate)
+
+    models = actions.add_parser(
+        "models",
+        help="the learned models with their fit quality",
+        description="Every model the hub fitted: structure, dead time, R², σ, samples, when.",
+    )
+    _add_source(models)
+    models.set_defaults(func=_twin_models)
 
     status = actions.add_parser(
         "status", help="hub and gateway link status", description="Hub status and gateway links."
@@ -557,6 +603,143 @@ def operator_call(args: argparse.Namespace, op: str, request: dict[str, Any]) ->
     except OperatorError as exc:
         print(f"fieldtwin: refused ({exc.code}): {exc}", file=sys.stderr)
         return None
+
+
+def _number(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}{(' ' + unit) if unit else ''}"
+
+
+def _band(pair: Any) -> str:
+    return f"{pair[0]:.4g} … {pair[1]:.4g}"
+
+
+def _forecast_lines(result: Any, unit: str, compare: bool = False) -> list[str]:
+    from fieldtwin.hub.render import render_table
+
+    headers = ["in", "time", "expected", "80 %", "95 %"] + (["reported"] if compare else [])
+    rows = []
+    for row in result:
+        line = [
+            f"{row['in_s']:g} s" if row["in_s"] < 90 else f"{row['in_s'] / 60:.3g} min",
+            row["ts"],
+            _number(row["mean"], unit),
+            _band(row["p80"]),
+            _band(row["p95"]),
+        ]
+        if compare:
+            line.append(_number(row.get("actual"), unit))
+        rows.append(line)
+    return render_table(headers, rows).rstrip("\n").split("\n")
+
+
+def _twin_predict(args: argparse.Namespace) -> int:
+    def action(reader: Any, config: Any) -> int:
+        result = reader.predict(args.target, args.horizon, args.at)
+
+        def table() -> str:
+            unit = result.get("unit", "")
+            model = result.get("model") or {}
+            lines = [
+                f"{result['point']} = {_number(result['current'], unit)} at {result['from']}; "
+                f"forecast {result['horizon_s'] / 60:g} min ahead",
+                f"model: {model.get('description') or model.get('error') or 'none'}"
+                + (f" (fitted {model['fitted']})" if model.get("fitted") else ""),
+            ]
+            comparison = result.get("comparison")
+            lines += _forecast_lines(
+                result["forecast"] if not comparison else comparison.get("rows", []),
+                unit,
+                bool(comparison),
+            )
+            crossings = result.get("crossings") or []
+            lines.append("limits:" if crossings else "limits: none likely within the horizon")
+            lines += [f"  {c['text']}" for c in crossings]
+            if comparison:
+                if "error" in comparison:
+                    lines.append(f"comparison: {comparison['error']}")
+                else:
+                    lines.append(
+                        f"compared with {comparison['samples']} reported steps until "
+                        f"{comparison['until']}: MAE {_number(comparison['mae'], unit)} "
+                        f"(last value held: {_number(comparison['naive_mae'], unit)}), "
+                        f"inside 80 %: {comparison['coverage_80']:.0%}, "
+                        f"inside 95 %: {comparison['coverage_95']:.0%}"
+                    )
+            return "\n".join(lines) + "\n"
+
+        _emit(args, result, table)
+        return EXIT_OK
+
+    return _with_reader(args, action)
+
+
+def _twin_simulate(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.api import parse_sets
+
+    def action(reader: Any, config: Any) -> int:
+        result = reader.simulate(parse_sets(args.sets), args.horizon)
+
+        def table() -> str:
+            sets = ", ".join(f"{k} = {v:g}" for k, v in result["set"].items())
+            lines = [
+                f"what if {sets} from {result['from']} "
+                f"({result['horizon_s'] / 60:g} min; nothing is sent to any device)"
+            ]
+            for point, verdict in (result.get("policy") or {}).items():
+                word = "ALLOWED" if verdict["allowed"] else "REFUSED"
+                lines.append(f"command {point}: {word}: {verdict['summary']}")
+            if not result.get("policy"):
+                lines.append("interlock verdict: only from a running hub (live freshness)")
+            for effect in result["effects"]:
+                if "error" in effect:
+                    lines.append(f"{effect['point']}: no prediction ({effect['error']})")
+                    continue
+                unit = effect.get("unit", "")
+                lines.append(
+                    f"{effect['point']}: now {_number(effect['current'], unit)}, expected "
+                    f"{_number(effect['expected'], unit)} (95 % {_band(effect['p95'])}); "
+                    f"without the change {_number(effect['without_change'], unit)}"
+                )
+                lines += ["  " + line for line in _forecast_lines(effect["forecast"], unit)]
+                for crossing in effect["crossings"]:
+                    lines.append(f"  would cross: {crossing['text']}")
+            return "\n".join(lines) + "\n"
+
+        _emit(args, result, table)
+        return EXIT_OK
+
+    return _with_reader(args, action)
+
+
+def _twin_models(args: argparse.Namespace) -> int:
+    from fieldtwin.hub.render import render_table
+
+    def action(reader: Any, config: Any) -> int:
+        rows = reader.models()
+
+        def table() -> str:
+            body = [
+                [
+                    r.get("target"),
+                    r.get("structure", "-"),
+                    ", ".join(r.get("inputs") or []) or "-",
+                    r.get("r2"),
+                    r.get("sigma"),
+                    r.get("samples"),
+                    r.get("fitted") or r.get("error"),
+                ]
+                for r in rows
+            ]
+            return render_table(
+                ["target", "structure", "inputs", "R²", "σ", "samples", "fitted / why not"], body
+            )
+
+        _emit(args, rows, table)
+        return EXIT_OK
+
+    return _with_reader(args, action)
 
 
 def _twin_status(args: argparse.Namespace) -> int:

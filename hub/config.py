@@ -37,6 +37,7 @@ DRIFT_RULES = (
     "structural.wrong_gateway",
     "semantic.rate",
     "semantic.frozen",
+    "semantic.model",
 )
 """Every check the drift engine runs; reconciliation rules match these ids."""
 
@@ -51,6 +52,7 @@ DEFAULT_SEVERITY = {
     "structural.wrong_gateway": "warning",
     "semantic.rate": "warning",
     "semantic.frozen": "warning",
+    "semantic.model": "warning",
 }
 
 Scalar = bool | int | float | str
@@ -291,6 +293,42 @@ class IngestConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Influence:
+    """``target`` is driven by ``inputs`` (all ``(entity, attribute)``): the structure
+    the hub's learned model of ``target`` is given; its coefficients are fitted."""
+
+    target: tuple[str, str]
+    inputs: tuple[tuple[str, str], ...]
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionConfig:
+    """``[prediction]`` and ``[[influences]]``: learned dynamics (docs/prediction.md)."""
+
+    enabled: bool = True
+    step_s: float = 1.0
+    """Grid the models run on: history is resampled (zero-order hold) to this step."""
+    history_s: float = 6 * 3600.0
+    """How much history a fit uses (the newest part of it)."""
+    refit_s: float = 600.0
+    horizon_s: float = 600.0
+    """Default forecast horizon, and the horizon of the forecasted risk."""
+    residual_window_s: float = 60.0
+    residual_k: float = 4.0
+    residual_hold_s: float = 20.0
+    min_r2: float = 0.5
+    """A model that explains less than this at its horizon raises no model drift."""
+    influences: tuple[Influence, ...] = ()
+
+    def inputs_of(self, entity: str, attribute: str) -> tuple[tuple[str, str], ...] | None:
+        for influence in self.influences:
+            if influence.target == (entity, attribute):
+                return influence.inputs
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 1883
@@ -361,6 +399,7 @@ class HubConfig:
     ingest: IngestConfig
     reconciliation: ReconciliationConfig
     operators: Mapping[str, OperatorSpec] = field(default_factory=dict)
+    prediction: PredictionConfig = PredictionConfig()
 
     @property
     def state_dir(self) -> Path:
@@ -437,6 +476,7 @@ def load_hub_config(path: Path | str) -> HubConfig:
     ingest = _ingest(root.section("ingest"))
     reconciliation = _reconciliation(root.section("reconciliation"))
     operators = _operators(root, gateways)
+    prediction = _prediction(root, types, entities)
     root.finish()
     return HubConfig(
         file=file,
@@ -461,6 +501,7 @@ def load_hub_config(path: Path | str) -> HubConfig:
         ingest=ingest,
         reconciliation=reconciliation,
         operators=operators,
+        prediction=prediction,
     )
 
 
@@ -890,6 +931,54 @@ def _operators(root: Section, gateways: Mapping[str, GatewaySpec]) -> dict[str, 
         )
         section.finish()
     return operators
+
+
+def _prediction(
+    root: Section, types: Mapping[str, EntityType], entities: Mapping[str, EntitySpec]
+) -> PredictionConfig:
+    section = root.section("prediction")
+    settings = PredictionConfig(
+        enabled=section.flag("enabled", True),
+        step_s=section.number("step_s", 1.0, min=0.05, max=3600),
+        history_s=section.number("history_s", 6 * 3600.0, min=60, max=90 * 86_400),
+        refit_s=section.number("refit_s", 600.0, min=1.0, max=7 * 86_400),
+        horizon_s=section.number("horizon_s", 600.0, min=1.0, max=7 * 86_400),
+        residual_window_s=section.number("residual_window_s", 60.0, min=0.1, max=86_400),
+        residual_k=section.number("residual_k", 4.0, min=1.0, max=100.0),
+        residual_hold_s=section.number("residual_hold_s", 20.0, min=0.0, max=86_400),
+        min_r2=section.number("min_r2", 0.5, min=-1.0, max=1.0),
+    )
+    section.finish()
+
+    def point(where: Section, key: str, text: str) -> tuple[str, str]:
+        entity, dot, attribute = text.rpartition(".")
+        if not dot:
+            raise where.error(key, f"{text!r}: expected ENTITY.ATTRIBUTE")
+        declared = entities.get(entity)
+        if declared is None:
+            raise where.error(key, f"{entity!r} is not a declared entity")
+        if attribute not in types[declared.type].attributes:
+            raise where.error(
+                key, f"{attribute!r} is not an attribute of {entity} (type {declared.type})"
+            )
+        return entity, attribute
+
+    influences: list[Influence] = []
+    targets: set[tuple[str, str]] = set()
+    for item in root.sections("influences"):
+        target = point(item, "target", item.text("target"))
+        if target in targets:
+            raise item.error("target", f"{'.'.join(target)} has two [[influences]] entries")
+        targets.add(target)
+        names = item.text_list("inputs", [])
+        if not names:
+            raise item.error("inputs", "name at least one ENTITY.ATTRIBUTE that drives the target")
+        inputs = tuple(point(item, "inputs", name) for name in names)
+        if target in inputs:
+            raise item.error("inputs", "a target's own past is always used; do not list it")
+        influences.append(Influence(target, inputs, item.text("description", "", allow_empty=True)))
+        item.finish()
+    return replace(settings, influences=tuple(influences))
 
 
 def _drift(section: Section) -> DriftConfig:

@@ -27,6 +27,11 @@ Checks (rule ids, also used by reconciliation rules in the config):
 - ``structural.wrong_gateway``: a declared entity reported by another gateway.
 - ``structural.relationship``: a structural rule's relationship count is out of bounds.
 - ``semantic.rate``: a change faster than ``max_rate`` per second (held ``rate_hold_s``).
+- ``semantic.model``: the attribute does not behave as its learned model predicts
+  (hub/models.py): run over the last ``residual_window_s`` with the inputs that really
+  happened, the model misses the reported value by more than ``residual_k`` σ for
+  ``residual_hold_s`` (a leak: the level falls faster than pump and valve explain). The
+  service measures the misses off the drift loop and hands them in (``model_misses``).
 - ``semantic.frozen``: no change beyond ``frozen_min_change`` for ``frozen_after_s``
   while fresh good samples keep arriving (and ``frozen_while`` holds, if given).
 
@@ -89,6 +94,23 @@ class Finding:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.rule, self.entity, self.attribute)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMiss:
+    """A learned model's sustained miss on one attribute (measured by hub/predict.py)."""
+
+    expected: float
+    observed: float
+    sigma: float
+    window_s: float
+    since_ms: int
+    model: str
+    inputs: str
+
+    @property
+    def score(self) -> float:
+        return abs(self.observed - self.expected) / self.sigma if self.sigma > 0 else 0.0
 
 
 @dataclass(slots=True)
@@ -227,6 +249,8 @@ class DriftEngine:
         self.gateways = sorted(gateways)
         self.started_ms = started_ms
         self.monitors: dict[Key, ThresholdMonitor] = {}
+        self.model_misses: dict[Key, ModelMiss] = {}
+        """Set by the service from hub/predict.py: sustained misses of learned models."""
         self.since: dict[tuple[str, str, str], int] = {}
         self.last_report: DriftReport | None = None
         self._reporters: dict[str, set[str]] = {}
@@ -300,6 +324,7 @@ class DriftEngine:
         silent = self._gateways(state, now_ms, findings)
         down = self._devices(state, now_ms, silent, findings)
         stale_count = self._attributes(state, now_ms, silent, findings, down)
+        self._model_misses(state, now_ms, silent, findings)
         self._structure(state, now_ms, findings)
         active = {f.key for f in findings}
         for key in list(self.since):
@@ -310,6 +335,45 @@ class DriftEngine:
         report = DriftReport(now_ms, findings, health, silent, stale_count)
         self.last_report = report
         return report
+
+    def _model_misses(
+        self, state: TwinState, now_ms: int, silent: set[str], out: list[Finding]
+    ) -> None:
+        """``semantic.model`` for each sustained miss, unless the reading is not live."""
+        for (entity, attribute), miss in sorted(self.model_misses.items()):
+            current = state.current.get((entity, attribute))
+            if current is None or current.gateway in silent:
+                continue
+            if current.quality not in (Quality.GOOD, Quality.UNCERTAIN):
+                continue
+            spec = self.schema.spec(entity, attribute)
+            unit = f" {spec.unit}" if spec is not None and spec.unit else ""
+            residual = miss.observed - miss.expected
+            self.since.setdefault(("semantic.model", entity, attribute), miss.since_ms)
+            out.append(
+                self._finding(
+                    "semantic.model",
+                    entity,
+                    attribute,
+                    f"{entity}.{attribute} does not behave as its model predicts: expected "
+                    f"{miss.expected:.4g}{unit}, observed {miss.observed:.4g}{unit} after "
+                    f"{miss.window_s:g} s (residual {residual:+.3g}{unit}, {miss.score:.1f} σ; "
+                    f"inputs {miss.inputs})",
+                    now_ms,
+                    value=current.value,
+                    gateway=current.gateway,
+                    detail={
+                        "expected": miss.expected,
+                        "observed": miss.observed,
+                        "residual": residual,
+                        "sigma": miss.sigma,
+                        "score": round(miss.score, 2),
+                        "window_s": miss.window_s,
+                        "model": miss.model,
+                        "inputs": miss.inputs,
+                    },
+                )
+            )
 
     def _gateways(self, state: TwinState, now_ms: int, out: list[Finding]) -> set[str]:
         silent: set[str] = set()

@@ -11,7 +11,7 @@ but its API does not answer, the reader says so rather than guessing.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from fieldtwin.hub import queries
@@ -49,6 +49,12 @@ class TwinReader(Protocol):
     def drift(self) -> list[dict[str, Any]]: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    def predict(self, target: str, horizon: str, at: str) -> dict[str, Any]: ...
+
+    def simulate(self, sets: Mapping[str, float], horizon: str) -> dict[str, Any]: ...
+
+    def models(self) -> list[dict[str, Any]]: ...
 
     def close(self) -> None: ...
 
@@ -113,6 +119,23 @@ class LiveReader:
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.client.call("/api/status")
+        return result
+
+    def predict(self, target: str, horizon: str, at: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.call(
+            "/api/predict", {"target": target, "horizon": horizon or None, "at": at or None}
+        )
+        return result
+
+    def simulate(self, sets: Mapping[str, float], horizon: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.call(
+            "/api/simulate",
+            {"set": [f"{k}={v!r}" for k, v in sets.items()], "horizon": horizon or None},
+        )
+        return result
+
+    def models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.client.call("/api/models")
         return result
 
     def close(self) -> None:
@@ -203,6 +226,42 @@ class FileReader:
             "last_check": queries.iso(self.store.last_check_ms()),
             "audit_head": self.store.audit_head(),
         }
+
+    def _bank(self) -> Any:
+        from fieldtwin.hub.predict import ModelBank
+
+        bank = ModelBank(self.config)
+        bank.restore(self.store.load_models())
+        return bank
+
+    def _context(self) -> Any:
+        from fieldtwin.hub.predict import Context
+
+        return Context(self.store, self.config, self._now())
+
+    def _horizon_ms(self, horizon: str) -> int:
+        if horizon:
+            return queries.parse_duration_ms(horizon)
+        return round(self.config.prediction.horizon_s * 1000)
+
+    def predict(self, target: str, horizon: str, at: str) -> dict[str, Any]:
+        from fieldtwin.hub.predict import forecast
+
+        now = self._now()
+        at_ms = queries.parse_time(at, now) if at else None
+        return forecast(self._bank(), self._context(), target, self._horizon_ms(horizon), at_ms)
+
+    def simulate(self, sets: Mapping[str, float], horizon: str) -> dict[str, Any]:
+        """What-if on the stored models (no interlock verdict: that needs the live twin's
+        gateway links and freshness, so it is left out rather than guessed)."""
+        from fieldtwin.hub.predict import simulate
+
+        return simulate(self._bank(), self._context(), sets, self._horizon_ms(horizon))
+
+    def models(self) -> list[dict[str, Any]]:
+        from fieldtwin.hub.predict import model_rows
+
+        return model_rows(self._bank())
 
     def close(self) -> None:
         self.store.close()

@@ -7,7 +7,8 @@ Threads: the asyncio event loop owns the network (MQTT, HTTP API); one database 
 owns DuckDB *and* the in-memory twin (the service). Every service call runs on that
 thread, one at a time, so there are no locks and no torn reads.
 
-Tasks (one TaskGroup, each named): ``hub-mqtt`` (connect, subscribe to gateways' uplink
+Tasks (one TaskGroup, each named; ``hub-models`` refits and checks the learned
+models): ``hub-mqtt`` (connect, subscribe to gateways' uplink
 and operators' requests, receive, reconnect with jittered exponential backoff),
 ``hub-ingest`` (drain the bounded receive queue into batches), ``hub-acks`` (one
 signed ack per gateway at most every ``ack_interval_ms``), ``hub-drift`` (the sync
@@ -160,6 +161,8 @@ class Hub:
                 group.create_task(self._operator_loop(), name="hub-operators")
                 group.create_task(self._watchdog(), name="hub-watchdog")
                 group.create_task(self._view_loop(), name="hub-views")
+                if self.config.prediction.enabled:
+                    group.create_task(self._model_loop(), name="hub-models")
         finally:
             self._stopping = True
             _sd_notify("STOPPING=1")
@@ -448,6 +451,29 @@ class Hub:
             task = asyncio.create_task(publish(effects), name="hub-operator-answer")
             pending.add(task)
             task.add_done_callback(pending.discard)
+
+    # -- learned models (hub/predict.py) ------------------------------------------------
+
+    async def _model_loop(self) -> None:
+        """Refit the models when due (history read on the database thread, the fit on a
+        worker thread so ingest never waits for numpy), and every few seconds measure
+        their misses for the drift engine's ``semantic.model`` findings."""
+        service = self.service
+        check_s = max(self.config.drift.interval_s, 2.0)
+        while True:
+            _stop_if_cancelled()
+            now = self.now_ms()
+            try:
+                if await self.db(service.models_due, now):
+                    _, grids = await self.db(service.models.load, service.store, now)
+                    fitted, errors = await asyncio.to_thread(service.models.fit_all, grids, now)
+                    await self.db(service.install_models, fitted, errors, now)
+                    for target, error in sorted(errors.items()):
+                        log.info("no model yet", extra=fields(target=target, reason=error))
+                await self.db(service.measure_models, self.now_ms())
+            except HubError as exc:
+                log.error("model update failed", extra=fields(error=str(exc)))
+            await asyncio.sleep(check_s)
 
     # -- console views (hub/views.py) -------------------------------------------------
 

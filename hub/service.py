@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fieldtwin.hub import queries
+from fieldtwin.hub import predict, queries
 from fieldtwin.hub.alarms import Alarm, AlarmBook, Transition, planned_actions
 from fieldtwin.hub.audit import AuditChain, AuditEvent, verify_chain
 from fieldtwin.hub.commands import (
@@ -273,6 +273,8 @@ class HubService:
             physical: health or "unknown"
             for physical, health in store.query("SELECT physical_id, health FROM entities")
         }
+        self.models = predict.ModelBank(config)
+        self.models.restore(store.load_models())
 
     # -- basics ----------------------------------------------------------------------------
 
@@ -685,7 +687,90 @@ class HubService:
             "limits": None
             if spec is None
             else {"min": spec.min, "max": spec.max, "unit": spec.unit},
+            **(self._prediction(entity, attribute, value) if verdict.ok else {}),
         }
+
+    def _prediction(self, entity: str, attribute: str, value: Value) -> dict[str, Any]:
+        """The predicted effect of holding ``value`` (dry run, approval): empty when no
+        model depends on the attribute, the reason when the models cannot say."""
+        if not self.config.prediction.enabled or isinstance(value, bool | str) or value is None:
+            return {}
+        if not self.models.downstream([(entity, attribute)]):
+            return {}
+        try:
+            result = predict.simulate(
+                self.models,
+                self._predict_context(),
+                {f"{entity}.{attribute}": float(value)},
+                round(self.config.prediction.horizon_s * 1000),
+            )
+        except predict.PredictionError as exc:
+            return {"prediction_unavailable": str(exc)}
+        return {"prediction": predict.effect_summary(result)}
+
+    def _predict_context(self) -> predict.Context:
+        return predict.Context(self.store, self.config, self.now_ms())
+
+    # -- prediction (hub/predict.py) ---------------------------------------------------------
+
+    def predict(self, target: str, horizon: str = "", at: str = "") -> dict[str, Any]:
+        self._queried()
+        now = self.now_ms()
+        horizon_ms = (
+            queries.parse_duration_ms(horizon)
+            if horizon
+            else round(self.config.prediction.horizon_s * 1000)
+        )
+        at_ms = queries.parse_time(at, now) if at else None
+        return predict.forecast(self.models, self._predict_context(), target, horizon_ms, at_ms)
+
+    def simulate(self, sets: Mapping[str, float], horizon: str = "") -> dict[str, Any]:
+        self._queried()
+        horizon_ms = (
+            queries.parse_duration_ms(horizon)
+            if horizon
+            else round(self.config.prediction.horizon_s * 1000)
+        )
+        result = predict.simulate(self.models, self._predict_context(), sets, horizon_ms)
+        result["policy"] = {}
+        for point, value in result["set"].items():
+            entity, attribute = predict.parse_point(point)
+            typed: Value = int(value) if float(value).is_integer() else value
+            verdict = check_command(
+                entity, attribute, typed, self._policy_input(self._gateway_of(entity))
+            )
+            result["policy"][point] = {
+                "allowed": verdict.ok,
+                "summary": verdict.summary(),
+                "checks": verdict.rows(),
+            }
+        return result
+
+    def risk(self) -> dict[str, Any]:
+        return predict.risk(self.models, self._predict_context())
+
+    def model_list(self) -> list[dict[str, Any]]:
+        return predict.model_rows(self.models)
+
+    def models_due(self, now: int) -> bool:
+        return self.config.prediction.enabled and self.models.due(now)
+
+    def install_models(
+        self, fitted: Mapping[str, Any], errors: Mapping[str, str], now: int
+    ) -> None:
+        self.models.install(self.store, fitted, errors, now)
+
+    def measure_models(self, now: int) -> int:
+        """Recompute the models' sustained misses for the drift engine; returns how many."""
+        if not self.config.prediction.enabled or not self.models.models:
+            self.engine.model_misses = {}
+            return 0
+        window = self.models.recent_window_ms()
+        _, grids = predict.load_grids(
+            self.store, self.models.all_points(), now - window, now, self.models.step_ms
+        )
+        self.engine.model_misses = self.models.misses(grids, now)
+        return len(self.engine.model_misses)
 
     def _checkpoint(self, entity: str, attribute: str, now: int) -> Checkpoint | None:
         current = self.ingest.state.current.get((entity, attribute))
@@ -1221,6 +1306,23 @@ class HubService:
             return self.command_show(_text(args, "cmd_id"))
         if op == "hub.status":
             return self.status()
+        if op == "twin.predict":
+            return self.predict(
+                _text(args, "target"), str(args.get("horizon", "")), str(args.get("at", ""))
+            )
+        if op == "twin.simulate":
+            sets = args.get("set")
+            if not isinstance(sets, Mapping) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in sets.values()
+            ):
+                raise OperatorRefused("set must map ENTITY.ATTRIBUTE to a number", code="invalid")
+            return self.simulate(
+                {str(k): float(v) for k, v in sets.items()}, str(args.get("horizon", ""))
+            )
+        if op == "twin.models":
+            return self.model_list()
+        if op == "twin.risk":
+            return self.risk()
         raise OperatorRefused(f"unknown query {op}", code="invalid")
 
     # -- console views (hub/views.py) --------------------------------------------------------
@@ -1339,8 +1441,13 @@ class HubService:
         return queries.commands(self.store, states, limit)
 
     def command_show(self, command_id: str) -> dict[str, Any]:
+        """One command; while it awaits approval, with the predicted effect of sending it
+        now (what an approver weighs)."""
         self._queried()
-        return queries.command(self.store, command_id)
+        row = queries.command(self.store, command_id)
+        if row.get("state") in ("awaiting_approval", "approved"):
+            row.update(self._prediction(row["entity"], row["attribute"], row["value"]))
+        return row
 
     def _command_view(self, command_id: str) -> dict[str, Any]:
         return queries.command(self.store, command_id)
@@ -1645,6 +1752,10 @@ _QUERIES = (
     "cmd.list",
     "cmd.show",
     "hub.status",
+    "twin.predict",
+    "twin.simulate",
+    "twin.models",
+    "twin.risk",
 )
 
 OPERATIONS: dict[str, Operation] = {

@@ -43,7 +43,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +68,7 @@ from fieldtwin.protocol.tracker import DeliveryTracker
 
 log = logging.getLogger("fieldtwin.hub.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -134,6 +134,8 @@ _DDL = (
         actor VARCHAR, request VARCHAR, detail VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS operator_requests (
         operator VARCHAR, req_id VARCHAR, op VARCHAR, expires_ms BIGINT, received_ms BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS models (
+        target VARCHAR PRIMARY KEY, fitted_ms BIGINT, record VARCHAR)""",
 )
 
 
@@ -353,7 +355,7 @@ class TwinStore:
             if version is None:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
                 self.set_meta("created_ms", str(int(time.time() * 1000)))
-            elif version in ("1", "2"):
+            elif version in ("1", "2", "3"):
                 # 1 -> 2: the seq of the birth that opened each gateway's connection.
                 self.con.execute(
                     "ALTER TABLE gateways ADD COLUMN IF NOT EXISTS session BIGINT DEFAULT 0"
@@ -363,6 +365,7 @@ class TwinStore:
                 self.con.execute(
                     "ALTER TABLE alarms ADD COLUMN IF NOT EXISTS shelve_reason VARCHAR"
                 )
+                # 3 -> 4: the learned models (a new table, created above).
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
             elif version != str(SCHEMA_VERSION):
                 raise StoreSchemaError(
@@ -387,6 +390,28 @@ class TwinStore:
             raise StoreSchemaError(
                 f"{self.path} has schema version {version}; this build reads {SCHEMA_VERSION}"
             )
+
+    # -- learned models (hub/predict.py) ------------------------------------------------
+
+    def save_models(self, rows: Sequence[tuple[str, int, Mapping[str, Any]]]) -> None:
+        """Replace the stored model of each target (one statement)."""
+        if not rows:
+            return
+        try:
+            self.con.execute(
+                """INSERT OR REPLACE INTO models
+                   SELECT unnest(?), unnest(?), unnest(?)""",
+                [
+                    [r[0] for r in rows],
+                    [r[1] for r in rows],
+                    [json.dumps(r[2], sort_keys=True) for r in rows],
+                ],
+            )
+        except duckdb.Error as exc:
+            raise _error(exc, self.path, "cannot store models in") from None
+
+    def load_models(self) -> list[dict[str, Any]]:
+        return [json.loads(record) for (record,) in self.query("SELECT record FROM models")]
 
     # -- small helpers ---------------------------------------------------------------
 

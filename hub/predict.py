@@ -1,0 +1,727 @@
+"""The twin's predictions wired to its history: fit, forecast, what-if, compare, risk
+and model drift. The maths is in hub/models.py (pure numpy); this module reads the
+history it needs from the store and shapes answers for the API, the CLI, the
+operator channel and the sync report. See docs/prediction.md.
+
+Who calls what:
+
+- the hub's model loop (hub/runtime.py) loads history on the database thread
+  (``ModelBank.load``), fits off it (``ModelBank.fit_all``, numpy, another thread) and
+  installs the models (``ModelBank.install``: memory and the ``models`` table); every
+  few seconds it measures the models' misses (``ModelBank.misses``), which the drift
+  engine turns into ``semantic.model`` findings;
+- ``forecast``, ``simulate``, ``risk``: the service (live hub) and the read-only file
+  reader (hub not running) call the same functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fieldtwin.hub import models
+from fieldtwin.hub.config import HubConfig, PredictionConfig
+from fieldtwin.hub.drift import ModelMiss
+from fieldtwin.hub.errors import QueryError
+from fieldtwin.hub.models import Array, Model, ModelError, Trajectory
+from fieldtwin.hub.queries import iso
+from fieldtwin.hub.state import KIND_BOOL, KIND_FLOAT, KIND_INT
+from fieldtwin.hub.store import TwinStore
+from fieldtwin.protocol.logfmt import fields
+
+log = logging.getLogger("fieldtwin.hub.predict")
+
+Point = tuple[str, str]
+FORECAST_ROWS = 10
+"""Rows a forecast table shows (evenly spaced to the horizon)."""
+
+
+class PredictionError(QueryError):
+    """A prediction cannot be made: unknown point, no history, not numeric."""
+
+
+def label(point: Point) -> str:
+    return f"{point[0]}.{point[1]}"
+
+
+def parse_point(text: str) -> Point:
+    entity, dot, attribute = text.strip().rpartition(".")
+    if not dot or not entity or not attribute:
+        raise PredictionError(f"{text!r}: expected ENTITY.ATTRIBUTE, e.g. tank-1.level")
+    return entity, attribute
+
+
+def marks(items: Sequence[Any]) -> str:
+    return ", ".join("?" for _ in items)
+
+
+def load_grids(
+    store: TwinStore, points: Iterable[Point], start_ms: int, end_ms: int, step_ms: int
+) -> tuple[Array, dict[str, Array]]:
+    """Each point's good/uncertain numeric history on one grid (zero-order hold), with the
+    last sample before the window as its starting value."""
+    times = models.grid(start_ms, end_ms, step_ms)
+    out: dict[str, Array] = {}
+    wanted = sorted(set(points))
+    if not wanted:
+        return times, out
+    value = (
+        f"CASE WHEN kind IN ({KIND_FLOAT}, {KIND_BOOL}) THEN num "
+        f"WHEN kind = {KIND_INT} THEN TRY_CAST(txt AS DOUBLE) END"
+    )
+    entities = sorted({e for e, _ in wanted})
+    attributes = sorted({a for _, a in wanted})
+    rows = store.query(
+        f"""SELECT entity, attribute, ts_ms, {value} AS v FROM history
+            WHERE entity IN ({marks(entities)}) AND attribute IN ({marks(attributes)})
+              AND ts_ms > ? AND ts_ms <= ? AND quality <= 1
+            ORDER BY entity, attribute, ts_ms""",
+        [*entities, *attributes, start_ms, end_ms],
+    )
+    before = store.query(
+        f"""SELECT entity, attribute, arg_max(ts_ms, ts_ms), arg_max({value}, ts_ms)
+            FROM history
+            WHERE entity IN ({marks(entities)}) AND attribute IN ({marks(attributes)})
+              AND ts_ms <= ? AND quality <= 1
+            GROUP BY entity, attribute""",
+        [*entities, *attributes, start_ms],
+    )
+    series: dict[Point, tuple[list[int], list[float]]] = {p: ([], []) for p in wanted}
+    for entity, attribute, ts_ms, v in before:
+        if (entity, attribute) in series and v is not None:
+            series[(entity, attribute)][0].append(int(ts_ms))
+            series[(entity, attribute)][1].append(float(v))
+    for entity, attribute, ts_ms, v in rows:
+        target = series.get((entity, attribute))
+        if target is not None and v is not None and math.isfinite(v):
+            target[0].append(int(ts_ms))
+            target[1].append(float(v))
+    for point, (ts, vals) in series.items():
+        out[label(point)] = models.resample(ts, vals, times)
+    return times, out
+
+
+@dataclass(slots=True)
+class ModelBank:
+    """The hub's fitted models, when they were fitted, and what could not be fitted."""
+
+    config: HubConfig
+    models: dict[str, Model] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    refitted_ms: int = 0
+    _over: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> PredictionConfig:
+        return self.config.prediction
+
+    @property
+    def step_ms(self) -> int:
+        return max(1, round(self.settings.step_s * 1000))  # ms
+
+    def horizon_steps(self, horizon_ms: int | None = None) -> int:
+        horizon = horizon_ms if horizon_ms is not None else self.settings.horizon_s * 1000
+        return max(1, math.ceil(horizon / self.step_ms))
+
+    # -- which points are modelled --------------------------------------------------------
+
+    def influenced(self) -> dict[Point, tuple[Point, ...]]:
+        return {i.target: i.inputs for i in self.settings.influences}
+
+    def trend_points(self) -> list[Point]:
+        """Numeric attributes with thresholds and no declared influence: a trend model
+        each, so the forecasted risk covers every limit the schema declares."""
+        schema = self.config.schema
+        influenced = self.influenced()
+        out: list[Point] = []
+        for entity, spec_entity in schema.entities.items():
+            for name, spec in schema.types[spec_entity.type].attributes.items():
+                point = (entity, name)
+                if point in influenced or spec.writable or not spec.has_thresholds:
+                    continue
+                if spec.unit == "" and spec.high.warning == 1:  # a switch, not a quantity
+                    continue
+                out.append(point)
+        return out
+
+    def all_points(self) -> list[Point]:
+        points: set[Point] = set(self.trend_points())
+        for target, inputs in self.influenced().items():
+            points.add(target)
+            points.update(inputs)
+        return sorted(points)
+
+    def chain(self, point: Point) -> set[Point]:
+        """The point and everything its model (transitively) depends on."""
+        influenced = self.influenced()
+        seen: set[Point] = set()
+        todo = [point]
+        while todo:
+            item = todo.pop()
+            if item in seen:
+                continue
+            seen.add(item)
+            todo.extend(influenced.get(item, ()))
+        return seen
+
+    def downstream(self, points: Iterable[Point]) -> list[Point]:
+        """Every modelled point that (transitively) depends on one of ``points``."""
+        influenced = self.influenced()
+        found: set[Point] = set()
+        frontier = set(points)
+        while frontier:
+            nxt = {t for t, inputs in influenced.items() if frontier & set(inputs)} - found
+            found |= nxt
+            frontier = nxt
+        return sorted(found)
+
+    # -- fitting ------------------------------------------------------------------------
+
+    def due(self, now_ms: int) -> bool:
+        """Refit every ``refit_s``; while some model is missing (a young twin without
+        enough history), try again every minute."""
+        every = self.settings.refit_s
+        if self.errors or not self.models:
+            every = min(every, 60.0)
+        return bool(now_ms - self.refitted_ms >= every * 1000)
+
+    def load(self, store: TwinStore, now_ms: int) -> tuple[Array, dict[str, Array]]:
+        start = now_ms - round(self.settings.history_s * 1000)
+        return load_grids(store, self.all_points(), start, now_ms, self.step_ms)
+
+    def fit_all(
+        self, grids: Mapping[str, Array], now_ms: int
+    ) -> tuple[dict[str, Model], dict[str, str]]:
+        """Fit every declared influence and trend point (pure: no store, no state)."""
+        return fit_points(
+            self.influenced(),
+            self.trend_points(),
+            grids,
+            step_ms=self.step_ms,
+            horizon_steps=self.horizon_steps(),
+            now_ms=now_ms,
+        )
+
+    def install(
+        self,
+        store: TwinStore | None,
+        fitted: Mapping[str, Model],
+        errors: Mapping[str, str],
+        now_ms: int,
+    ) -> None:
+        self.models.update(fitted)
+        for target in fitted:
+            self.errors.pop(target, None)
+        for target, error in errors.items():
+            if target not in fitted:
+                self.errors[target] = error
+        self.refitted_ms = now_ms
+        if store is not None and fitted:
+            store.save_models([(m.target, m.fitted_ms, m.to_dict()) for m in fitted.values()])
+        for model in fitted.values():
+            log.info("model fitted", extra=fields(target=model.target, model=model.describe()))
+
+    def restore(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Models saved by an earlier run, kept while their inputs still match the config."""
+        influenced = {
+            label(t): tuple(label(i) for i in ins) for t, ins in self.influenced().items()
+        }
+        trends = {label(p) for p in self.trend_points()}
+        for row in rows:
+            try:
+                model = Model.from_dict(row)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if influenced.get(model.target) == model.inputs or (
+                model.target in trends and not model.inputs
+            ):
+                self.models[model.target] = model
+                self.refitted_ms = max(self.refitted_ms, model.fitted_ms)
+
+    # -- model drift --------------------------------------------------------------------
+
+    def recent_window_ms(self) -> int:
+        lags = max((m.lags for m in self.models.values()), default=1)
+        window = round(self.settings.residual_window_s * 1000)
+        return window + (lags + 2) * self.step_ms
+
+    def misses(self, grids: Mapping[str, Array], now_ms: int) -> dict[Point, ModelMiss]:
+        """Sustained misses of the influence models over the recent window (``grids``
+        holds the last ``recent_window_ms``)."""
+        settings = self.settings
+        window_steps = max(1, round(settings.residual_window_s * 1000 / self.step_ms))
+        out: dict[Point, ModelMiss] = {}
+        for target in self.influenced():
+            name = label(target)
+            model = self.models.get(name)
+            y = grids.get(name)
+            if model is None or y is None or model.r2 < settings.min_r2:
+                self._over.pop(name, None)
+                continue
+            inputs = [grids.get(i) for i in model.inputs]
+            if any(series is None for series in inputs):
+                continue
+            u = np.vstack([s for s in inputs if s is not None])
+            residual = models.window_residual(model, y, u, window_steps)
+            if residual is None or residual.score <= settings.residual_k:
+                self._over.pop(name, None)
+                continue
+            since = self._over.setdefault(name, now_ms)
+            if now_ms - since < settings.residual_hold_s * 1000:
+                continue
+            shown = ", ".join(
+                f"{i}={series[-1]:.4g}"
+                for i, series in zip(model.inputs, inputs, strict=True)
+                if series is not None
+            )
+            out[target] = ModelMiss(
+                expected=residual.expected,
+                observed=residual.observed,
+                sigma=residual.sigma,
+                window_s=settings.residual_window_s,
+                since_ms=since,
+                model=model.describe(),
+                inputs=shown,
+            )
+        return out
+
+
+def fit_points(
+    influenced: Mapping[Point, Sequence[Point]],
+    trends: Sequence[Point],
+    grids: Mapping[str, Array],
+    *,
+    step_ms: int,
+    horizon_steps: int,
+    now_ms: int,
+) -> tuple[dict[str, Model], dict[str, str]]:
+    fitted: dict[str, Model] = {}
+    errors: dict[str, str] = {}
+    jobs: list[tuple[str, list[str]]] = [
+        (label(t), [label(i) for i in inputs]) for t, inputs in influenced.items()
+    ]
+    jobs += [(label(p), []) for p in trends]
+    for target, inputs in jobs:
+        y = grids.get(target)
+        if y is None:
+            errors[target] = f"{target}: no history"
+            continue
+        u = (
+            np.vstack([grids[i] for i in inputs])
+            if inputs and all(i in grids for i in inputs)
+            else np.zeros((0, len(y)))
+        )
+        if inputs and u.shape[0] != len(inputs):
+            errors[target] = (
+                f"{target}: no history of {', '.join(i for i in inputs if i not in grids)}"
+            )
+            continue
+        try:
+            fitted[target] = models.fit(
+                target, inputs, y, u, step_ms=step_ms, horizon_steps=horizon_steps, now_ms=now_ms
+            )
+        except ModelError as exc:
+            errors[target] = str(exc)
+    return fitted, errors
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a prediction needs besides the bank: the store, the time, the config."""
+
+    store: TwinStore
+    config: HubConfig
+    now_ms: int
+
+
+def _spec(config: HubConfig, point: Point) -> Any:
+    spec = config.schema.spec(*point)
+    if spec is None:
+        declared = config.schema.entities.get(point[0])
+        if declared is None:
+            raise PredictionError(f"{point[0]!r} is not a declared entity")
+        raise PredictionError(
+            f"{point[1]!r} is not an attribute of {point[0]} (type {declared.type}); "
+            f"it has {', '.join(sorted(config.schema.types[declared.type].attributes))}"
+        )
+    return spec
+
+
+def _models_for(
+    bank: ModelBank, ctx: Context, points: set[Point], at_ms: int | None
+) -> tuple[dict[str, Model], dict[str, str]]:
+    """The models of ``points``: the bank's (live), or fitted now on history before
+    ``at_ms`` only (a comparison must not see the future it is judged against)."""
+    influenced = bank.influenced()
+    wanted_influenced = {p: influenced[p] for p in points if p in influenced}
+    if at_ms is None:
+        have = {label(p): bank.models[label(p)] for p in points if label(p) in bank.models}
+        missing_influenced = {p: i for p, i in wanted_influenced.items() if label(p) not in have}
+        missing_trends = [p for p in points if p not in influenced and label(p) not in have]
+        if not missing_influenced and not missing_trends:
+            return have, {}
+        end = ctx.now_ms
+    else:
+        have = {}
+        missing_influenced = wanted_influenced
+        missing_trends = [p for p in points if p not in influenced]
+        end = at_ms
+    needed = set(missing_trends) | {x for t, i in missing_influenced.items() for x in (t, *i)}
+    start = end - round(bank.settings.history_s * 1000)
+    _, grids = load_grids(ctx.store, needed, start, end, bank.step_ms)
+    fitted, errors = fit_points(
+        missing_influenced,
+        missing_trends,
+        grids,
+        step_ms=bank.step_ms,
+        horizon_steps=bank.horizon_steps(),
+        now_ms=end,
+    )
+    have.update(fitted)
+    return have, errors
+
+
+def _trajectories(
+    bank: ModelBank,
+    ctx: Context,
+    points: set[Point],
+    origin_ms: int,
+    steps: int,
+    overrides: Mapping[str, float],
+    at_ms: int | None,
+) -> tuple[dict[str, Trajectory], dict[str, Model], dict[str, str]]:
+    chain: set[Point] = set()
+    for point in points:
+        chain |= bank.chain(point)
+    fitted, errors = _models_for(bank, ctx, chain, at_ms)
+    lags = max((m.lags for m in fitted.values()), default=1) + 2
+    start = origin_ms - lags * bank.step_ms
+    _, history = load_grids(ctx.store, chain, start, origin_ms, bank.step_ms)
+    usable = {k: v for k, v in history.items() if len(v) and np.isfinite(v[-1])}
+    missing = sorted(
+        label(p) for p in points if label(p) not in usable and label(p) not in overrides
+    )
+    if missing:
+        raise PredictionError(
+            f"no good numeric value of {', '.join(missing)} before {iso(origin_ms)}: "
+            "nothing to predict from"
+        )
+    runnable = {
+        name: m
+        for name, m in fitted.items()
+        if all(i in usable or i in overrides for i in m.inputs)
+    }
+    trajectories = models.simulate(
+        runnable,
+        usable,
+        steps,
+        start_ms=origin_ms,
+        step_ms=bank.step_ms,
+        overrides=overrides,
+    )
+    return trajectories, runnable, errors
+
+
+def _limits(spec: Any) -> list[tuple[str, float, str]]:
+    out: list[tuple[str, float, str]] = []
+    for side, limits in (("high", spec.high), ("low", spec.low)):
+        for level in ("warning", "critical"):
+            value = getattr(limits, level)
+            if value is not None:
+                out.append((f"{level} {side}", float(value), side))
+    return out
+
+
+def _crossings(trajectory: Trajectory, current: float, spec: Any) -> list[dict[str, Any]]:
+    rows = []
+    for name, limit, side in _limits(spec):
+        found = models.crossing(trajectory, current, name, limit, side)
+        if found.probability < 0.01:
+            continue
+        row = found.to_dict()
+        row["text"] = crossing_text(found, spec.unit)
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["probability"], r["eta_s"] if r["eta_s"] is not None else 1e18))
+    return rows
+
+
+def _minutes(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min"
+
+
+def crossing_text(found: models.Crossing, unit: str) -> str:
+    """ "warning high 4.2 m in about 6 min (4–9 min)", as an operator reads it."""
+    limit = f"{found.name} {found.limit:g}{(' ' + unit) if unit else ''}"
+    if found.already:
+        return f"{limit}: already beyond"
+    chance = f"{found.probability:.0%} chance"
+    if found.eta_s is None:
+        early = f"; possibly from {_minutes(found.earliest_s)}" if found.earliest_s else ""
+        return f"{limit}: not expected within the horizon ({chance}{early})"
+    latest = _minutes(found.latest_s) if found.latest_s is not None else "beyond the horizon"
+    earliest = _minutes(found.earliest_s or found.eta_s)
+    return f"{limit} in about {_minutes(found.eta_s)}, {earliest}–{latest} ({chance})"
+
+
+def _rows(trajectory: Trajectory, steps: int) -> list[dict[str, Any]]:
+    picks = sorted({max(1, round(steps * k / FORECAST_ROWS)) for k in range(1, FORECAST_ROWS + 1)})
+    rows = []
+    for h in picks:
+        mean, sigma = trajectory.at(h)
+        rows.append(
+            {
+                "in_s": h * trajectory.step_ms / 1000,
+                "ts": iso(trajectory.start_ms + h * trajectory.step_ms),
+                "ts_ms": trajectory.start_ms + h * trajectory.step_ms,
+                "mean": mean,
+                "p80": [mean - models.Z80 * sigma, mean + models.Z80 * sigma],
+                "p95": [mean - models.Z95 * sigma, mean + models.Z95 * sigma],
+            }
+        )
+    return rows
+
+
+def _model_row(model: Model | None, error: str | None) -> dict[str, Any] | None:
+    if model is None:
+        return {"error": error} if error else None
+    row = model.to_dict()
+    del row["horizon_sigma"]
+    row["fitted"] = iso(model.fitted_ms)
+    row["description"] = model.describe()
+    return row
+
+
+def forecast(
+    bank: ModelBank, ctx: Context, target: str, horizon_ms: int, at_ms: int | None = None
+) -> dict[str, Any]:
+    """``twin predict``: the forecast of one attribute with 80/95 % intervals and the
+    limits it may cross; with ``at_ms`` in the past, also what really happened."""
+    if not bank.settings.enabled:
+        raise PredictionError("prediction is disabled in this hub's config ([prediction])")
+    point = parse_point(target)
+    spec = _spec(ctx.config, point)
+    if at_ms is not None and at_ms >= ctx.now_ms:
+        at_ms = None
+    origin = at_ms if at_ms is not None else ctx.now_ms
+    steps = bank.horizon_steps(horizon_ms)
+    trajectories, fitted, errors = _trajectories(bank, ctx, {point}, origin, steps, {}, at_ms)
+    name = label(point)
+    trajectory = trajectories[name]
+    _, now_grid = load_grids(ctx.store, [point], origin - bank.step_ms, origin, bank.step_ms)
+    current = float(now_grid[name][-1])
+    model = fitted.get(name)
+    result: dict[str, Any] = {
+        "point": name,
+        "unit": spec.unit,
+        "from": iso(origin),
+        "from_ms": origin,
+        "horizon_s": steps * bank.step_ms / 1000,
+        "current": current,
+        "model": _model_row(model, errors.get(name)),
+        "forecast": _rows(trajectory, steps),
+        "crossings": _crossings(trajectory, current, spec),
+    }
+    if at_ms is not None:
+        result["comparison"] = _compare(bank, ctx, point, trajectory, steps)
+    return result
+
+
+def _compare(
+    bank: ModelBank, ctx: Context, point: Point, trajectory: Trajectory, steps: int
+) -> dict[str, Any]:
+    """Forecast against what devices reported afterwards (and the naive last value)."""
+    start = trajectory.start_ms
+    end = min(start + steps * bank.step_ms, ctx.now_ms)
+    _, grids = load_grids(ctx.store, [point], start, end, bank.step_ms)
+    actual = grids[label(point)][1:]
+    count = min(len(actual), len(trajectory.mean))
+    if count == 0:
+        return {"error": "nothing was reported after that time yet"}
+    mean = np.asarray(trajectory.mean[:count])
+    sigma = np.asarray(trajectory.sigma[:count])
+    truth = actual[:count]
+    known = np.isfinite(truth)
+    errors = np.abs(mean - truth)[known]
+    naive = np.abs(trajectory_origin(grids[label(point)]) - truth)[known]
+    inside80 = (np.abs(mean - truth) <= models.Z80 * sigma)[known]
+    inside95 = (np.abs(mean - truth) <= models.Z95 * sigma)[known]
+    rows = []
+    for row in _rows(trajectory, steps):
+        index = round(row["in_s"] * 1000 / bank.step_ms) - 1
+        if index < count and np.isfinite(truth[index]):
+            row["actual"] = float(truth[index])
+            rows.append(row)
+    return {
+        "until": iso(start + count * bank.step_ms),
+        "samples": int(known.sum()),
+        "mae": float(errors.mean()) if len(errors) else None,
+        "naive_mae": float(naive.mean()) if len(naive) else None,
+        "coverage_80": float(inside80.mean()) if len(inside80) else None,
+        "coverage_95": float(inside95.mean()) if len(inside95) else None,
+        "rows": rows,
+    }
+
+
+def trajectory_origin(series: Array) -> float:
+    return float(series[0])
+
+
+def simulate(
+    bank: ModelBank,
+    ctx: Context,
+    sets: Mapping[str, float],
+    horizon_ms: int,
+) -> dict[str, Any]:
+    """``twin simulate``: hold the given values from now and predict what they do to
+    every attribute they influence, against the same horizon without the change."""
+    if not bank.settings.enabled:
+        raise PredictionError("prediction is disabled in this hub's config ([prediction])")
+    if not sets:
+        raise PredictionError("give at least one --set ENTITY.ATTRIBUTE=VALUE")
+    points = {parse_point(p): float(v) for p, v in sets.items()}
+    for point in points:
+        _spec(ctx.config, point)
+    affected = [p for p in bank.downstream(points) if p not in points]
+    if not affected:
+        raise PredictionError(
+            f"nothing in [[influences]] depends on {', '.join(label(p) for p in points)}: "
+            "no model to simulate with"
+        )
+    steps = bank.horizon_steps(horizon_ms)
+    overrides = {label(p): v for p, v in points.items()}
+    now = ctx.now_ms
+    baseline, _, _ = _trajectories(bank, ctx, set(affected), now, steps, {}, None)
+    changed, fitted, errors = _trajectories(bank, ctx, set(affected), now, steps, overrides, None)
+    _, current_grid = load_grids(ctx.store, affected, now - bank.step_ms, now, bank.step_ms)
+    effects: list[dict[str, Any]] = []
+    for point in affected:
+        name = label(point)
+        spec = _spec(ctx.config, point)
+        trajectory = changed.get(name)
+        if trajectory is None or not trajectory.modelled:
+            effects.append({"point": name, "error": errors.get(name, "no model")})
+            continue
+        current = float(current_grid[name][-1])
+        end_mean, end_sigma = trajectory.at(steps)
+        base_mean, _ = baseline[name].at(steps)
+        effect: dict[str, Any] = {"point": name}
+        effects.append(effect)
+        effect.update(
+            {
+                "unit": spec.unit,
+                "current": current,
+                "without_change": base_mean,
+                "expected": end_mean,
+                "p95": [end_mean - models.Z95 * end_sigma, end_mean + models.Z95 * end_sigma],
+                "forecast": _rows(trajectory, steps),
+                "crossings": _crossings(trajectory, current, spec),
+                "model": _model_row(fitted.get(name), errors.get(name)),
+            }
+        )
+    return {
+        "set": {label(p): v for p, v in points.items()},
+        "from": iso(now),
+        "horizon_s": steps * bank.step_ms / 1000,
+        "effects": effects,
+    }
+
+
+def effect_summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The short form a command's dry run and approval show (the console renders a
+    mapping of point → facts)."""
+    out: dict[str, Any] = {}
+    horizon = _minutes(float(result["horizon_s"]))
+    for effect in result.get("effects", []):
+        if "error" in effect:
+            continue
+        unit = f" {effect['unit']}" if effect.get("unit") else ""
+        low, high = effect["p95"]
+        facts: dict[str, Any] = {
+            "now": f"{effect['current']:.4g}{unit}",
+            f"in {horizon}": f"{effect['expected']:.4g}{unit}",
+            "95 %": f"{low:.4g}–{high:.4g}{unit}",
+            "unchanged": f"{effect['without_change']:.4g}{unit}",
+        }
+        likely = [c["text"] for c in effect["crossings"] if c["probability"] >= 0.5]
+        if likely:
+            facts["crosses"] = "; ".join(likely)
+        out[effect["point"]] = facts
+    return out
+
+
+def risk(bank: ModelBank, ctx: Context, horizon_ms: int | None = None) -> dict[str, Any]:
+    """Probability that some attribute crosses a critical limit within the horizon,
+    from the models' forecasts, with the factors that make it up."""
+    steps = bank.horizon_steps(horizon_ms)
+    factors: list[dict[str, Any]] = []
+    considered = 0
+    schema = ctx.config.schema
+    points = [
+        p
+        for p in sorted(set(bank.influenced()) | set(bank.trend_points()))
+        if (spec := schema.spec(*p)) is not None
+        and (spec.high.critical is not None or spec.low.critical is not None)
+    ]
+    unavailable: list[str] = []
+    for point in points:
+        try:
+            trajectories, _, _ = _trajectories(bank, ctx, {point}, ctx.now_ms, steps, {}, None)
+        except PredictionError as exc:
+            unavailable.append(f"{label(point)}: {exc}")
+            continue
+        trajectory = trajectories[label(point)]
+        if not trajectory.modelled:
+            unavailable.append(f"{label(point)}: no model")
+            continue
+        considered += 1
+        spec = schema.spec(*point)
+        if spec is None:
+            continue
+        _, grid_now = load_grids(
+            ctx.store, [point], ctx.now_ms - bank.step_ms, ctx.now_ms, bank.step_ms
+        )
+        current = float(grid_now[label(point)][-1])
+        for name, limit, side in _limits(spec):
+            if not name.startswith("critical"):
+                continue
+            found = models.crossing(trajectory, current, name, limit, side)
+            if found.probability >= 0.001:
+                factors.append(
+                    {
+                        "point": label(point),
+                        **found.to_dict(),
+                        "text": crossing_text(found, spec.unit),
+                    }
+                )
+    factors.sort(key=lambda f: -f["probability"])
+    return {
+        "probability": round(models.combined_probability([f["probability"] for f in factors]), 4)
+        if considered
+        else None,
+        "horizon_s": steps * bank.step_ms / 1000,
+        "points_considered": considered,
+        "factors": factors,
+        "unavailable": unavailable,
+    }
+
+
+def model_rows(bank: ModelBank) -> list[dict[str, Any]]:
+    """Every model the hub holds, with its fit quality, and what could not be fitted."""
+    rows = [_model_row(m, None) or {} for _, m in sorted(bank.models.items())]
+    rows += [{"target": t, "error": e} for t, e in sorted(bank.errors.items())]
+    return rows
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
