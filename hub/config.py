@@ -3,8 +3,9 @@
 One TOML file (see ``examples/hub.toml`` and docs/hub.md). It is read strictly with
 ``fieldtwin.protocol.config``: every error names the file, the dotted key and the fix,
 and unknown keys are refused with a suggestion. Cross-references (an entity's type, a
-relationship's ends, a structural rule's types, a desired value's limits) are checked
-here too, so a hub never starts on a schema that contradicts itself.
+relationship's ends, a structural rule's types, a desired value's limits, a physical
+bound's ``static.KEY`` on every entity of its type, a plausibility check's points) are
+checked here too, so a hub never starts on a schema that contradicts itself.
 """
 
 from __future__ import annotations

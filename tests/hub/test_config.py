@@ -127,6 +127,7 @@ def test_example_config_declares_physical_ranges_and_cross_checks(tmp_path: Path
     for name in ("hub", "gw-pumps", "gw-field", "gw-boiler"):
         write_key_pair(tmp_path / "agents" / "keys", name)
     schema = load_hub_config(tmp_path / "hub.toml").schema
+    assert schema.physical[("tank-1", "level_raw")].high == 5.0
     level = schema.physical[("tank-1", "level")]
     assert (level.low, level.high, level.margin) == (0.0, 5.0, 0.05)
     assert level.high_source == "static.height_m"
