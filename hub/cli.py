@@ -323,6 +323,10 @@ def _hub_check(args: argparse.Namespace) -> int:
         f"{len(schema.declared_points())} attributes, {len(schema.relationships)} "
         f"relationships, {len(schema.structural)} structural rules"
     )
+    print(
+        f"physics   {len(schema.physical)} physical ranges, "
+        f"{len(schema.plausibility)} plausibility checks, {len(schema.interlocks)} interlocks"
+    )
     return EXIT_OK
 
 

@@ -3,8 +3,9 @@
 One TOML file (see ``examples/hub.toml`` and docs/hub.md). It is read strictly with
 ``fieldtwin.protocol.config``: every error names the file, the dotted key and the fix,
 and unknown keys are refused with a suggestion. Cross-references (an entity's type, a
-relationship's ends, a structural rule's types, a desired value's limits) are checked
-here too, so a hub never starts on a schema that contradicts itself.
+relationship's ends, a structural rule's types, a desired value's limits, a physical
+bound's ``static.KEY`` on every entity of its type, a plausibility check's points) are
+checked here too, so a hub never starts on a schema that contradicts itself.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ DRIFT_RULES = (
     "semantic.rate",
     "semantic.frozen",
     "semantic.model",
+    "semantic.implausible",
 )
 """Every check the drift engine runs; reconciliation rules match these ids."""
 
@@ -53,6 +55,7 @@ DEFAULT_SEVERITY = {
     "semantic.rate": "warning",
     "semantic.frozen": "warning",
     "semantic.model": "warning",
+    "semantic.implausible": "warning",
 }
 
 Scalar = bool | int | float | str
@@ -93,6 +96,11 @@ class AttributeSpec:
     max: float | None = None
     command: CommandRule | None = None
     """How commands on this attribute are checked, approved and verified (writable only)."""
+    physical_min: float | str | None = None
+    physical_max: float | str | None = None
+    """What the physics allows: a number, or ``"static.KEY"`` resolved per entity (a
+    tank's level cannot exceed that tank's ``height_m``). See ``TwinSchema.physical``."""
+    physical_margin: float = 0.0
 
     @property
     def has_thresholds(self) -> bool:
@@ -148,6 +156,40 @@ class Condition:
         subject = f"{self.entity}.{self.attribute} " if self.entity else ""
         shown = "true" if self.value is True else "false" if self.value is False else self.value
         return f"{subject}{self.op} {describe_config_value(shown)}"
+
+
+@dataclass(frozen=True, slots=True)
+class PhysicalRange:
+    """The resolved physical range of one attribute of one entity.
+
+    ``low_source``/``high_source`` say where a bound came from (``"static.height_m"`` or
+    ``""`` for a number in the type), so a finding can explain itself."""
+
+    low: float | None
+    high: float | None
+    margin: float = 0.0
+    low_source: str = ""
+    high_source: str = ""
+
+    def violation(self, value: float) -> str | None:
+        """``"min"`` or ``"max"`` if ``value`` is beyond a bound by more than the margin."""
+        if self.low is not None and value < self.low - self.margin:
+            return "min"
+        if self.high is not None and value > self.high + self.margin:
+            return "max"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PlausibilityCheck:
+    """Two readings that must agree: whenever ``when`` holds, ``require`` must hold too.
+
+    Same condition syntax as interlocks; judged only on fresh, good readings of both."""
+
+    id: str
+    when: Condition
+    require: Condition
+    description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +401,9 @@ class TwinSchema:
     relationships: tuple[RelationshipSpec, ...] = ()
     structural: tuple[StructuralRule, ...] = ()
     interlocks: tuple[Interlock, ...] = ()
+    plausibility: tuple[PlausibilityCheck, ...] = ()
+    physical: Mapping[tuple[str, str], PhysicalRange] = field(default_factory=dict)
+    """(entity, attribute) → physical range, ``static.KEY`` bounds already resolved."""
 
     def interlocks_for(self, entity: str, attribute: str) -> list[Interlock]:
         return [i for i in self.interlocks if i.entity == entity and i.attribute == attribute]
@@ -472,6 +517,8 @@ def load_hub_config(path: Path | str) -> HubConfig:
     relationships = _relationships(root, entities)
     structural = _structural(root, types)
     interlocks = _interlocks(root, types, entities)
+    physical = _physical_ranges(root, types, entities)
+    plausibility = _plausibility(root, types, entities)
     drift = _drift(root.section("drift"))
     ingest = _ingest(root.section("ingest"))
     reconciliation = _reconciliation(root.section("reconciliation"))
@@ -496,6 +543,8 @@ def load_hub_config(path: Path | str) -> HubConfig:
             relationships=tuple(relationships),
             structural=tuple(structural),
             interlocks=tuple(interlocks),
+            plausibility=tuple(plausibility),
+            physical=physical,
         ),
         drift=drift,
         ingest=ingest,
@@ -618,6 +667,9 @@ def _attribute(name: str, section: Section) -> AttributeSpec:
         writable=section.flag("writable", False),
         min=section.number("min", None),
         max=section.number("max", None),
+        physical_min=_physical_bound(section, "physical_min"),
+        physical_max=_physical_bound(section, "physical_max"),
+        physical_margin=section.number("physical_margin", 0.0, min=0.0),
     )
     command = _command_rule(section, spec.writable)
     if command is not None:
@@ -631,7 +683,34 @@ def _attribute(name: str, section: Section) -> AttributeSpec:
         and spec.low.warning >= spec.high.warning
     ):
         raise section.error("low", "the low warning limit must be below the high one")
+    if (
+        isinstance(spec.physical_min, float)
+        and isinstance(spec.physical_max, float)
+        and spec.physical_min > spec.physical_max
+    ):
+        raise section.error(
+            "physical_max",
+            f"physical_max ({spec.physical_max:g}) is below physical_min ({spec.physical_min:g})",
+        )
     return spec
+
+
+STATIC_PREFIX = "static."
+
+
+def _physical_bound(section: Section, key: str) -> float | str | None:
+    """A number, or ``"static.KEY"`` (checked against each entity in ``_physical_ranges``)."""
+    value = section.raw(key, None)
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str) and value.startswith(STATIC_PREFIX) and value[len(STATIC_PREFIX) :]:
+        return value
+    raise section.error(
+        key,
+        f'expected a number or "static.KEY" naming a static attribute of the entity, got {value!r}',
+    )
 
 
 _COMMAND_KEYS = (
@@ -851,13 +930,7 @@ def _interlocks(
     ids: set[str] = set()
 
     def point(section: Section, key: str, entity: str, attribute: str) -> None:
-        declared = entities.get(entity)
-        if declared is None:
-            raise section.error(key, f"{entity!r} is not a declared entity")
-        if attribute not in types[declared.type].attributes:
-            raise section.error(
-                key, f"{attribute!r} is not an attribute of {entity} (type {declared.type})"
-            )
+        _check_point(section, key, entity, attribute, types, entities)
 
     for section in root.sections("interlocks"):
         interlock_id = section.text("id")
@@ -891,6 +964,109 @@ def _interlocks(
                 attribute=attribute,
                 require=Condition(other, other_attr, op, value),
                 when=when,
+                description=section.text("description", "", allow_empty=True),
+            )
+        )
+        section.finish()
+    return out
+
+
+def _check_point(
+    section: Section,
+    key: str,
+    entity: str,
+    attribute: str,
+    types: Mapping[str, EntityType],
+    entities: Mapping[str, EntitySpec],
+) -> None:
+    """``entity.attribute`` must be a declared entity and an attribute of its type."""
+    declared = entities.get(entity)
+    if declared is None:
+        raise section.error(
+            key, f"{entity!r} is not a declared entity ({', '.join(sorted(entities))})"
+        )
+    if attribute not in types[declared.type].attributes:
+        raise section.error(
+            key,
+            f"{attribute!r} is not an attribute of {entity} (type {declared.type}: "
+            f"{', '.join(sorted(types[declared.type].attributes))})",
+        )
+
+
+def _physical_ranges(
+    root: Section, types: Mapping[str, EntityType], entities: Mapping[str, EntitySpec]
+) -> dict[tuple[str, str], PhysicalRange]:
+    """Resolve ``physical_min``/``physical_max`` per entity (``static.KEY`` → its number).
+
+    A reference is kept in the type so one declaration serves tanks of any height; an
+    entity that lacks the static attribute is a config error, not a silently open range."""
+    out: dict[tuple[str, str], PhysicalRange] = {}
+    for entity in entities.values():
+        for attr in types[entity.type].attributes.values():
+            if attr.physical_min is None and attr.physical_max is None:
+                continue
+            bounds: dict[str, tuple[float | None, str]] = {}
+            for side, bound in (
+                ("physical_min", attr.physical_min),
+                ("physical_max", attr.physical_max),
+            ):
+                key = f"types.{entity.type}.attributes.{attr.name}.{side}"
+                if bound is None or isinstance(bound, float):
+                    bounds[side] = (bound, "")
+                    continue
+                static_key = bound[len(STATIC_PREFIX) :]
+                value = entity.static.get(static_key)
+                if value is None:
+                    raise root.error(
+                        key,
+                        f"{bound!r}: entity {entity.id!r} (type {entity.type}) has no static "
+                        f"attribute {static_key!r}; add it to that entity "
+                        f"(static = {{ {static_key} = ... }}) or give a number here",
+                    )
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise root.error(
+                        key,
+                        f"{bound!r}: static {static_key} of entity {entity.id!r} is "
+                        f"{value!r}, not a number",
+                    )
+                bounds[side] = (float(value), bound)
+            (low, low_source), (high, high_source) = bounds["physical_min"], bounds["physical_max"]
+            if low is not None and high is not None and low > high:
+                raise root.error(
+                    f"types.{entity.type}.attributes.{attr.name}.physical_max",
+                    f"for entity {entity.id!r} physical_max ({high:g}) is below "
+                    f"physical_min ({low:g})",
+                )
+            out[(entity.id, attr.name)] = PhysicalRange(
+                low, high, attr.physical_margin, low_source, high_source
+            )
+    return out
+
+
+def _plausibility(
+    root: Section, types: Mapping[str, EntityType], entities: Mapping[str, EntitySpec]
+) -> list[PlausibilityCheck]:
+    """``[[plausibility]]``: cross-checks between readings, in the interlock syntax."""
+    out: list[PlausibilityCheck] = []
+    ids: set[str] = set()
+    for section in root.sections("plausibility"):
+        check_id = section.text("id")
+        if check_id in ids:
+            raise section.error("id", f"plausibility check {check_id!r} is declared twice")
+        ids.add(check_id)
+        conditions: dict[str, Condition] = {}
+        for key in ("when", "require"):
+            try:
+                entity, attribute, op, value = parse_condition(section.text(key), subject=True)
+            except ValueError as exc:
+                raise section.error(key, str(exc)) from None
+            _check_point(section, key, entity, attribute, types, entities)
+            conditions[key] = Condition(entity, attribute, op, value)
+        out.append(
+            PlausibilityCheck(
+                id=check_id,
+                when=conditions["when"],
+                require=conditions["require"],
                 description=section.text("description", "", allow_empty=True),
             )
         )

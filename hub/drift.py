@@ -34,6 +34,14 @@ Checks (rule ids, also used by reconciliation rules in the config):
   service measures the misses off the drift loop and hands them in (``model_misses``).
 - ``semantic.frozen``: no change beyond ``frozen_min_change`` for ``frozen_after_s``
   while fresh good samples keep arriving (and ``frozen_while`` holds, if given).
+- ``semantic.implausible``: a reading the physics forbids. Either a fresh good/uncertain
+  number outside its physical range (``physical_min``/``physical_max`` ± ``physical_margin``,
+  ``static.KEY`` bounds resolved per entity: a 7.9 m level in a 5 m tank), or a
+  ``[[plausibility]]`` cross-check whose ``when`` holds while its ``require`` does not, both
+  readings fresh and good (level 4.8 m while the high-level switch reads false). The
+  finding sits on the checked attribute (a cross-check's ``when`` attribute); one finding
+  per attribute, its description and ``detail`` listing every violation. Stale, bad or
+  missing inputs are not judged: they have their own findings.
 
 Health of an entity (as exported and shown by ``fieldtwin twin``):
 
@@ -54,11 +62,13 @@ from typing import Any
 from fieldtwin.hub.config import (
     DEFAULT_SEVERITY,
     AttributeSpec,
+    Condition,
     DriftConfig,
     Limits,
     ReconciliationConfig,
     TwinSchema,
 )
+from fieldtwin.hub.policy import compare
 from fieldtwin.hub.state import CurrentValue, GatewayLink, Key, TwinState, numeric
 from fieldtwin.protocol.messages import Quality, Value
 
@@ -323,7 +333,9 @@ class DriftEngine:
         findings: list[Finding] = []
         silent = self._gateways(state, now_ms, findings)
         down = self._devices(state, now_ms, silent, findings)
-        stale_count = self._attributes(state, now_ms, silent, findings, down)
+        fresh: dict[Key, CurrentValue] = {}
+        stale_count = self._attributes(state, now_ms, silent, findings, down, fresh)
+        self._plausibility(fresh, now_ms, findings)
         self._model_misses(state, now_ms, silent, findings)
         self._structure(state, now_ms, findings)
         active = {f.key for f in findings}
@@ -479,7 +491,10 @@ class DriftEngine:
         silent: set[str],
         out: list[Finding],
         device_down: AbstractSet[Key] = frozenset(),
+        fresh: dict[Key, CurrentValue] | None = None,
     ) -> int:
+        """Per-attribute checks; ``fresh`` collects the readings that are neither stale,
+        bad nor behind a silent gateway or a down device (the plausibility inputs)."""
         stale_count = 0
         schema = self.schema
         keys = set(state.current) | set(state.points)
@@ -498,6 +513,8 @@ class DriftEngine:
                 stale_count += 1
             if spec is None or current is None:
                 continue
+            if not stale and fresh is not None:
+                fresh[key] = current
             if spec.has_thresholds:
                 self._threshold(key, spec, current, now_ms, out)
             if spec.max_rate is not None:
@@ -627,6 +644,87 @@ class DriftEngine:
                 detail={"last_change_ms": current.last_change_ms},
             )
         )
+
+    def _plausibility(
+        self, fresh: Mapping[Key, CurrentValue], now_ms: int, out: list[Finding]
+    ) -> None:
+        """``semantic.implausible``: physical ranges and cross-checks, one finding per
+        attribute (findings are keyed by rule, entity and attribute)."""
+        reasons: dict[Key, list[str]] = {}
+        details: dict[Key, dict[str, Any]] = {}
+        for key, current in fresh.items():
+            span = self.schema.physical.get(key)
+            number = numeric(current.value)
+            if span is None or number is None or isinstance(current.value, bool):
+                continue
+            side = span.violation(number)
+            if side is None:
+                continue
+            entity, attribute = key
+            spec = self.schema.spec(entity, attribute)
+            unit = f" {spec.unit}" if spec is not None and spec.unit else ""
+            bound = span.high if side == "max" else span.low
+            source = span.high_source if side == "max" else span.low_source
+            assert bound is not None
+            why = (
+                f"physical_{side} {source} = {bound:g}" if source else f"physical_{side} {bound:g}"
+            )
+            if span.margin:
+                why += f", margin {span.margin:g}"
+            relation = "above" if side == "max" else "below"
+            reasons.setdefault(key, []).append(
+                f"{entity}.{attribute} = {_show(current.value)}{unit} is physically impossible: "
+                f"it is {relation} {bound:g}{unit} ({why})"
+            )
+            details.setdefault(key, {})["range"] = {
+                "min": span.low,
+                "max": span.high,
+                "margin": span.margin,
+                "value": number,
+                "min_source": span.low_source,
+                "max_source": span.high_source,
+            }
+        for check in self.schema.plausibility:
+            when, require = check.when, check.require
+            subject = (when.entity, when.attribute)
+            left = fresh.get(subject)
+            right = fresh.get((require.entity, require.attribute))
+            # interlock semantics: only fresh readings of GOOD quality are judged
+            if left is None or right is None or left.quality != 0 or right.quality != 0:
+                continue
+            if not compare(when.op, left.value, when.value):
+                continue
+            if compare(require.op, right.value, require.value):
+                continue
+            about = f" ({check.description})" if check.description else ""
+            reasons.setdefault(subject, []).append(
+                f"{_reading(when, left)} while {_reading(require, right)}: check {check.id} "
+                f"expects {require} whenever {when}{about}"
+            )
+            details.setdefault(subject, {}).setdefault("checks", []).append(
+                {
+                    "id": check.id,
+                    "when": str(when),
+                    "require": str(require),
+                    "when_value": left.value,
+                    "require_value": right.value,
+                }
+            )
+        for key in sorted(reasons):
+            entity, attribute = key
+            current = fresh[key]
+            out.append(
+                self._finding(
+                    "semantic.implausible",
+                    entity,
+                    attribute,
+                    "; ".join(reasons[key]),
+                    now_ms,
+                    value=current.value,
+                    gateway=current.gateway,
+                    detail=details[key],
+                )
+            )
 
     def _structure(self, state: TwinState, now_ms: int, out: list[Finding]) -> None:
         schema = self.schema
@@ -786,3 +884,10 @@ def _show(value: Value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def _reading(condition: Condition, current: CurrentValue) -> str:
+    """``tank-1.high_level = false`` (bools as true/false, numbers compact)."""
+    value = current.value
+    shown = ("true" if value else "false") if isinstance(value, bool) else _show(value)
+    return f"{condition.entity}.{condition.attribute} = {shown}"

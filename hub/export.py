@@ -151,6 +151,9 @@ def _strategy(config: HubConfig, issues: Sequence[Mapping[str, Any]]) -> str:
 def _rules(config: HubConfig) -> list[dict[str, Any]]:
     rules: list[dict[str, Any]] = []
     schema = config.schema
+    cross_checked = {
+        (schema.type_of(check.when.entity), check.when.attribute) for check in schema.plausibility
+    }
     for type_name, entity_type in sorted(schema.types.items()):
         gateways = sorted(
             {e.gateway or "any gateway" for e in schema.entities.values() if e.type == type_name}
@@ -163,6 +166,12 @@ def _rules(config: HubConfig) -> list[dict[str, Any]]:
                 triggers.append("semantic.rate")
             if spec.frozen_after_s is not None:
                 triggers.append("semantic.frozen")
+            if (
+                spec.physical_min is not None
+                or spec.physical_max is not None
+                or (type_name, name) in cross_checked
+            ):
+                triggers.append("semantic.implausible")
             rules.append(
                 {
                     "entity_type": type_name,
@@ -222,6 +231,36 @@ def _drift_detection(config: HubConfig) -> dict[str, Any]:
     }
 
 
+UNTRUSTED_RULES = ("temporal.sensor_stale", "semantic.implausible", "semantic.model")
+"""Open findings that make the attribute they name untrustworthy for ``confidence``: a
+stale reading, a reading the physics forbids, a behaviour the model does not explain."""
+
+
+def twin_confidence(
+    entities: Sequence[Mapping[str, Any]],
+    declared_points: Sequence[tuple[str, str]],
+    issues: Sequence[Mapping[str, Any]],
+) -> float:
+    """Share of declared attributes the twin can vouch for: reported with good quality by
+    an entity that is not stale, and not named by an open ``UNTRUSTED_RULES`` finding.
+
+    Freshness alone kept a twin at 1.0 while its level read 7.9 m in a 5 m tank."""
+    if not declared_points:
+        return 0.0
+    declared = set(declared_points)
+    untrusted = {(i["entity"], i["attribute"]) for i in issues if i["rule"] in UNTRUSTED_RULES}
+    trusted = sum(
+        1
+        for e in entities
+        if e["health"] in ("healthy", "degraded")
+        for name, attr in e["attributes"].items()
+        if attr["quality"] == "good"
+        and (e["physical_id"], name) in declared
+        and (e["physical_id"], name) not in untrusted
+    )
+    return round(trusted / len(declared), 3)
+
+
 def twin_document(
     store: TwinStore,
     config: HubConfig,
@@ -243,15 +282,7 @@ def twin_document(
     recent = store.query(
         "SELECT ts_ms, entity, action, result FROM actions ORDER BY ts_ms DESC LIMIT 20"
     )
-    declared_points = config.schema.declared_points()
-    fresh_good = sum(
-        1
-        for e in entities
-        if e["health"] in ("healthy", "degraded")
-        for name, attr in e["attributes"].items()
-        if attr["quality"] == "good" and (e["physical_id"], name) in set(declared_points)
-    )
-    confidence = round(fresh_good / len(declared_points), 3) if declared_points else 0.0
+    confidence = twin_confidence(entities, config.schema.declared_points(), issues)
     head = store.audit_head()
     return {
         "digital_twin": {
@@ -345,8 +376,9 @@ def twin_document(
             "gateway clocks are synchronised with the hub (freshness uses source timestamps)",
             "last-writer-wins by source timestamp decides current state",
             f"drift checks run every {config.drift.interval_s:g}s: " + ", ".join(DRIFT_RULES),
-            f"confidence = share of declared attributes reported fresh with good quality "
-            f"(as of {iso(now_ms)})",
+            "confidence = share of declared attributes reported fresh with good quality "
+            "and not under an open " + ", ".join(UNTRUSTED_RULES) + f" finding "
+            f"(physically implausible or inconsistent with the model; as of {iso(now_ms)})",
         ],
     }
 

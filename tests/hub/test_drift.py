@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.hub_env import write_hub_config
+from support.plausibility import write_plausible_config
 
 from fieldtwin.hub.config import HubConfig, Limits, load_hub_config
-from fieldtwin.hub.drift import DriftEngine, ThresholdMonitor
+from fieldtwin.hub.drift import DriftEngine, Finding, ThresholdMonitor
 from fieldtwin.hub.state import CurrentValue, GatewayLink, PointInfo, RateEvent, TwinState
 
 T0 = 1_700_000_000_000
@@ -263,3 +264,146 @@ def test_a_planned_shutdown_is_recorded_not_alarmed_and_a_restart_gives_a_grace(
     assert rules(restarted.evaluate(old, T0 + 61_000)) == set()
     later = rules(restarted.evaluate(old, T0 + 64_000))
     assert ("temporal.gateway_silent", "gw-01", "") in later
+
+
+# -- physical plausibility -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plausible(tmp_path_factory: pytest.TempPathFactory) -> HubConfig:
+    files = write_plausible_config(tmp_path_factory.mktemp("plausible"), stale_s=3)
+    return load_hub_config(files.config)
+
+
+def tank_state(now: int, level: float, switch: object, quality: int = 0) -> TwinState:
+    """The healthy twin with a level (``quality``) and a high-level switch reading."""
+    state = healthy_state(now)
+    state.current[("tank-1", "level")] = CurrentValue(level, now, quality, "gw-01", now, now)
+    state.current[("tank-1", "high_level")] = CurrentValue(switch, now, 0, "gw-01", now, now)
+    return state
+
+
+def implausible(report: object) -> list[Finding]:
+    return [f for f in report.findings if f.rule == "semantic.implausible"]  # type: ignore[attr-defined]
+
+
+def test_a_plausible_tank_has_no_findings(plausible: HubConfig) -> None:
+    now = T0 + 1000
+    engine = engine_for(plausible)
+    for level, switch in ((2.0, False), (4.55, False), (4.5, True), (4.45, True), (0.0, False)):
+        report = engine.evaluate(tank_state(now, level, switch), now)
+        assert implausible(report) == [], (level, switch)
+    assert engine.evaluate(tank_state(now, 2.0, False), now).health["tank-1"] == "healthy"
+
+
+def test_a_level_beyond_the_tanks_height_is_implausible(plausible: HubConfig) -> None:
+    now = T0 + 1000
+    report = engine_for(plausible).evaluate(tank_state(now, 5.3, True), now)
+    (finding,) = implausible(report)
+    assert (finding.entity, finding.attribute) == ("tank-1", "level")
+    assert (finding.severity, finding.strategy) == ("warning", "investigate")
+    assert finding.description.startswith("tank-1.level = 5.3 m is physically impossible")
+    assert "physical_max static.height_m = 5" in finding.description
+    assert finding.detail["range"] == {
+        "min": 0.0,
+        "max": 5.0,
+        "margin": 0.05,
+        "value": 5.3,
+        "min_source": "",
+        "max_source": "static.height_m",
+    }
+    assert finding.value == 5.3
+    assert report.health["tank-1"] == "degraded"
+    below = implausible(engine_for(plausible).evaluate(tank_state(now, -0.2, False), now))
+    assert "below 0 m" in below[0].description
+
+
+def test_the_physical_margin_tolerates_noise_at_the_bounds(plausible: HubConfig) -> None:
+    now = T0 + 1000
+    engine = engine_for(plausible)
+    assert implausible(engine.evaluate(tank_state(now, 5.04, True), now)) == []
+    assert implausible(engine.evaluate(tank_state(now, -0.04, False), now)) == []
+    assert len(implausible(engine.evaluate(tank_state(now, 5.06, True), now))) == 1
+    assert len(implausible(engine.evaluate(tank_state(now, -0.06, False), now))) == 1
+
+
+def test_stale_or_bad_readings_are_not_judged(plausible: HubConfig) -> None:
+    now = T0 + 10_000
+    engine = engine_for(plausible)
+    old = tank_state(now, 7.9, False)
+    old.current[("tank-1", "level")] = CurrentValue(7.9, now - 4000, 0, "gw-01", now, now - 4000)
+    report = engine.evaluate(old, now)
+    assert implausible(report) == []
+    assert ("temporal.sensor_stale", "tank-1", "level") in rules(report)
+    bad = engine.evaluate(tank_state(now, 7.9, False, quality=2), now)
+    assert implausible(bad) == []
+    # an uncertain number is still a number the physics can rule out
+    uncertain = implausible(engine.evaluate(tank_state(now, 7.9, False, quality=1), now))
+    assert [f.detail.keys() for f in uncertain] == [{"range"}]  # no cross-check on it
+    silent = tank_state(now, 7.9, False)
+    silent.gateways["gw-01"].last_frame_ms = now - 3500
+    assert implausible(engine.evaluate(silent, now)) == []
+
+
+def test_a_level_high_while_the_switch_reads_off_contradicts(plausible: HubConfig) -> None:
+    now = T0 + 1000
+    report = engine_for(plausible).evaluate(tank_state(now, 4.8, False), now)
+    (finding,) = implausible(report)
+    assert (finding.entity, finding.attribute) == ("tank-1", "level")
+    assert "tank-1.level = 4.8 while tank-1.high_level = false" in finding.description
+    assert "level-vs-switch" in finding.description
+    assert "a level above 4.6 m has the high-level switch on" in finding.description
+    assert finding.detail == {
+        "checks": [
+            {
+                "id": "level-vs-switch",
+                "when": "tank-1.level > 4.6",
+                "require": "tank-1.high_level == true",
+                "when_value": 4.8,
+                "require_value": False,
+            }
+        ]
+    }
+    assert report.health["tank-1"] == "degraded"
+    # the switch on agrees with the level; reported as 0/1 it is judged the same way
+    engine = engine_for(plausible)
+    assert implausible(engine.evaluate(tank_state(now, 4.8, True), now)) == []
+    assert implausible(engine.evaluate(tank_state(now, 4.8, 1), now)) == []
+    assert len(implausible(engine.evaluate(tank_state(now, 4.8, 0), now))) == 1
+
+
+def test_a_switch_on_while_the_level_is_low_contradicts(plausible: HubConfig) -> None:
+    now = T0 + 1000
+    (finding,) = implausible(engine_for(plausible).evaluate(tank_state(now, 2.0, True), now))
+    assert (finding.entity, finding.attribute) == ("tank-1", "high_level")
+    assert "switch-vs-level" in finding.description
+    assert finding.detail["checks"][0]["require_value"] == 2.0
+
+
+def test_a_cross_check_needs_fresh_good_readings_of_both_points(plausible: HubConfig) -> None:
+    now = T0 + 200_000
+    engine = engine_for(plausible)
+    state = tank_state(now, 4.8, False)
+    # the switch has no interval: stale after default_interval_s (30) x stale_factor (3)
+    old = now - 91_000
+    state.current[("tank-1", "high_level")] = CurrentValue(False, old, 0, "gw-01", now, old)
+    report = engine.evaluate(state, now)
+    assert ("temporal.sensor_stale", "tank-1", "high_level") in rules(report)
+    assert implausible(report) == []
+    state.current[("tank-1", "high_level")] = CurrentValue(False, now, 0, "gw-01", now, old)
+    assert len(implausible(engine.evaluate(state, now))) == 1
+    assert implausible(engine.evaluate(tank_state(now, 4.8, False, quality=1), now)) == []
+
+
+def test_range_and_cross_check_on_one_attribute_make_one_finding(plausible: HubConfig) -> None:
+    """The 5 m tank that read 7.9 m with its high-level switch off."""
+    engine = engine_for(plausible)
+    now = T0 + 1000
+    (finding,) = implausible(engine.evaluate(tank_state(now, 7.9, False), now))
+    assert set(finding.detail) == {"range", "checks"}
+    assert "physically impossible" in finding.description
+    assert "level-vs-switch" in finding.description
+    # it keeps its first detection time and clears when the readings agree again
+    (later,) = implausible(engine.evaluate(tank_state(now + 500, 7.9, False), now + 500))
+    assert later.since_ms == now
+    assert implausible(engine.evaluate(tank_state(now + 600, 2.0, False), now + 600)) == []
