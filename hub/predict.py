@@ -357,23 +357,28 @@ def _spec(config: HubConfig, point: Point) -> Any:
 
 
 def _models_for(
-    bank: ModelBank, ctx: Context, points: set[Point], at_ms: int | None
+    bank: ModelBank, ctx: Context, chain: set[Point], targets: set[Point], at_ms: int | None
 ) -> tuple[dict[str, Model], dict[str, str]]:
-    """The models of ``points``: the bank's (live), or fitted now on history before
-    ``at_ms`` only (a comparison must not see the future it is judged against)."""
+    """The models a forecast of ``targets`` runs: every influenced point of ``chain`` and
+    a trend model for a target nobody declared an influence for. Inputs with neither
+    (setpoints) hold their value. The bank's models (live), or models fitted now on
+    history before ``at_ms`` only (a comparison must not see the future it is judged
+    against)."""
     influenced = bank.influenced()
-    wanted_influenced = {p: influenced[p] for p in points if p in influenced}
+    wanted_influenced = {p: influenced[p] for p in chain if p in influenced}
+    wanted_trends = [p for p in targets if p not in influenced]
     if at_ms is None:
-        have = {label(p): bank.models[label(p)] for p in points if label(p) in bank.models}
+        wanted = [*wanted_influenced, *wanted_trends]
+        have = {label(p): bank.models[label(p)] for p in wanted if label(p) in bank.models}
         missing_influenced = {p: i for p, i in wanted_influenced.items() if label(p) not in have}
-        missing_trends = [p for p in points if p not in influenced and label(p) not in have]
+        missing_trends = [p for p in wanted_trends if label(p) not in have]
         if not missing_influenced and not missing_trends:
             return have, {}
         end = ctx.now_ms
     else:
         have = {}
         missing_influenced = wanted_influenced
-        missing_trends = [p for p in points if p not in influenced]
+        missing_trends = wanted_trends
         end = at_ms
     needed = set(missing_trends) | {x for t, i in missing_influenced.items() for x in (t, *i)}
     start = end - round(bank.settings.history_s * 1000)
@@ -402,7 +407,7 @@ def _trajectories(
     chain: set[Point] = set()
     for point in points:
         chain |= bank.chain(point)
-    fitted, errors = _models_for(bank, ctx, chain, at_ms)
+    fitted, errors = _models_for(bank, ctx, chain, points, at_ms)
     lags = max((m.lags for m in fitted.values()), default=1) + 2
     start = origin_ms - lags * bank.step_ms
     _, history = load_grids(ctx.store, chain, start, origin_ms, bank.step_ms)
@@ -533,12 +538,17 @@ def forecast(
         "crossings": _crossings(trajectory, current, spec),
     }
     if at_ms is not None:
-        result["comparison"] = _compare(bank, ctx, point, trajectory, steps)
+        result["comparison"] = _compare(bank, ctx, point, trajectory, steps, model)
     return result
 
 
 def _compare(
-    bank: ModelBank, ctx: Context, point: Point, trajectory: Trajectory, steps: int
+    bank: ModelBank,
+    ctx: Context,
+    point: Point,
+    trajectory: Trajectory,
+    steps: int,
+    model: Model | None,
 ) -> dict[str, Any]:
     """Forecast against what devices reported afterwards (and the naive last value)."""
     start = trajectory.start_ms
@@ -556,21 +566,44 @@ def _compare(
     naive = np.abs(trajectory_origin(grids[label(point)]) - truth)[known]
     inside80 = (np.abs(mean - truth) <= models.Z80 * sigma)[known]
     inside95 = (np.abs(mean - truth) <= models.Z95 * sigma)[known]
+    replay = _replay(model, ctx, start, count, bank.step_ms)
     rows = []
     for row in _rows(trajectory, steps):
         index = round(row["in_s"] * 1000 / bank.step_ms) - 1
         if index < count and np.isfinite(truth[index]):
             row["actual"] = float(truth[index])
+            if replay is not None:
+                row["replay"] = float(replay[index])
             rows.append(row)
+    replay_errors = np.abs(replay - truth)[known] if replay is not None else np.asarray([])
     return {
         "until": iso(start + count * bank.step_ms),
         "samples": int(known.sum()),
         "mae": float(errors.mean()) if len(errors) else None,
         "naive_mae": float(naive.mean()) if len(naive) else None,
+        "replay_mae": float(replay_errors.mean()) if len(replay_errors) else None,
         "coverage_80": float(inside80.mean()) if len(inside80) else None,
         "coverage_95": float(inside95.mean()) if len(inside95) else None,
         "rows": rows,
     }
+
+
+def _replay(model: Model | None, ctx: Context, start: int, count: int, step_ms: int) -> Any:
+    """The model driven by the inputs that really happened after ``start`` (how good
+    the model is, apart from what nobody could know then: later setpoint changes)."""
+    if model is None or not model.inputs:
+        return None
+    points = [parse_point(model.target), *(parse_point(i) for i in model.inputs)]
+    lags = model.lags + 2
+    _, grids = load_grids(
+        ctx.store, points, start - lags * step_ms, start + count * step_ms, step_ms
+    )
+    y = grids[model.target]
+    u = np.vstack([grids[i] for i in model.inputs])
+    origin = np.asarray([lags], dtype=np.int64)
+    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(y[: lags + 1]))):
+        return None
+    return models.free_run(model, y, u, origin, count)[0]
 
 
 def trajectory_origin(series: Array) -> float:

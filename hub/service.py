@@ -1402,7 +1402,11 @@ class HubService:
         )
 
     def _queried(self) -> None:
+        """Queries read the store: bring its current table up to what ingest applied
+        (a birth's state reaches the table only by a flush, normally each drift cycle),
+        so an answer never lags the acks the gateway already has."""
         self.last_query_ms = self.now_ms()
+        self.flush()
 
     def export(self) -> dict[str, Any]:
         document = twin_document(self.store, self.config, last_query_ms=self.last_query_ms)

@@ -7,116 +7,28 @@ a controllable clock; no broker: the service's answers and downlink frames are t
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.hub_env import GatewaySigner, HubFiles, point, sample, write_hub_config
+from support.service_rig import Clock, Rig
 
 from fieldtwin.hub.audit import verify_chain
 from fieldtwin.hub.config import load_hub_config
-from fieldtwin.hub.ingest import Inbound
 from fieldtwin.hub.metrics import HubMetrics
-from fieldtwin.hub.service import Effects, HubService
+from fieldtwin.hub.service import HubService
 from fieldtwin.hub.store import TwinStore
 from fieldtwin.protocol.approvals import (
     approval_digest,
     check_approvals,
     command_digest,
-    sign_approval,
 )
-from fieldtwin.protocol.frames import FrameSigner, decode_frame
+from fieldtwin.protocol.frames import FrameSigner
 from fieldtwin.protocol.keys import KeyRegistry
-from fieldtwin.protocol.messages import Command, CommandResult, OperatorRequest, OperatorResponse
-from fieldtwin.protocol.topics import operator_request_topic, uplink_topic
-
-T0 = 1_800_000_000_000
-
-
-@dataclass
-class Clock:
-    now_ms: int = T0
-
-    def __call__(self) -> float:
-        return self.now_ms / 1000
-
-    def advance(self, ms: int) -> None:
-        self.now_ms += ms
-
-
-@dataclass
-class Rig:
-    files: HubFiles
-    clock: Clock
-    service: HubService
-    gw: GatewaySigner
-    hub_keys: KeyRegistry
-    sent: list[Command] = field(default_factory=list)
-
-    @property
-    def store(self) -> TwinStore:
-        return self.service.store
-
-    def feed(self, *messages: tuple[str, bytes]) -> Effects:
-        batch = [Inbound(t, p, self.clock.now_ms) for t, p in messages]
-        outcome, effects = self.service.ingest_batch(batch)
-        assert outcome.error is None
-        self._collect(effects)
-        return effects
-
-    def ask(self, operator: str, op: str, args: dict[str, Any] | None = None) -> OperatorResponse:
-        body = OperatorRequest(secrets.token_hex(12), self.clock.now_ms + 30_000, op, args or {})
-        payload = FrameSigner(operator, self.files.operator_keys[operator]).encode(
-            1, 1, self.clock.now_ms, body
-        )
-        effects = self.service.handle_request(operator_request_topic(operator), payload)
-        answers = self._collect(effects)
-        assert len(answers) == 1, answers
-        assert answers[0].to == operator
-        return answers[0]
-
-    def ok(self, operator: str, op: str, args: dict[str, Any] | None = None) -> Any:
-        answer = self.ask(operator, op, args)
-        assert answer.ok, (answer.code, answer.error)
-        return answer.result
-
-    def approve(self, operator: str, command_id: str) -> Any:
-        row = self.ok(operator, "cmd.show", {"cmd_id": command_id})
-        digest = bytes.fromhex(row["digest"])
-        approval = sign_approval(operator, self.files.operator_keys[operator], digest)
-        return self.ask(
-            operator,
-            "cmd.approve",
-            {"cmd_id": command_id, "signature": approval.signature, "key_id": approval.key_id},
-        )
-
-    def tick(self, ms: int = 0) -> Effects:
-        self.clock.advance(ms)
-        effects = self.service.command_tick()
-        self._collect(effects)
-        return effects
-
-    def result(self, command: Command, status: str, readback: Any) -> Effects:
-        body = CommandResult(command.cmd_id, status, "", readback, self.clock.now_ms)
-        frame = self.gw.signer.encode(self.gw.epoch, self.gw.next_seq(), self.clock.now_ms, body)
-        return self.feed((uplink_topic("gw-01", "cmd_result"), frame))
-
-    def _collect(self, effects: Effects) -> list[OperatorResponse]:
-        answers = []
-        for item in effects.publish:
-            frame = decode_frame(item.payload, self.hub_keys)
-            if isinstance(frame.body, OperatorResponse):
-                answers.append(frame.body)
-            elif isinstance(frame.body, Command):
-                assert item.topic == "ft/v1/gw-01/down/cmd"
-                self.sent.append(frame.body)
-        return answers
-
-    def audit_actions(self) -> list[str]:
-        return [row[0] for row in self.store.query("SELECT action FROM audit ORDER BY seq")]
+from fieldtwin.protocol.messages import OperatorRequest
+from fieldtwin.protocol.topics import operator_request_topic
 
 
 def _open(files: HubFiles, clock: Clock) -> HubService:
