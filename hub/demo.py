@@ -819,6 +819,9 @@ async def gather_facts(plant: Plant, duration_s: float) -> RunFacts:
     # fresh values only: a second read after the truth narrows the lag
     entities = await plant.call("/api/twin")
     matches, mismatches = compare_with_truth(entities, truth, plant.started_ms)
+    risk: dict[str, Any] | None = None
+    with contextlib.suppress(DemoError):
+        risk = await plant.call("/api/risk")
     return RunFacts(
         broker_url=plant.broker_url,
         embedded_broker=plant.broker is not None,
@@ -832,6 +835,7 @@ async def gather_facts(plant: Plant, duration_s: float) -> RunFacts:
         truth_file=truth_file,
         status=status,
         audit=audit,
+        risk=risk,
     )
 
 

@@ -362,8 +362,10 @@ def twin_document(
         },
         "operations": {
             "query_enabled": True,
-            "simulation_enabled": False,
-            "prediction_enabled": False,
+            # what-if needs declared influences; forecasts also run on trend models
+            "simulation_enabled": config.prediction.enabled and bool(config.prediction.influences),
+            "prediction_enabled": config.prediction.enabled,
+            "models_fitted": store.query("SELECT count(*) FROM models")[0][0],
             "last_query": iso(last_query_ms),
         },
         "confidence": confidence,

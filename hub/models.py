@@ -37,8 +37,10 @@ Array = npt.NDArray[np.float64]
 
 STRUCTURES = ("integrating", "first_order", "arx", "trend")
 DEAD_TIMES = (0, 1, 2, 3, 5, 8, 13, 21)
-MIN_SAMPLES = 60
+MIN_SAMPLES = 30
 """Grid steps of complete data a fit needs (fewer: no model, said so)."""
+HOLDOUT_MIN = 400
+"""From this many grid steps on, structures are judged on data they were not fitted on."""
 Z80 = 1.2815515655446004
 Z95 = 1.959963984540054
 
@@ -305,6 +307,9 @@ def fit(
     """Choose and fit a model of ``y`` driven by ``u`` (inputs × grid); raise ModelError."""
     u = np.asarray(u, dtype=np.float64).reshape(len(inputs), len(y))
     complete = np.isfinite(y) & np.all(np.isfinite(u), axis=0)
+    if complete.any():  # a young twin: the window starts before its history does
+        first = int(np.argmax(complete))
+        y, u, complete = y[first:], u[:, first:], complete[first:]
     n = len(y)
     if int(complete.sum()) < MIN_SAMPLES:
         raise ModelError(
@@ -312,8 +317,12 @@ def fit(
             f"a model needs at least {MIN_SAMPLES}"
         )
     max_lag = max(DEAD_TIMES) + 2
-    split = int(n * 0.75)
-    validate_steps = max(1, min(horizon_steps, (n - split) // 2))
+    # Long histories: fit on the older 75 %, judge on the newer 25 %. Short ones (a
+    # young twin): the newest quarter may hold no input change at all and would favour
+    # a model that ignores its inputs, so fit and judge on everything.
+    holdout = n >= HOLDOUT_MIN
+    split = int(n * 0.75) if holdout else n
+    validate_steps = max(1, min(horizon_steps, (n - split) // 2 if holdout else n // 3))
     best: tuple[float, _Candidate] | None = None
     for cand in _candidates(len(inputs) > 0):
         lags = cand.dead_time + max(cand.input_lags, 1) + 1
@@ -322,7 +331,7 @@ def fit(
         if params is None:
             continue
         model = _model(target, inputs, cand, params, step_ms)
-        origins = _origins(complete, split, n, model.lags, validate_steps, 60)
+        origins = _origins(complete, split if holdout else 0, n, model.lags, validate_steps, 60)
         if len(origins) == 0:
             origins = _origins(complete, 0, n, model.lags, validate_steps, 60)
         if len(origins) == 0:

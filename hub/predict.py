@@ -523,6 +523,10 @@ def forecast(
     trajectories, fitted, errors = _trajectories(bank, ctx, {point}, origin, steps, {}, at_ms)
     name = label(point)
     trajectory = trajectories[name]
+    if not trajectory.modelled:  # a held value with no interval is not a forecast
+        raise PredictionError(
+            f"no model of {name} yet: {errors.get(name) or 'its inputs have no history'}"
+        )
     _, now_grid = load_grids(ctx.store, [point], origin - bank.step_ms, origin, bank.step_ms)
     current = float(now_grid[name][-1])
     model = fitted.get(name)

@@ -67,6 +67,8 @@ class RunFacts:
     truth_file: str | None
     status: dict[str, Any]
     audit: list[dict[str, Any]]
+    risk: dict[str, Any] | None = None
+    """The hub's ``/api/risk``: the models' probability of a critical crossing."""
 
 
 def pipeline_problems(facts: RunFacts) -> list[str]:
@@ -166,8 +168,25 @@ def sync_report(
     unhealthy = [e for e in twin["entities"] if e["health"] != "healthy"]
     current_risk = min(1.0, 0.25 * len(critical) + 0.1 * len(warnings) + 0.5 * len(problems))
     current_risk = round(max(current_risk, len(unhealthy) / entity_count * 0.5), 3)
-    stale_share = drift["entities_stale"] / entity_count
-    forecasted_risk = round(min(1.0, current_risk + 0.5 * stale_share), 3)
+    # forecasted risk: the learned models' probability that some attribute crosses a
+    # critical limit within the prediction horizon (hub/predict.py risk); left out, with
+    # the reason, when no model could be fitted yet (a young twin)
+    forecast: dict[str, Any] = {}
+    risk = facts.risk or {}
+    if risk.get("probability") is not None:
+        forecast["forecasted_risk"] = round(float(risk["probability"]), 3)
+        forecast["forecast_horizon"] = _duration(float(risk["horizon_s"]))
+        forecast["forecast_factors"] = [
+            f"{f['point']}: {f['text']}" for f in risk.get("factors", [])
+        ]
+        forecast["forecast_basis"] = (
+            f"{risk['points_considered']} attribute(s) with critical limits forecast by "
+            "their learned models"
+        )
+    else:
+        forecast["forecast_unavailable"] = list(risk.get("unavailable") or []) or [
+            "the hub gave no risk forecast"
+        ]
     audit_head = facts.status.get("audit_head") or [0, ""]
     anchors_audit = [
         f"audit:seq={a['seq']}:{a['action']}:{a['hash'][:16]}" for a in facts.audit[-10:]
@@ -260,7 +279,7 @@ def sync_report(
         },
         "risk_assessment": {
             "current_risk": current_risk,
-            "forecasted_risk": forecasted_risk,
+            **forecast,
             "risk_factors": (
                 [f"{e['twin_id']} is {e['health']}" for e in unhealthy]
                 + [f"{i['severity']} {i['type']} drift on {i['entity_id']}" for i in issues]

@@ -1,0 +1,229 @@
+"""Learned dynamics, pure: structure identification, intervals, what-if chains, limits,
+model residuals. Synthetic plants with known parameters and seeded noise."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fieldtwin.hub import models
+from fieldtwin.hub.models import Model, ModelError
+
+STEP_MS = 1000
+
+
+def steps(n: int, levels: list[float], every: int) -> np.ndarray:
+    """A setpoint schedule cycling through ``levels`` every ``every`` steps."""
+    return np.asarray([levels[(i // every) % len(levels)] for i in range(n)], dtype=float)
+
+
+def integrating(n: int = 1500, gain: float = 2e-5, noise: float = 0.002, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    u = steps(n, [900, 1200, 700, 1000, 800], 150)
+    y = np.empty(n)
+    y[0] = 2.0
+    for t in range(n - 1):
+        y[t + 1] = y[t] + gain * (u[t] - 900)
+    return y + rng.normal(0, noise, n), u
+
+
+def first_order(n: int = 2000, tau: float = 40.0, gain: float = 3.0, dead: int = 0, seed: int = 2):
+    """A boiler: ``T → 20 + gain·P`` with time constant ``tau`` s and ``dead`` s delay."""
+    rng = np.random.default_rng(seed)
+    u = steps(n, [30, 10, 40, 20], 200)
+    a = math.exp(-1 / tau)
+    y = np.empty(n)
+    y[0] = 20 + gain * u[0]
+    for t in range(n - 1):
+        drive = u[max(t - dead, 0)]
+        y[t + 1] = a * y[t] + (1 - a) * (20 + gain * drive)
+    return y + rng.normal(0, 0.05, n), u
+
+
+def fit(y: np.ndarray, u: np.ndarray, horizon: int = 120) -> Model:
+    return models.fit(
+        "x.y", ["x.u"], y, u[None, :], step_ms=STEP_MS, horizon_steps=horizon, now_ms=0
+    )
+
+
+def test_an_integrating_plant_is_identified_with_its_gain() -> None:
+    y, u = integrating()
+    model = fit(y, u)
+    assert model.structure == "integrating"
+    assert model.b[0][0] == pytest.approx(2e-5, rel=0.05)
+    assert model.c == pytest.approx(-900 * 2e-5, rel=0.05)
+    assert model.r2 > 0.95
+
+
+def test_a_first_order_plant_gets_its_time_constant_and_dead_time() -> None:
+    y, u = first_order(dead=5)
+    model = fit(y, u)
+    assert model.structure in ("first_order", "arx")
+    if model.structure == "first_order":
+        assert model.time_constant_s == pytest.approx(40.0, rel=0.1)
+    assert model.dead_time in (4, 5, 6)
+    # steady state: the model's gain from power to temperature
+    if model.structure == "first_order":
+        steady_gain = model.b[0][0] / (1 - model.a[0])
+        assert steady_gain == pytest.approx(3.0, rel=0.05)
+
+
+def test_without_inputs_a_trend_or_mean_reversion_is_fitted() -> None:
+    rng = np.random.default_rng(3)
+    y = 10 + 0.001 * np.arange(600) + rng.normal(0, 0.01, 600)
+    model = models.fit(
+        "x.y", [], y, np.zeros((0, 600)), step_ms=STEP_MS, horizon_steps=60, now_ms=0
+    )
+    assert model.structure in ("trend", "first_order")
+    assert model.inputs == ()
+    trajectory = models.simulate({"x.y": model}, {"x.y": y}, 60, start_ms=0, step_ms=STEP_MS)["x.y"]
+    assert trajectory.mean[-1] == pytest.approx(y[-20:].mean() + 0.06, abs=0.05)
+
+
+def test_too_little_history_is_a_clear_error() -> None:
+    y, u = integrating(n=20)
+    with pytest.raises(ModelError, match="a model needs at least"):
+        fit(y, u)
+
+
+def test_gaps_are_skipped_not_bridged() -> None:
+    y, u = integrating()
+    y[400:460] = np.nan  # the gateway was away for a minute
+    model = fit(y, u)
+    assert model.structure == "integrating"
+    assert model.samples == len(y) - 60
+    assert model.b[0][0] == pytest.approx(2e-5, rel=0.05)
+
+
+def test_intervals_cover_what_a_held_out_future_does() -> None:
+    """Fit on one noise realisation, judge the 95 % band on another: about 95 % inside."""
+    y, u = first_order(seed=5)
+    model = fit(y, u, horizon=60)
+    y2, _ = first_order(seed=6)
+    origins = np.arange(100, len(y2) - 61, 7)
+    forecast = models.free_run(model, y2, u[None, :], origins, 60)
+    actual = np.stack([y2[origins + h + 1] for h in range(60)], axis=1)
+    sigma = np.asarray([model.sigma_at(h + 1) for h in range(60)])
+    inside = np.abs(forecast - actual) <= models.Z95 * sigma
+    assert 0.9 <= inside.mean() <= 0.995
+
+
+def test_a_what_if_runs_through_a_chain_of_models() -> None:
+    """speed follows its setpoint, the level integrates speed: set the setpoint, the
+    level moves; without the change it does not."""
+    n = 800
+    sp = steps(n, [900, 1100], 100)
+    speed = np.empty(n)
+    speed[0] = 900
+    for t in range(n - 1):
+        speed[t + 1] = speed[t] + (sp[t] - speed[t]) * 0.3
+    level = np.empty(n)
+    level[0] = 2.0
+    for t in range(n - 1):
+        level[t + 1] = level[t] + 2e-5 * (speed[t] - 1000)
+    speed_model = models.fit(
+        "p.speed", ["p.sp"], speed, sp[None, :], step_ms=STEP_MS, horizon_steps=60, now_ms=0
+    )
+    level_model = models.fit(
+        "t.level", ["p.speed"], level, speed[None, :], step_ms=STEP_MS, horizon_steps=60, now_ms=0
+    )
+    bank = {"p.speed": speed_model, "t.level": level_model}
+    history = {"p.sp": sp, "p.speed": speed, "t.level": level}
+    base = models.simulate(bank, history, 120, start_ms=0, step_ms=STEP_MS)
+    changed = models.simulate(
+        bank, history, 120, start_ms=0, step_ms=STEP_MS, overrides={"p.sp": 1400.0}
+    )
+    assert changed["p.speed"].mean[-1] == pytest.approx(1400, abs=5)
+    rise = changed["t.level"].mean[-1] - base["t.level"].mean[-1]
+    assert rise == pytest.approx(2e-5 * (1400 - sp[-1]) * 120, rel=0.1)
+    assert changed["t.level"].modelled
+    assert not changed["p.sp"].modelled
+    assert changed["p.sp"].mean == (1400.0,) * 120
+
+
+def test_crossing_times_bracket_the_expected_one() -> None:
+    trajectory = models.Trajectory(
+        "t.level", 0, 1000, tuple(2.0 + 0.01 * (h + 1) for h in range(600)), (0.05,) * 600, True
+    )
+    found = models.crossing(trajectory, 2.0, "warning high", 4.0, "high")
+    assert found.eta_s == pytest.approx(200, abs=1)
+    assert found.earliest_s is not None
+    assert found.latest_s is not None
+    assert found.earliest_s < found.eta_s < found.latest_s
+    assert found.probability > 0.99
+    low = models.crossing(trajectory, 2.0, "warning low", 1.0, "low")
+    assert low.probability < 1e-6
+    assert low.eta_s is None
+    already = models.crossing(trajectory, 4.5, "warning high", 4.0, "high")
+    assert already.already
+
+
+def test_a_leak_is_a_model_residual_far_beyond_sigma() -> None:
+    y, u = integrating()
+    model = fit(y, u)
+    healthy = models.window_residual(model, y, u[None, :], 60)
+    assert healthy is not None
+    assert healthy.score < 4
+    leaking = y.copy()
+    leaking[-60:] -= 0.004 * np.arange(1, 61)  # 4 mm/s nobody commanded
+    residual = models.window_residual(model, leaking, u[None, :], 60)
+    assert residual is not None
+    assert residual.observed < residual.expected
+    assert residual.score > 10
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 10_000), st.floats(-1e6, 1e6)), min_size=1, max_size=40),
+    st.integers(-100, 10_100),
+    st.integers(1, 500),
+)
+def test_resample_is_the_last_sample_at_or_before_each_grid_time(
+    samples: list[tuple[int, float]], start: int, step: int
+) -> None:
+    samples.sort(key=lambda s: s[0])
+    ts = [s[0] for s in samples]
+    values = [s[1] for s in samples]
+    grid = np.asarray([start + step * i for i in range(30)], dtype=float)
+    out = models.resample(ts, values, grid)
+    for time, got in zip(grid, out, strict=True):
+        before = [v for t, v in samples if t <= time]
+        if before:
+            # ties on one timestamp: the later sample in the list wins, like ingest
+            assert got == before[-1]
+        else:
+            assert math.isnan(got)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(models.STRUCTURES),
+    st.lists(st.floats(-2, 2, allow_nan=False), min_size=1, max_size=2),
+    st.lists(st.floats(-2, 2, allow_nan=False), min_size=0, max_size=2),
+    st.integers(0, 21),
+)
+def test_a_model_survives_its_storage_round_trip(
+    structure: str, a: list[float], b: list[float], dead: int
+) -> None:
+    model = Model(
+        target="t.level",
+        inputs=("p.speed",) if b else (),
+        structure=structure,
+        step_ms=500,
+        dead_time=dead,
+        a=tuple(a),
+        b=(tuple(b),) if b else (),
+        c=0.5,
+        r2=0.9,
+        sigma=0.01,
+        samples=100,
+        fitted_ms=1,
+        horizon_sigma=(0.01, 0.02),
+    )
+    assert Model.from_dict(model.to_dict()) == model
+    assert model.sigma_at(2) == 0.02
+    assert model.sigma_at(8) == pytest.approx(0.02 * 2)
