@@ -433,7 +433,35 @@ def _trajectories(
         step_ms=bank.step_ms,
         overrides=overrides,
     )
+    physical = ctx.config.schema.physical
+    for name, trajectory in list(trajectories.items()):
+        bounds = physical.get(parse_point(name))
+        if bounds is not None and trajectory.modelled:
+            trajectories[name] = clamp(trajectory, bounds.low, bounds.high)
     return trajectories, runnable, errors
+
+
+def clamp(trajectory: Trajectory, low: float | None, high: float | None) -> Trajectory:
+    """A linear model knows no walls: a level forecast stops at the tank's height (the
+    schema's physical range), and its band is cut there too."""
+    mean = np.asarray(trajectory.mean)
+    sigma = np.asarray(trajectory.sigma)
+    lo = -np.inf if low is None else low
+    hi = np.inf if high is None else high
+    top = np.minimum(mean + models.Z95 * sigma, hi)
+    bottom = np.maximum(mean - models.Z95 * sigma, lo)
+    clipped = np.clip(mean, lo, hi)
+    if np.array_equal(clipped, mean):
+        return trajectory
+    narrowed = np.minimum(sigma, np.maximum(top - bottom, 0.0) / (2 * models.Z95))
+    return Trajectory(
+        trajectory.point,
+        trajectory.start_ms,
+        trajectory.step_ms,
+        tuple(float(v) for v in clipped),
+        tuple(float(v) for v in narrowed),
+        trajectory.modelled,
+    )
 
 
 def _limits(spec: Any) -> list[tuple[str, float, str]]:

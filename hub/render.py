@@ -180,6 +180,7 @@ def command_detail(command: dict[str, Any]) -> str:
     lines.append("  policy")
     for check in command.get("policy", []):
         lines.append(f"    {'ok  ' if check['ok'] else 'FAIL'} {check_text(check)}")
+    lines += prediction_lines(command)
     if command.get("timeline"):
         lines.append("  timeline")
         for event in command["timeline"]:
@@ -219,4 +220,21 @@ def verdict_text(result: dict[str, Any]) -> str:
             f"  needs {result['approvals_required']} approval(s)"
             + (" from someone other than the proposer" if result.get("two_person") else "")
         )
+    lines += prediction_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def prediction_lines(result: dict[str, Any]) -> list[str]:
+    """The predicted effect a dry run or a pending command carries (docs/prediction.md)."""
+    prediction = result.get("prediction")
+    lines: list[str] = []
+    if prediction:
+        lines.append("  predicted effect (learned models; nothing sent):")
+        for point, facts in prediction.items():
+            shown = ", ".join(f"{k} {v}" for k, v in facts.items() if k != "crosses")
+            lines.append(f"    {point}: {shown}")
+            if facts.get("crosses"):
+                lines.append(f"      would cross {facts['crosses']}")
+    elif result.get("prediction_unavailable"):
+        lines.append(f"  no predicted effect: {result['prediction_unavailable']}")
+    return lines

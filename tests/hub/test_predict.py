@@ -255,3 +255,14 @@ def test_models_survive_a_restart(rig: Rig, tmp_path: Path) -> None:
         clock=rig.clock,
     )
     assert rig.clock.now_ms > T0
+
+
+def test_a_forecast_stops_at_the_physical_range() -> None:
+    from fieldtwin.hub.models import Trajectory
+    from fieldtwin.hub.predict import clamp
+
+    rising = Trajectory("tank-1.level", 0, 1000, (4.0, 4.8, 5.6, 6.4), (0.1,) * 4, True)
+    held = clamp(rising, 0.0, 5.0)
+    assert held.mean == (4.0, 4.8, 5.0, 5.0)
+    assert max(m + 1.96 * s for m, s in zip(held.mean, held.sigma, strict=True)) <= 5.0 + 1e-6
+    assert clamp(rising, 0.0, 10.0) is rising
