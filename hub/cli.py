@@ -762,10 +762,18 @@ def _twin_status(args: argparse.Namespace) -> int:
                     g.get("epoch"),
                     g.get("frames"),
                     g.get("last_frame"),
+                    g.get("last_heartbeat") or "-",
+                    ", ".join(
+                        f"{d['id']} {'up' if d['up'] else 'DOWN: ' + (d['error'] or '?')}"
+                        for d in g.get("devices") or []
+                    )
+                    or "-",
                 ]
                 for g in status["gateways"]
             ]
-            return head + render_table(["gateway", "link", "epoch", "frames", "last frame"], rows)
+            return head + render_table(
+                ["gateway", "link", "epoch", "frames", "last frame", "heartbeat", "devices"], rows
+            )
 
         _emit(args, status, table)
         return EXIT_OK

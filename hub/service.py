@@ -1481,6 +1481,7 @@ class HubService:
                     "death_reason": link.death_reason if link else "",
                     "delivered": self.ingest.tracker.ranges(gateway)[-5:],
                     "gaps": self.ingest.tracker.gaps(gateway)[:5],
+                    **_heartbeat_row(state.heartbeats.get(gateway), link, now),
                 }
             )
         metrics = self.metrics
@@ -1551,6 +1552,26 @@ class _Answered:
 
     effects: Effects
     answer: Any = None
+
+
+def _heartbeat_row(beat: Any, link: Any, now: int) -> dict[str, Any]:
+    """The gateway's latest heartbeat of its live connection and its devices' links (a
+    heartbeat of an older connection says nothing about this one, so it is left out)."""
+    if beat is None or link is None or (beat.epoch, beat.session) != (link.epoch, link.session):
+        return {"last_heartbeat": None, "devices": []}
+    return {
+        "last_heartbeat": queries.iso(beat.received_ms),
+        "last_heartbeat_age_s": (now - beat.received_ms) / 1000,
+        "devices": [
+            {
+                "id": d.id,
+                "up": d.up,
+                "since": queries.iso(d.since_ms) if d.since_ms else None,
+                "error": d.error,
+            }
+            for d in beat.devices
+        ],
+    }
 
 
 def _default_params() -> RuleParams:

@@ -117,6 +117,8 @@ class ApproveModal(_Modal):
         prediction = prediction_text(c.get("prediction"))
         if prediction is not None:
             body.append_text(prediction)
+        elif c.get("prediction_unavailable"):
+            body.append(f"no predicted effect: {c['prediction_unavailable']}\n", style="dim")
         if c.get("two_person") and c.get("proposed_by") == self.operator:
             body.append(
                 "You proposed this command: under the two-person rule your approval does "

@@ -889,22 +889,9 @@ class ApprovalsScreen(LiveScreen):
         if frozen is None:
             return
         live = self.console.model.current_value(frozen["entity"], frozen["attribute"])
+        # cmd.show carries the predicted effect of sending it now (display only: the
+        # approval signs the digest of the command, which the prediction is not part of)
         shown = dict(frozen)
-        if "prediction" not in shown:
-            # the predicted effect, when the hub's dry run offers one (display only: the
-            # approval signs the digest of ``frozen``, which the prediction is not part of)
-            try:
-                dry = await self.console.session.request(
-                    "cmd.dry_run",
-                    {
-                        "target": f"{frozen['entity']}.{frozen['attribute']}",
-                        "value": frozen["value"],
-                    },
-                )
-            except OperatorError:
-                dry = None
-            if isinstance(dry, dict) and dry.get("prediction"):
-                shown["prediction"] = dry["prediction"]
         modal = ApproveModal(shown, live, self.console.session.operator)
         if not await self.app.push_screen_wait(modal):
             return

@@ -50,7 +50,9 @@ HUB_OVERRIDES: dict[str, Any] = {
         }
     },
     # declared but never reported: the "missing entity" fault
-    "+entities": [{"id": "tank-2", "type": "tank", "gateway": "gw-pumps"}],
+    "+entities": [
+        {"id": "tank-2", "type": "tank", "gateway": "gw-pumps", "static": {"height_m": 5.0}}
+    ],
 }
 
 

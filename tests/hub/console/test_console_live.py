@@ -243,6 +243,8 @@ async def test_propose_then_approve_and_the_device_follows(plant: Plant) -> None
         modal = await until(pilot, lambda: isinstance(app.screen, ApproveModal) and app.screen)
         assert modal.command["id"] == command["id"]
         assert modal.command["value"] == target
+        # the approver sees what the learned models expect the change to do (or why not)
+        assert "prediction" in modal.command or "prediction_unavailable" in modal.command
         # dangerous: focus starts on Cancel
         await until(pilot, lambda: app.focused is not None and app.focused.id == "cancel", 5)
         await pilot.click("#approve")
