@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 
+from fieldtwin.protocol.aio import within
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.sim.errors import EndpointError
 
@@ -103,8 +104,8 @@ class TcpRelay:
         self._links[task] = link
         try:
             try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(*self.target), CONNECT_TIMEOUT_S
+                up_reader, up_writer = await within(
+                    CONNECT_TIMEOUT_S, asyncio.open_connection(*self.target)
                 )
             except (OSError, TimeoutError) as exc:
                 log.warning("relay upstream unreachable", extra=fields(relay=self.name, error=exc))

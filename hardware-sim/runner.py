@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from fieldtwin.protocol.aio import within
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.sim.context import SimContext, wall_ms
 from fieldtwin.sim.control import ControlServer
@@ -162,7 +163,7 @@ class Runner:
             await stop.wait()
         else:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.options.stop_after)
+                await within(self.options.stop_after, stop.wait())
         log.info("stopping", extra=fields(tick=self.sim.tick, sim_s=round(self.sim.sim_s, 3)))
         raise _Stop
 
@@ -344,7 +345,7 @@ class Runner:
         interval = self.scenario.flush_interval
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_now.wait(), interval)
+                await within(interval, self._flush_now.wait())
             self._flush_now.clear()
             try:
                 await self.truth.flush()

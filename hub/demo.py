@@ -43,6 +43,7 @@ from fieldtwin.hub.config import load_hub_config
 from fieldtwin.hub.errors import DemoError, HubError
 from fieldtwin.hub.paths import default_state_dir
 from fieldtwin.hub.report import RunFacts, pipeline_problems, sync_report
+from fieldtwin.protocol.aio import within
 from fieldtwin.protocol.logfmt import fields
 
 log = logging.getLogger("fieldtwin.hub.demo")
@@ -291,7 +292,7 @@ class Component:
         if self.process is None or self.process.stdout is None:
             raise DemoError(f"{self.name} was not started with a stdout pipe")
         try:
-            line = await asyncio.wait_for(self.process.stdout.readline(), timeout_s)
+            line = await within(timeout_s, self.process.stdout.readline())
         except TimeoutError:
             raise DemoError(
                 f"{self.name} printed nothing within {timeout_s:g} s; see {self.log_path}"
@@ -317,7 +318,7 @@ class Component:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
             try:
-                await asyncio.wait_for(process.wait(), grace)
+                await within(grace, process.wait())
             except TimeoutError:
                 log.warning("component did not stop; killing it", extra=fields(component=self.name))
                 with contextlib.suppress(ProcessLookupError):
@@ -654,7 +655,9 @@ async def run_demo(options: PlantOptions, args: argparse.Namespace) -> int:
     plant = Plant(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal stops the demo in order (its components run in
+    # their own sessions and would otherwise outlive it)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     interactive = not args.headless
     if interactive:
@@ -686,7 +689,7 @@ async def run_demo(options: PlantOptions, args: argparse.Namespace) -> int:
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+                await within(wait, stop.wait())
         steps: list[str] = []
         if scenario is not None:
             if not scenario.done():
@@ -886,7 +889,7 @@ async def console_view(plant: Plant, stop: asyncio.Event, deadline: float | None
                         timeout=30,
                     )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+                await within(1.0, stop.wait())
         app.exit()
 
     watcher = asyncio.create_task(watch(), name="demo-watch")

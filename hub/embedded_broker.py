@@ -20,6 +20,7 @@ import signal
 import sys
 
 from fieldtwin.protocol import logfmt
+from fieldtwin.protocol.aio import within
 
 log = logging.getLogger("fieldtwin.hub.broker")
 
@@ -46,7 +47,7 @@ async def serve(port: int) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(broker.shutdown(), 10)
+        await within(10, broker.shutdown())
     log.info("embedded broker stopped", extra=logfmt.fields(port=port))
 
 

@@ -467,9 +467,11 @@ class Hub:
                 if await self.db(service.models_due, now):
                     _, grids = await self.db(service.models.load, service.store, now)
                     fitted, errors = await asyncio.to_thread(service.models.fit_all, grids, now)
+                    known = set(service.models.errors) | set(service.models.models)
                     await self.db(service.install_models, fitted, errors, now)
                     for target, error in sorted(errors.items()):
-                        log.info("no model yet", extra=fields(target=target, reason=error))
+                        if target not in known:  # once per target, not every retry
+                            log.info("no model yet", extra=fields(target=target, reason=error))
                 await self.db(service.measure_models, self.now_ms())
             except HubError as exc:
                 log.error("model update failed", extra=fields(error=str(exc)))

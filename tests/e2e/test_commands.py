@@ -20,6 +20,7 @@ import aiomqtt
 import pytest
 import pytest_asyncio
 from support.broker import MosquittoBroker
+from support.plant import plant_logins
 
 from fieldtwin.hub.demo import Plant, PlantOptions
 from fieldtwin.hub.opclient import OperatorClient, OperatorError, OperatorProfile
@@ -59,13 +60,7 @@ async def plant(
     broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Plant]:
     state = tmp_path_factory.mktemp("actuation")
-    keys = state / "keys"
-    keys.mkdir()
-    (keys / "hub.password").write_text(broker.passwords["hub"])
-    for user in ("gw-pumps", "gw-field", "gw-boiler"):
-        (keys / f"{user}.password").write_text(broker.add_user(user))
-    for user in ("alice", "bob", "vic"):
-        (keys / f"{user}.password").write_text(broker.add_user(user, role="operator"))
+    plant_logins(broker, state)
     plant = Plant(
         PlantOptions(state_dir=state, broker_url=broker.url, speed=2.0, hub_overrides=HUB_OVERRIDES)
     )

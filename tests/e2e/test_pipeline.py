@@ -23,6 +23,7 @@ import msgpack
 import pytest
 import pytest_asyncio
 from support.broker import MosquittoBroker
+from support.plant import plant_logins
 
 from fieldtwin.hub.demo import Plant, PlantOptions, compare_with_truth
 from fieldtwin.hub.store import TwinStore
@@ -84,11 +85,7 @@ async def plant(
     broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Plant]:
     state = tmp_path_factory.mktemp("plant")
-    keys = state / "keys"
-    keys.mkdir()
-    (keys / "hub.password").write_text(broker.passwords["hub"])
-    for gateway in ("gw-pumps", "gw-field", "gw-boiler"):
-        (keys / f"{gateway}.password").write_text(broker.add_user(gateway))
+    plant_logins(broker, state, operators=False)
     plant = Plant(
         PlantOptions(
             state_dir=state,

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from support.broker import MosquittoBroker
+from support.plant import plant_logins
 
 from fieldtwin.hub.console.app import ConsoleApp
 from fieldtwin.hub.console.modals import ApproveModal, ProposeModal, ReasonModal
@@ -39,13 +40,7 @@ async def plant(
     broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Plant]:
     state = tmp_path_factory.mktemp("plant")
-    keys = state / "keys"
-    keys.mkdir()
-    (keys / "hub.password").write_text(broker.passwords["hub"])
-    for user in ("gw-pumps", "gw-field", "gw-boiler"):
-        (keys / f"{user}.password").write_text(broker.add_user(user))
-    for user in ("alice", "bob", "vic"):
-        (keys / f"{user}.password").write_text(broker.add_user(user, role="operator"))
+    plant_logins(broker, state)
     plant = Plant(
         PlantOptions(
             state_dir=state,
