@@ -443,6 +443,31 @@ class Plant:
             path.write_text(toml_dumps(data), encoding="utf-8")
             self.agent_configs[gateway] = path
             await self.start_agent(gateway)
+        await self.wait_for_agents()
+
+    async def wait_for_agents(self, within: float = 30.0) -> None:
+        """Until every agent's gateway is online at the hub; an agent that exits first is
+        an error naming its last log line (a buffer still held by an orphaned agent, a
+        bad config), not a plant that looks up with silent gateways."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            for agent in self.agents.values():
+                if not agent.alive and not agent.stopping:
+                    lines = [
+                        line
+                        for line in agent.log_path.read_text(errors="replace").splitlines()
+                        if line.strip() and not line.startswith("---")
+                    ]
+                    raise DemoError(
+                        f"agent {agent.name} exited with status {agent.returncode}: "
+                        f"{lines[-1] if lines else 'no output'} (log {agent.log_path})"
+                    )
+            with contextlib.suppress(HubError):
+                status = await self.call("/api/status")
+                online = {g["id"] for g in status.get("gateways", []) if g.get("online")}
+                if set(self.agents) <= online:
+                    return
+            await asyncio.sleep(0.25)
 
     async def start_agent(self, gateway: str) -> Component:
         agent = Component(
