@@ -651,6 +651,8 @@ def _twin_predict(args: argparse.Namespace) -> int:
                 f"model: {model.get('description') or model.get('error') or 'none'}"
                 + (f" (fitted {model['fitted']})" if model.get("fitted") else ""),
             ]
+            if result.get("untrusted"):
+                lines.append(f"CAUTION: {result['untrusted']}")
             comparison = result.get("comparison")
             lines += _forecast_lines(
                 result["forecast"] if not comparison else comparison.get("rows", []),
@@ -701,6 +703,8 @@ def _twin_simulate(args: argparse.Namespace) -> int:
                     lines.append(f"{effect['point']}: no prediction ({effect['error']})")
                     continue
                 unit = effect.get("unit", "")
+                if effect.get("untrusted"):
+                    lines.append(f"{effect['point']}: CAUTION: {effect['untrusted']}")
                 lines.append(
                     f"{effect['point']}: now {_number(effect['current'], unit)}, expected "
                     f"{_number(effect['expected'], unit)} (95 % {_band(effect['p95'])}); "

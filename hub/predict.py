@@ -184,10 +184,15 @@ class ModelBank:
     # -- fitting ------------------------------------------------------------------------
 
     def due(self, now_ms: int) -> bool:
-        """Refit every ``refit_s``; while some model is missing (a young twin without
-        enough history), try again every minute."""
+        """Refit every ``refit_s``; while some model is missing or young (fitted on less
+        than half the history window and under an hour of steps), every minute: a young
+        twin's models improve quickly as history grows."""
         every = self.settings.refit_s
-        if self.errors or not self.models:
+        young = any(
+            m.samples * m.step_ms < 0.5 * self.settings.history_s * 1000 and m.samples < 3600
+            for m in self.models.values()
+        )
+        if self.errors or not self.models or young:
             every = min(every, 60.0)
         return bool(now_ms - self.refitted_ms >= every * 1000)
 
@@ -558,7 +563,9 @@ def forecast(
     _, now_grid = load_grids(ctx.store, [point], origin - bank.step_ms, origin, bank.step_ms)
     current = float(now_grid[name][-1])
     model = fitted.get(name)
+    weak = _weakest(bank, fitted, point)
     result: dict[str, Any] = {
+        **({"untrusted": weak} if weak else {}),
         "point": name,
         "unit": spec.unit,
         "from": iso(origin),
@@ -682,6 +689,9 @@ def simulate(
         base_mean, _ = baseline[name].at(steps)
         effect: dict[str, Any] = {"point": name}
         effects.append(effect)
+        weak = _weakest(bank, fitted, point)
+        if weak is not None:
+            effect["untrusted"] = weak
         effect.update(
             {
                 "unit": spec.unit,
@@ -702,13 +712,29 @@ def simulate(
     }
 
 
+def _weakest(bank: ModelBank, fitted: Mapping[str, Model], point: Point) -> str | None:
+    """Why a prediction of ``point`` is not to be trusted: some model on its chain
+    explains less than ``min_r2`` (a young twin, a plant that never moved). None: all
+    models in the chain pass."""
+    floor = bank.settings.min_r2
+    for member in sorted(bank.chain(point)):
+        model = fitted.get(label(member))
+        if model is not None and model.r2 < floor:
+            return (
+                f"the model of {model.target} explains too little yet (R² {model.r2:.2f} < "
+                f"{floor:g}, {model.samples} samples)"
+            )
+    return None
+
+
 def effect_summary(result: Mapping[str, Any]) -> dict[str, Any]:
     """The short form a command's dry run and approval show (the console renders a
-    mapping of point → facts)."""
+    mapping of point → facts). Effects of models below ``min_r2`` are left out: an
+    approver must not weigh a guess."""
     out: dict[str, Any] = {}
     horizon = _minutes(float(result["horizon_s"]))
     for effect in result.get("effects", []):
-        if "error" in effect:
+        if "error" in effect or "untrusted" in effect:
             continue
         unit = f" {effect['unit']}" if effect.get("unit") else ""
         low, high = effect["p95"]

@@ -706,7 +706,11 @@ class HubService:
             )
         except predict.PredictionError as exc:
             return {"prediction_unavailable": str(exc)}
-        return {"prediction": predict.effect_summary(result)}
+        summary = predict.effect_summary(result)
+        if not summary:
+            reasons = [e.get("untrusted") or e.get("error") for e in result["effects"]]
+            return {"prediction_unavailable": "; ".join(sorted({r for r in reasons if r}))}
+        return {"prediction": summary}
 
     def _predict_context(self) -> predict.Context:
         return predict.Context(self.store, self.config, self.now_ms())

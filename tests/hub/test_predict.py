@@ -266,3 +266,17 @@ def test_a_forecast_stops_at_the_physical_range() -> None:
     assert held.mean == (4.0, 4.8, 5.0, 5.0)
     assert max(m + 1.96 * s for m, s in zip(held.mean, held.sigma, strict=True)) <= 5.0 + 1e-6
     assert clamp(rising, 0.0, 10.0) is rising
+
+
+def test_an_approver_is_not_shown_a_guess_from_a_weak_model(rig: Rig) -> None:
+    """A minute of a plant that never moved: the fitted model explains nothing, so the
+    dry run says why there is no predicted effect instead of showing one."""
+    run(rig, Plant(), 90)
+    refit(rig)
+    model = rig.service.models.models["tank-1.level"]
+    assert model.r2 < 0.5
+    verdict = rig.ok("olga", "cmd.dry_run", {"target": "pump-1.speed_sp", "value": 1200})
+    assert "prediction" not in verdict
+    assert "explains too little yet" in verdict["prediction_unavailable"]
+    forecast = rig.ok("vic", "twin.predict", {"target": "tank-1.level", "horizon": "1m"})
+    assert "explains too little yet" in forecast["untrusted"]
