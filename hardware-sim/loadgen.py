@@ -619,11 +619,11 @@ class _Link:
         self.gen.stats.frames_resent += sum(1 for s in pending if s in gw.last_sent)
         gw.resend_level = 0
         for seq in pending:
-            frame = gw.unacked.get(seq)
-            if frame is not None:
+            held = gw.unacked.get(seq)  # an ack may have come in meanwhile
+            if held is not None:
                 gw.last_sent[seq] = now
                 gw.first_sent.setdefault(seq, now)
-                await self.publish(gw.id, "data", frame)
+                await self.publish(gw.id, "data", held)
 
     async def publish(self, gateway: str, kind: str, frame: bytes, qos: int = 1) -> None:
         """Queue one publish within the window; returns once it is in flight."""
