@@ -168,7 +168,7 @@ class Devices:
         self._node: Any = None
 
     async def open(self) -> None:
-        from asyncua import Client
+        from asyncua.client.client import Client
         from pymodbus.client import AsyncModbusTcpClient
 
         self._modbus = AsyncModbusTcpClient(self.modbus_host, port=self.modbus_port, timeout=3)
