@@ -522,12 +522,21 @@ def _register_gateways(actions: Any) -> None:
     )
     run.add_argument(
         "--username",
-        default="loadgen",
-        help="broker user of the benchmark-only loadgen role (default loadgen)",
+        action="append",
+        default=[],
+        help=(
+            "broker user of the benchmark-only loadgen role (repeat: one connection each; "
+            "default loadgen)"
+        ),
     )
-    run.add_argument("--password-file", type=Path, default=None, help="that user's password")
     run.add_argument(
-        "--connections", type=int, default=4, help="connections in the pool (default 4)"
+        "--password-file", type=Path, default=None, help="the password of a single --username"
+    )
+    run.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="connections in the pool (default: one per user, 4 for a single user)",
     )
     run.add_argument(
         "--connection-per-gateway",
@@ -538,7 +547,8 @@ def _register_gateways(actions: Any) -> None:
         "--password-dir",
         type=Path,
         default=None,
-        help="with --connection-per-gateway: GATEWAY.password files (broker/passwords/)",
+        help="USER.password files, e.g. broker/passwords/ (users, or gateways with "
+        "--connection-per-gateway)",
     )
     run.add_argument("--window", type=int, default=256, help="publishes in flight per connection")
     run.add_argument("--ack-timeout", type=float, default=5.0, help="resend after (s)")
@@ -580,7 +590,7 @@ def _gateways_run(args: argparse.Namespace) -> int:
         options = LoadOptions(
             rate=args.rate,
             duration_s=args.duration,
-            username=args.username,
+            usernames=tuple(args.username or ["loadgen"]),
             password=password,
             connections=args.connections,
             connection_per_gateway=args.connection_per_gateway,

@@ -18,7 +18,7 @@ Values are a pure function of (gateway index, point index, tick) (``value_of``) 
 every data frame first sent is kept in the ``Ledger``, so a checker can compare what was
 sent with the hub's ``history`` table row for row.
 
-Connections: by default a small pool of MQTT connections under one broker user of the
+Connections: by default a small pool of MQTT connections under broker users of the
 benchmark-only ``loadgen`` role (``fieldtwin broker config --loadgen-user``), which may
 write every gateway's uplink; ``connection_per_gateway`` gives each gateway its own
 connection as its gateway user, with its will, as a site runs. A pool connection has no
@@ -310,7 +310,7 @@ class LoadStats:
     elapsed_s: float = 0.0
     """Seconds of play (first tick to the last), what the rates are measured over."""
     lag_s: float = 0.0
-    """How far the last tick started behind its schedule (the generator could not keep up)."""
+    """The most a slot of a tick started behind its schedule (could not keep up)."""
     latencies: list[float] = field(default_factory=list)
 
     def percentile(self, share: float) -> float | None:
@@ -728,12 +728,19 @@ class LoadOptions:
     rate: float = 1.0
     """Data frames per gateway per second (each carries every point)."""
     duration_s: float = 10.0
-    username: str = "loadgen"
+    usernames: tuple[str, ...] = ("loadgen",)
+    """Broker users of the ``loadgen`` role; connection ``n`` logs in as ``usernames[n %
+    len]``. A site broker binds client ids to usernames (``use_username_as_clientid``),
+    so there give one user per connection: connections of one user would take over each
+    other's session. One user for several connections works on the test broker only."""
     password: str | None = None
-    connections: int = 4
+    """The password of a single user (else ``password_dir``)."""
+    connections: int = 0
+    """Pool size; 0: one per user, at least 4 when there is one user (test broker)."""
     connection_per_gateway: bool = False
+    """Each gateway on its own connection as its own broker user, with its will."""
     password_dir: Path | None = None
-    """With ``connection_per_gateway``: ``DIR/{gateway}.password`` (as broker config writes)."""
+    """``DIR/{user}.password`` for each user (as ``fieldtwin broker config`` writes them)."""
     window: int = 256
     """Publishes in flight per connection."""
     ack_timeout_s: float = 5.0
@@ -787,29 +794,33 @@ class LoadGenerator:
     def _links(self) -> list[_Link]:
         opts = self.options
         if opts.connection_per_gateway:
-            links = []
-            for gw in self.gateways:
-                password = None
-                if opts.password_dir is not None:
-                    path = opts.password_dir / f"{gw.id}.password"
-                    try:
-                        password = path.read_text().strip()
-                    except OSError as exc:
-                        raise LoadgenError(f"cannot read {path}: {exc}") from None
-                links.append(_Link(self, gw.id, [gw], gw.id, password, own_will=True))
-            return links
-        count = max(1, min(opts.connections, len(self.gateways)))
-        return [
-            _Link(
-                self,
-                f"{opts.client_id_prefix}-{n}",
-                self.gateways[n::count],
-                opts.username,
-                opts.password,
-                own_will=False,
-            )
-            for n in range(count)
-        ]
+            return [
+                _Link(self, gw.id, [gw], gw.id, self._password(gw.id), own_will=True)
+                for gw in self.gateways
+            ]
+        users = opts.usernames
+        if not users:
+            raise LoadgenError("give at least one broker user (--username)")
+        count = opts.connections or (len(users) if len(users) > 1 else 4)
+        count = max(1, min(count, len(self.gateways)))
+        links = []
+        for n in range(count):
+            user = users[n % len(users)]
+            shared = count > len(users)
+            name = f"{opts.client_id_prefix}-{n}" if shared else user
+            gateways = self.gateways[n::count]
+            links.append(_Link(self, name, gateways, user, self._password(user), own_will=False))
+        return links
+
+    def _password(self, user: str) -> str | None:
+        opts = self.options
+        if opts.password_dir is None:
+            return opts.password
+        path = opts.password_dir / f"{user}.password"
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise LoadgenError(f"cannot read {path}: {exc.strerror or exc}") from None
 
     def in_flight(self) -> int:
         return sum(len(gw.unacked) for gw in self.gateways)
@@ -873,7 +884,7 @@ class LoadGenerator:
                     with contextlib.suppress(TimeoutError):
                         await within(delay, self._halt.wait())
                 else:
-                    stats.lag_s = -delay
+                    stats.lag_s = max(stats.lag_s, -delay)
                 if self._halt.is_set():
                     stats.elapsed_s = loop.time() - start
                     return

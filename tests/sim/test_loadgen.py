@@ -92,6 +92,8 @@ def rig(tmp_path: Path, broker: MosquittoBroker) -> tuple[HubFiles, Path, str]:
         extra=fragment,
         silent_s=30.0,
     )
+    for user in ("loadgen-a", "loadgen-b"):
+        broker.roles[user] = "loadgen"
     password = broker.passwords.get("loadgen") or broker.add_user("loadgen", role="loadgen")
     assert spec.count == GATEWAYS
     return files, tmp_path / "fleet", password
@@ -101,9 +103,7 @@ def _generator(
     fleet_dir: Path, files: HubFiles, broker: MosquittoBroker, password: str, **kw: Any
 ) -> LoadGenerator:
     options = LoadOptions(
-        username="loadgen",
         password=password,
-        connections=3,
         ack_timeout_s=2.0,
         heartbeat_s=1.0,
         drain_s=20.0,
@@ -124,8 +124,19 @@ async def test_every_frame_is_acked_and_history_is_exactly_the_ledger(
 ) -> None:
     files, fleet_dir, password = rig
     async with running_hub(files.config) as hub:
-        gen = _generator(fleet_dir, files, broker, password, rate=2.0, duration_s=3.0)
+        # one connection per loadgen user, as a site broker that binds client ids needs
+        gen = _generator(
+            fleet_dir,
+            files,
+            broker,
+            password,
+            rate=2.0,
+            duration_s=3.0,
+            usernames=("loadgen-a", "loadgen-b"),
+            password_dir=broker.workdir / "passwords",
+        )
         stats = await gen.run()
+        assert stats["connections"] == 2
         assert stats["in_flight"] == 0, stats
         assert stats["frames_sent"] == GATEWAYS * 6
         assert stats["frames_acked"] == stats["frames_sent"]
@@ -153,7 +164,7 @@ async def test_a_hub_restart_mid_run_loses_and_duplicates_nothing(
     broker: MosquittoBroker, rig: tuple[HubFiles, Path, str]
 ) -> None:
     files, fleet_dir, password = rig
-    gen = _generator(fleet_dir, files, broker, password, rate=2.0, duration_s=7.0)
+    gen = _generator(fleet_dir, files, broker, password, rate=2.0, duration_s=7.0, connections=3)
     async with running_hub(files.config):
         run = asyncio.create_task(gen.run(), name="test-loadgen")
         await wait_for(lambda: gen.stats.frames_acked >= GATEWAYS * 2, within=15)
@@ -166,4 +177,29 @@ async def test_a_hub_restart_mid_run_loses_and_duplicates_nothing(
         assert stats["hub_sessions"] >= 1  # the new hub's session was seen live
         assert stats["frames_resent"] > 0
         assert stats["frames_acked"] == stats["frames_sent"] == GATEWAYS * 14
+        assert await _history(hub, gen.fleet.spec) == expected_history(gen.ledger)
+
+
+async def test_a_connection_per_gateway_as_the_gateways_own_user(
+    broker: MosquittoBroker, rig: tuple[HubFiles, Path, str]
+) -> None:
+    files, fleet_dir, password = rig
+    for gateway in load_fleet(fleet_dir).spec.gateways:
+        broker.roles[gateway] = "gateway"
+    broker.add_user("hub")  # regenerates the files once for every user above
+    gen = _generator(
+        fleet_dir,
+        files,
+        broker,
+        password,
+        rate=2.0,
+        duration_s=1.0,
+        connection_per_gateway=True,
+        password_dir=broker.workdir / "passwords",
+    )
+    async with running_hub(files.config) as hub:
+        stats = await gen.run()
+        assert stats["connections"] == GATEWAYS
+        assert stats["in_flight"] == 0, stats
+        assert stats["frames_acked"] == stats["frames_sent"] == GATEWAYS * 2
         assert await _history(hub, gen.fleet.spec) == expected_history(gen.ledger)
