@@ -562,7 +562,9 @@ class _Link:
                 await self._session()
                 delay = 0.5
             except* aiomqtt.MqttError as errors:
-                log.warning("loadgen connection %s lost: %s", self.name, errors.exceptions[0])
+                # one line per outage and connection, not one per retry (1,000 connections)
+                level = logging.WARNING if delay == 0.5 else logging.DEBUG
+                log.log(level, "loadgen connection %s: %s", self.name, errors.exceptions[0])
             self.client = None
             self.group = None
             for gw in self.gateways.values():
@@ -835,6 +837,13 @@ class LoadGenerator:
     async def run(self) -> dict[str, Any]:
         """Connect, play ``duration_s`` of ticks, wait for the last acks, stop cleanly."""
         self.stats.started = time.monotonic()
+        try:
+            await self._run()
+        except* LoadgenError as errors:
+            raise errors.exceptions[0] from None  # one clear line for the CLI
+        return self.stats.as_dict(self.in_flight())
+
+    async def _run(self) -> None:
         async with asyncio.TaskGroup() as group:
             for link in self.links:
                 group.create_task(link.run(), name=f"loadgen-link-{link.name}")
@@ -852,7 +861,6 @@ class LoadGenerator:
             for timer in timers:
                 timer.cancel()
             self.stopped.set()  # every connection says goodbye and closes
-        return self.stats.as_dict(self.in_flight())
 
     async def _wait_connected(self) -> None:
         try:
