@@ -173,6 +173,8 @@ def register(subparsers: Any) -> None:
     _control_args(truth_cmd)
     truth_cmd.set_defaults(func=_truth)
 
+    _register_gateways(actions)
+
     status = actions.add_parser(
         "status", help="tick, counters and endpoints of a running simulator"
     )
@@ -466,3 +468,158 @@ def _status(args: argparse.Namespace) -> int:
     for key, value in sorted(answer["counters"].items()):
         print(f"  {key:<28} {value}")
     return EXIT_OK
+
+
+# -- gateways: the load generator ---------------------------------------------------------
+
+
+def _register_gateways(actions: Any) -> None:
+    gateways = actions.add_parser(
+        "gateways",
+        help="load generator: play N simulated gateways against a broker and a hub",
+        description=(
+            "Simulated gateways speaking the real protocol (signed births, data, heartbeats, "
+            "deaths; acks, rebirths and hub sessions honoured), for benchmarks and tests. "
+            "See docs/simulator.md, 'Load generator: simulated gateways'."
+        ),
+    )
+    steps = gateways.add_subparsers(dest="gateways_command", metavar="STEP", required=True)
+    init = steps.add_parser(
+        "init",
+        help="write keys, a hub config fragment and a hub config for N gateways",
+        description=(
+            "Write DIR/keys/GATEWAY.key|.pub per gateway (kept if present) and the hub's "
+            "pair, DIR/gateways.toml (gateways, type and entities for any hub config), "
+            "DIR/hub.toml (a complete hub config) and DIR/loadgen.json."
+        ),
+    )
+    init.add_argument("--count", type=int, required=True, help="number of gateways")
+    init.add_argument("--points", type=int, required=True, help="points per gateway")
+    init.add_argument("--dir", type=Path, required=True, help="fleet folder")
+    init.add_argument("--prefix", default="gw-load", help="gateway id prefix (default gw-load)")
+    init.add_argument(
+        "--broker",
+        default="mqtt://127.0.0.1:1883",
+        help="broker URL written into hub.toml (default mqtt://127.0.0.1:1883)",
+    )
+    init.set_defaults(func=_gateways_init)
+
+    run = steps.add_parser(
+        "run",
+        help="play the fleet: one data frame per gateway per tick, acks honoured",
+        description=(
+            "Connect, publish a birth per gateway, then one data frame per gateway per tick "
+            "(all its points) for --duration seconds, wait up to --drain seconds for the last "
+            "acks, publish a death per gateway and print the statistics."
+        ),
+    )
+    run.add_argument("--dir", type=Path, required=True, help="fleet folder (gateways init)")
+    run.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
+    run.add_argument("--rate", type=float, default=1.0, help="frames per gateway per second")
+    run.add_argument("--duration", type=float, default=10.0, help="seconds of data (default 10)")
+    run.add_argument(
+        "--hub-key", type=Path, default=None, help="hub public key (default DIR/keys/hub.pub)"
+    )
+    run.add_argument(
+        "--username",
+        action="append",
+        default=[],
+        help=(
+            "broker user of the benchmark-only loadgen role (repeat: one connection each; "
+            "default loadgen)"
+        ),
+    )
+    run.add_argument(
+        "--password-file", type=Path, default=None, help="the password of a single --username"
+    )
+    run.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="connections in the pool (default: one per user, 4 for a single user)",
+    )
+    run.add_argument(
+        "--connection-per-gateway",
+        action="store_true",
+        help="one connection per gateway as its own broker user, with its will",
+    )
+    run.add_argument(
+        "--password-dir",
+        type=Path,
+        default=None,
+        help="USER.password files, e.g. broker/passwords/ (users, or gateways with "
+        "--connection-per-gateway)",
+    )
+    run.add_argument("--window", type=int, default=256, help="publishes in flight per connection")
+    run.add_argument("--ack-timeout", type=float, default=5.0, help="resend after (s)")
+    run.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval (s; 0 off)")
+    run.add_argument("--drain", type=float, default=15.0, help="wait for the last acks (s)")
+    run.add_argument("--ledger", type=Path, default=None, help="write what was sent as CSV")
+    run.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    run.set_defaults(func=_gateways_run)
+
+
+def _gateways_init(args: argparse.Namespace) -> int:
+    from fieldtwin.protocol.errors import ProtocolError
+    from fieldtwin.sim.loadgen import init_fleet
+
+    try:
+        spec = init_fleet(args.dir, args.count, args.points, args.prefix, args.broker)
+    except (SimError, ProtocolError, OSError) as exc:
+        return _fail(str(exc))
+    folder = args.dir.resolve()
+    print(f"{spec.count} gateways x {spec.points} points in {folder}:")
+    print(f"  keys/            one Ed25519 pair per gateway ({spec.gateway(0)} ...) and hub")
+    print("  gateways.toml    [gateways.*], [types.loadgen], [[entities]] for a hub config")
+    print("  hub.toml         a complete hub config (add the broker password)")
+    return EXIT_OK
+
+
+def _gateways_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from fieldtwin.protocol import logfmt
+    from fieldtwin.sim.loadgen import LoadGenerator, LoadOptions, load_fleet, summarize
+
+    logfmt.configure(getattr(args, "log_level", "info"), stream=sys.stderr)
+    try:
+        password = None
+        if args.password_file is not None:
+            password = args.password_file.read_text().strip()
+        options = LoadOptions(
+            rate=args.rate,
+            duration_s=args.duration,
+            usernames=tuple(args.username or ["loadgen"]),
+            password=password,
+            connections=args.connections,
+            connection_per_gateway=args.connection_per_gateway,
+            password_dir=args.password_dir,
+            window=args.window,
+            ack_timeout_s=args.ack_timeout,
+            heartbeat_s=args.heartbeat,
+            drain_s=args.drain,
+        )
+        fleet = load_fleet(args.dir, args.hub_key)
+    except (SimError, OSError) as exc:
+        return _fail(str(exc))
+
+    async def play() -> dict[str, Any]:
+        generator = LoadGenerator(fleet, args.broker, options)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, generator.stop)
+        stats = await generator.run()
+        if args.ledger is not None:
+            generator.ledger.write_csv(args.ledger)
+        return stats
+
+    try:
+        stats = asyncio.run(play())
+    except (SimError, OSError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(summarize(stats, fleet.spec, args.rate))
+    return EXIT_OK if stats["in_flight"] == 0 else EXIT_FAILURE

@@ -9,7 +9,12 @@ ACL lines (docs/broker.md has the table):
 * an operator writes only ``ft/v1/op/{id}/req`` and reads ``ft/v1/op/{id}/resp``,
   ``ft/v1/hub/view/#`` and ``ft/v1/hub/state``;
 * the hub reads ``ft/v1/+/up/#`` and ``ft/v1/op/+/req``, writes ``ft/v1/+/down/#`` and
-  ``ft/v1/op/+/resp``, and reads and writes ``ft/v1/hub/#``.
+  ``ft/v1/op/+/resp``, and reads and writes ``ft/v1/hub/#``;
+* a load generator (``--loadgen-user NAME``, benchmarks only, never on a site) writes
+  every ``ft/v1/+/up/#`` and reads every ``ft/v1/+/down/#`` and ``ft/v1/hub/state``, so
+  a few connections can play a thousand gateways (``fieldtwin sim gateways``). The hub
+  still verifies each frame's per-gateway signature, but the broker no longer keeps one
+  gateway from writing another's topics for that user.
 
 ``use_username_as_clientid`` ties every connection's client id to its username, so one
 user's credentials can never take over (knock off) another client's session, and
@@ -49,7 +54,7 @@ from fieldtwin.protocol.messages import ID_PATTERN
 from fieldtwin.protocol.topics import RESERVED_IDS
 
 HUB_USER = "hub"
-ROLES = ("hub", "gateway", "operator")
+ROLES = ("hub", "gateway", "operator", "loadgen")
 PBKDF2_ITERATIONS = 101
 """Mosquitto's own default for ``$7$`` hashes; the passwords are 256-bit random, so the
 iteration count does not protect them, and a low count keeps each login cheap."""
@@ -67,7 +72,7 @@ class BrokerConfigError(HubError):
 @dataclass(frozen=True, slots=True)
 class BrokerUser:
     name: str
-    role: str  # "hub", "gateway" or "operator"
+    role: str  # "hub", "gateway", "operator" or "loadgen"
 
     def acl_lines(self) -> list[str]:
         if self.role == "hub":
@@ -77,6 +82,13 @@ class BrokerUser:
                 "topic read ft/v1/op/+/req",
                 "topic write ft/v1/op/+/resp",
                 "topic readwrite ft/v1/hub/#",
+            ]
+        if self.role == "loadgen":
+            # benchmark-only: many simulated gateways over a few connections
+            return [
+                "topic write ft/v1/+/up/#",
+                "topic read ft/v1/+/down/#",
+                "topic read ft/v1/hub/state",
             ]
         if self.role == "gateway":
             return [
@@ -153,11 +165,15 @@ def check_user(name: str) -> str:
     return name
 
 
-def registry_users(gateways: Iterable[str], operators: Iterable[str]) -> list[BrokerUser]:
-    """``hub``, then every gateway, then every operator (ids distinct and not reserved)."""
+def registry_users(
+    gateways: Iterable[str], operators: Iterable[str], loadgen: Iterable[str] = ()
+) -> list[BrokerUser]:
+    """``hub``, then every gateway, every operator and every load generator user (ids
+    distinct and not reserved)."""
     users = [BrokerUser(HUB_USER, "hub")]
     seen = {HUB_USER}
-    for role, names in (("gateway", gateways), ("operator", operators)):
+    roles = (("gateway", gateways), ("operator", operators), ("loadgen", loadgen))
+    for role, names in roles:
         for name in sorted(names):
             check_user(name)
             if name in seen or name in RESERVED_IDS:
@@ -170,8 +186,9 @@ def registry_users(gateways: Iterable[str], operators: Iterable[str]) -> list[Br
     return users
 
 
-def users_from_hub_config(path: Path) -> tuple[list[BrokerUser], int]:
-    """The broker users and the largest legal frame of a hub config file."""
+def users_from_hub_config(path: Path, loadgen: Iterable[str] = ()) -> tuple[list[BrokerUser], int]:
+    """The broker users and the largest legal frame of a hub config file (plus the
+    benchmark-only load generator users ``loadgen``)."""
     from fieldtwin.hub.config import load_hub_config
 
     config = load_hub_config(path)
@@ -180,7 +197,7 @@ def users_from_hub_config(path: Path) -> tuple[list[BrokerUser], int]:
             f"{path}: [broker] username is {config.broker.username!r}; the generated ACL "
             f"gives the hub's rights to user {HUB_USER!r}, so leave the key out"
         )
-    users = registry_users(config.gateways, config.operators)
+    users = registry_users(config.gateways, config.operators, loadgen)
     return users, config.ingest.max_frame_bytes
 
 
@@ -604,6 +621,16 @@ def register(subparsers: Any) -> None:
         help="user Mosquitto runs as (its 'user' option; default: Mosquitto's own)",
     )
     config.add_argument(
+        "--loadgen-user",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "BENCHMARKS ONLY: a user that may write every gateway's uplink and read every "
+            "downlink, for 'fieldtwin sim gateways run --username NAME' (repeat)"
+        ),
+    )
+    config.add_argument(
         "--force", action="store_true", help="replace existing passwords, keys and the CA"
     )
     config.set_defaults(func=_config_command)
@@ -611,7 +638,7 @@ def register(subparsers: Any) -> None:
 
 def _config_command(args: argparse.Namespace) -> int:
     try:
-        users, max_frame = users_from_hub_config(args.config)
+        users, max_frame = users_from_hub_config(args.config, args.loadgen_user)
         out = args.out if args.out is not None else args.config.parent / "broker"
         options = BrokerOptions(
             port=args.port,

@@ -111,6 +111,28 @@ async def test_gateways_reach_only_their_own_topics(site: MosquittoBroker) -> No
     assert gw_a_seen == ["ft/v1/gw-a/down/ack"]
 
 
+async def test_a_loadgen_user_plays_every_gateway_but_not_the_hub(site: MosquittoBroker) -> None:
+    """The benchmark-only role: every uplink and downlink, never a downlink write."""
+    site.add_user("bench", role="loadgen")
+    async with _client(site, "hub") as hub, _client(site, "bench") as bench:
+        await hub.subscribe("ft/v1/+/up/#", qos=1)
+        await bench.subscribe("ft/v1/+/down/#", qos=1)
+        await bench.subscribe("ft/v1/op/+/resp", qos=1)  # not allowed: nothing arrives
+        await bench.publish("ft/v1/gw-b/down/ack", b"forged", qos=1)  # denied silently
+        await bench.publish("ft/v1/hub/state", b"forged", qos=1)
+        await bench.publish("ft/v1/op/op-a/req", b"forged", qos=1)
+        await bench.publish("ft/v1/gw-a/up/data", b"a", qos=1)
+        await bench.publish("ft/v1/gw-b/up/data", b"b", qos=1)
+        await hub.publish("ft/v1/op/op-a/resp", b"resp", qos=1)
+        await hub.publish("ft/v1/gw-a/down/ack", b"ack", qos=1)
+        await hub.publish("ft/v1/gw-b/down/ack", b"ack", qos=1)
+        hub_seen = await _until(hub, "ft/v1/gw-b/up/data")
+        bench_seen = await _until(bench, "ft/v1/gw-b/down/ack")
+        hub_seen += await _received(hub, 0.3)
+    assert hub_seen == ["ft/v1/gw-a/up/data", "ft/v1/gw-b/up/data"]
+    assert bench_seen == ["ft/v1/gw-a/down/ack", "ft/v1/gw-b/down/ack"]
+
+
 async def test_an_operator_cannot_publish_on_another_operators_topic(
     site: MosquittoBroker,
 ) -> None:

@@ -81,6 +81,43 @@ def test_acl_is_explicit_per_user() -> None:
     assert not any(line.startswith("pattern") for line in text.splitlines())
 
 
+def test_a_loadgen_user_writes_every_uplink_and_reads_every_downlink() -> None:
+    users = registry_users(["gw-01"], [], ["bench"])
+    assert [(u.name, u.role) for u in users][-1] == ("bench", "loadgen")
+    block = acl_text(users).split("\n\n")[-1].splitlines()
+    assert block == [
+        "# loadgen",
+        "user bench",
+        "topic write ft/v1/+/up/#",
+        "topic read ft/v1/+/down/#",
+        "topic read ft/v1/hub/state",
+    ]
+    with pytest.raises(BrokerConfigError):
+        registry_users(["gw-01"], [], ["gw-01"])  # a name is one user
+
+
+LOADGEN = ("--loadgen-user", "bench")
+
+
+def test_cli_adds_loadgen_users_only_when_asked(tmp_path: Path) -> None:
+    files = write_hub_config(tmp_path / "hub")
+    out = tmp_path / "broker"
+    result = subprocess.run(
+        [*FIELDTWIN, "broker", "config", "-c", str(files.config), "--out", str(out), *LOADGEN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "loadgen   bench" in result.stdout
+    assert (out / "passwords" / "bench.password").exists()
+    assert "user bench\ntopic write ft/v1/+/up/#" in (out / "fieldtwin.acl").read_text()
+    assert (
+        users_from_hub_config(files.config)[0]
+        == users_from_hub_config(files.config, ["bench"])[0][:-1]
+    )
+
+
 @pytest.mark.parametrize("name", ["hub", "op", "a b", "x/#", ""])
 def test_bad_or_reserved_user_names_are_refused(name: str) -> None:
     with pytest.raises(BrokerConfigError):

@@ -94,6 +94,7 @@ class MosquittoBroker:
         return registry_users(
             [n for n, r in self.roles.items() if r == "gateway"],
             [n for n, r in self.roles.items() if r == "operator"],
+            [n for n, r in self.roles.items() if r == "loadgen"],
         )
 
     def _generate(self) -> BrokerFiles:
