@@ -26,7 +26,7 @@ from textual.widgets.button import ButtonVariant
 from fieldtwin.hub.console import fmt
 from fieldtwin.hub.console.model import Attr, AttrSpec
 from fieldtwin.hub.opclient import OperatorError
-from fieldtwin.hub.render import cell
+from fieldtwin.hub.render import cell, check_text
 
 
 def policy_text(checks: Sequence[Mapping[str, Any]]) -> Text:
@@ -34,7 +34,7 @@ def policy_text(checks: Sequence[Mapping[str, Any]]) -> Text:
     for check in checks:
         ok = bool(check.get("ok"))
         text.append("  ✔ ok   " if ok else "  ✖ FAIL ", style="green" if ok else "bold red")
-        text.append(f"{check.get('check')}: {check.get('text')}\n")
+        text.append(f"{check_text(dict(check))}\n")
     return text
 
 
