@@ -31,10 +31,14 @@ Run: python bench/predict.py [--plant-minutes 60] [--speed 10] [--origins 120] [
    compared with the simulator's ground truth at those times (``/truth/history``:
    the plant's true state, without sensor noise, linearly interpolated in wall time);
    the naive forecast holds the value the hub had at T (the answer's ``current``: the
-   last reported sample). Intervals are judged against the same truth (they are meant
-   for reported values, which add noise of σ 2 mm and 0.05 °C: negligible against
-   their width here). The hub's own comparison (every grid step against the values
-   the agents reported later) is shown too.
+   last reported sample). Intervals are judged against the same truth (columns
+   "cov 80%", "cov 95%") and, since the hub learns and calibrates them on reported
+   values (sensor noise σ 2 mm and 0.05 °C, one sample per agent poll, held on the
+   grid), also against what the agents reported at that lead ("95% rep", from the
+   answer's comparison rows). A second table keeps only the forecasts whose driving
+   setpoint did not change between origin and lead (a change nobody could know at the
+   origin). The hub's own comparison (every grid step against the values the agents
+   reported later) is shown too.
 
 Times: agents stamp samples with this machine's wall clock and the hub's models work
 in wall milliseconds; the simulator stamps each tick with its nominal wall time
@@ -126,6 +130,8 @@ class Forecast:
     structure: str
     # lead (plant minutes) → (ts_ms, mean, p80, p95)
     rows: dict[int, tuple[int, float, tuple[float, float], tuple[float, float]]]
+    reported: dict[int, float] = field(default_factory=dict)
+    """Lead → the value the agents reported then (the hub's comparison row)."""
     hub: dict[str, Any] = field(default_factory=dict)
 
 
@@ -339,6 +345,13 @@ async def forecasts(
                     (float(row["p80"][0]), float(row["p80"][1])),
                     (float(row["p95"][0]), float(row["p95"][1])),
                 )
+            comparison = dict(answer.get("comparison") or {})
+            reported = {
+                lead: float(row["actual"])
+                for lead in LEADS_MIN
+                for row in comparison.get("rows", [])
+                if abs(row["in_s"] - lead * 60 / speed) <= step_ms / 1000 and "actual" in row
+            }
             model = answer.get("model") or {}
             out.append(
                 Forecast(
@@ -347,7 +360,8 @@ async def forecasts(
                     current=float(answer["current"]),
                     structure=str(model.get("structure", model.get("error", "none"))),
                     rows=rows,
-                    hub=dict(answer.get("comparison") or {}),
+                    reported=reported,
+                    hub=comparison,
                 )
             )
     return out, failed
@@ -372,6 +386,7 @@ def score(found: Sequence[Forecast], truth: Truth, keep: Any) -> dict[str, Any]:
     table: dict[str, dict[int, dict[str, float]]] = {}
     inside80: list[bool] = []
     inside95: list[bool] = []
+    reported95: list[bool] = []
     for name in TARGETS:
         table[name] = {}
         for lead in LEADS_MIN:
@@ -379,6 +394,7 @@ def score(found: Sequence[Forecast], truth: Truth, keep: Any) -> dict[str, Any]:
             naive_err: list[float] = []
             in80: list[bool] = []
             in95: list[bool] = []
+            rep95: list[bool] = []
             for item in (f for f in found if f.target == name):
                 if not keep(item, lead):
                     continue
@@ -390,8 +406,12 @@ def score(found: Sequence[Forecast], truth: Truth, keep: Any) -> dict[str, Any]:
                 naive_err.append(abs(item.current - actual))
                 in80.append(p80[0] <= actual <= p80[1])
                 in95.append(p95[0] <= actual <= p95[1])
+                seen = item.reported.get(lead)
+                if seen is not None:
+                    rep95.append(p95[0] <= seen <= p95[1])
             inside80 += in80
             inside95 += in95
+            reported95 += rep95
             model_mae, naive_mae = mean(model_err), mean(naive_err)
             table[name][lead] = {
                 "n": len(model_err),
@@ -400,11 +420,13 @@ def score(found: Sequence[Forecast], truth: Truth, keep: Any) -> dict[str, Any]:
                 "ratio": naive_mae / model_mae if model_mae > 0 else math.nan,
                 "coverage_80": statistics.fmean(in80) if in80 else math.nan,
                 "coverage_95": statistics.fmean(in95) if in95 else math.nan,
+                "coverage_95_reported": statistics.fmean(rep95) if rep95 else math.nan,
             }
     return {
         "table": table,
         "coverage_80": statistics.fmean(inside80) if inside80 else math.nan,
         "coverage_95": statistics.fmean(inside95) if inside95 else math.nan,
+        "coverage_95_reported": statistics.fmean(reported95) if reported95 else math.nan,
         "judged": len(inside95),
     }
 
@@ -504,6 +526,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result[f"ratio_{lead}min_{name}"] = r(row["ratio"], 2)
     result["coverage_95"] = r(scored["coverage_95"], 3)
     result["coverage_80"] = r(scored["coverage_80"], 3)
+    result["coverage_95_reported"] = r(scored["coverage_95_reported"], 3)
     for name in TARGETS:
         for lead in LEADS_MIN:
             row = steady["table"][name][lead]
@@ -513,6 +536,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result[f"steady_ratio_{lead}min_{name}"] = r(row["ratio"], 2)
     result["steady_coverage_95"] = r(steady["coverage_95"], 3)
     result["steady_coverage_80"] = r(steady["coverage_80"], 3)
+    result["steady_coverage_95_reported"] = r(steady["coverage_95_reported"], 3)
     for name in TARGETS:
         result[f"hub_coverage_95_{name}"] = r(hub_comparison(found, name, "coverage_95"), 3)
         result[f"hub_coverage_80_{name}"] = r(hub_comparison(found, name, "coverage_80"), 3)
@@ -538,7 +562,7 @@ def print_table(title: str, scored: dict[str, Any]) -> None:
     print(title)
     print(
         f"{'target':<20} {'lead':>6} {'n':>4} {'model MAE':>10} {'naive MAE':>10} "
-        f"{'naive/model':>11} {'cov 80%':>8} {'cov 95%':>8}"
+        f"{'naive/model':>11} {'cov 80%':>8} {'cov 95%':>8} {'95% rep':>8}"
     )
     for name in TARGETS:
         for lead in LEADS_MIN:
@@ -546,11 +570,13 @@ def print_table(title: str, scored: dict[str, Any]) -> None:
             print(
                 f"{name:<20} {lead:>3} min {row['n']:>4} {row['mae']:>10.4f} "
                 f"{row['naive_mae']:>10.4f} {row['ratio']:>11.2f} "
-                f"{row['coverage_80']:>8.1%} {row['coverage_95']:>8.1%}"
+                f"{row['coverage_80']:>8.1%} {row['coverage_95']:>8.1%} "
+                f"{row['coverage_95_reported']:>8.1%}"
             )
     print(
         f"{'all':<20} {'':>6} {scored['judged']:>4} {'':>10} {'':>10} {'':>11} "
-        f"{scored['coverage_80']:>8.1%} {scored['coverage_95']:>8.1%}"
+        f"{scored['coverage_80']:>8.1%} {scored['coverage_95']:>8.1%} "
+        f"{scored['coverage_95_reported']:>8.1%}"
     )
     print()
 
