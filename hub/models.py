@@ -323,7 +323,7 @@ def fit(
     holdout = n >= HOLDOUT_MIN
     split = int(n * 0.75) if holdout else n
     validate_steps = max(1, min(horizon_steps, (n - split) // 2 if holdout else n // 3))
-    best: tuple[float, _Candidate] | None = None
+    best: tuple[float, _Candidate, Model] | None = None
     for cand in _candidates(len(inputs) > 0):
         lags = cand.dead_time + max(cand.input_lags, 1) + 1
         rows = _rows(complete, lags, 0, split)
@@ -343,10 +343,10 @@ def fit(
             continue
         # a simpler structure wins ties (within 1 %): fewer ways to extrapolate badly
         if best is None or score < best[0] * 0.99:
-            best = (score, cand)
+            best = (score, cand, model)
     if best is None:
         raise ModelError(f"{target}: no candidate structure could be fitted to the history")
-    cand = best[1]
+    _, cand, trained = best
     rows = _rows(complete, cand.dead_time + max(cand.input_lags, 1) + 1, 0, n)
     params = _solve(y, u, cand, rows)
     if params is None:
@@ -365,6 +365,8 @@ def fit(
         actual = np.stack([y[origins + h + 1] for h in range(steps)], axis=1)
         errors = forecast - actual
         rms = np.sqrt(np.mean(errors**2, axis=0))
+        if holdout:
+            rms = _with_holdout(rms, trained, y, u, complete, split, max_lag)
         table = tuple(float(v) for v in np.maximum.accumulate(rms))
         variance = float(np.var(y[complete]))
         r2 = 1.0 - float(np.mean(errors[:, -1] ** 2)) / variance if variance > 0 else 0.0
@@ -383,6 +385,34 @@ def fit(
         fitted_ms=now_ms,
         horizon_sigma=table,
     )
+
+
+def _with_holdout(
+    rms: Array,
+    trained: Model,
+    y: Array,
+    u: Array,
+    complete: npt.NDArray[np.bool_],
+    split: int,
+    max_lag: int,
+) -> Array:
+    """The h-step error table widened by what the model fitted on the older data missed
+    on the newer data it never saw. A backtest on the data a model was fitted on flatters
+    it; its intervals then cover too little (bench/predict.py measured it)."""
+    steps = min(len(rms), (len(y) - split) // 2)
+    if steps <= 0:
+        return rms
+    origins = _origins(complete, split, len(y), max(trained.lags, max_lag), steps, 200)
+    if len(origins) == 0:
+        return rms
+    forecast = free_run(trained, y, u, origins, steps)
+    actual = np.stack([y[origins + h + 1] for h in range(steps)], axis=1)
+    unseen = np.sqrt(np.mean((forecast - actual) ** 2, axis=0))
+    out = rms.copy()
+    out[:steps] = np.maximum(rms[:steps], unseen)
+    if steps < len(rms) and rms[steps - 1] > 0:  # beyond: keep the shape, scaled
+        out[steps:] = rms[steps:] * max(1.0, float(unseen[-1] / rms[steps - 1]))
+    return out
 
 
 def _rows(
