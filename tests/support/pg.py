@@ -47,7 +47,8 @@ def pg_database() -> Iterator[str]:
     """The URL of a new, empty database, dropped on exit."""
     reason = pg_unavailable()
     if reason is not None:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {reason}")
+        parts = urlsplit(ADMIN_URL)
+        pytest.skip(f"no PostgreSQL on {parts.hostname}:{parts.port or 5432}: {reason}")
     name = f"ft_test_{secrets.token_hex(6)}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as con:
         con.execute(f'CREATE DATABASE "{name}"')
