@@ -207,7 +207,9 @@ GROUP BY b ORDER BY b"""
             url,
             min_size=1,
             max_size=max(1, pool_size),
-            kwargs={"autocommit": True},
+            # a reader's sessions refuse writes, as a read-only DuckDB connection does
+            kwargs={"autocommit": True}
+            | ({"options": "-c default_transaction_read_only=on"} if read_only else {}),
             open=False,
             timeout=timeout,
             name="fieldtwin-store",

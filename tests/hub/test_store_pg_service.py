@@ -17,7 +17,9 @@ from support.pg import pg_database
 from support.service_rig import Clock, Rig
 
 from fieldtwin.hub.config import load_hub_config
+from fieldtwin.hub.errors import StoreError
 from fieldtwin.hub.metrics import HubMetrics
+from fieldtwin.hub.reader import open_reader
 from fieldtwin.hub.service import HubService
 from fieldtwin.hub.storage import open_store
 from fieldtwin.hub.store_pg import PgTwinStore
@@ -85,6 +87,29 @@ def test_history_is_exactly_once_across_restarts_on_postgresql(tmp_path: Path) -
         assert rig.service.audit_verify()["ok"]
         assert rig.service.status()["database"] == url
         rig.service.close()
+
+
+def test_twin_reads_a_postgresql_store_while_no_hub_runs(tmp_path: Path) -> None:
+    files = write_hub_config(tmp_path)
+    with pg_database() as url:
+        _use_store(files, url)
+        clock = Clock()
+        gw = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
+        rig = Rig(files, clock, _service(files, clock), gw, KeyRegistry.of({}))
+        rig.feed(gw.birth([point("tank-1", "level", unit="m")]))
+        rig.feed(gw.data([sample("tank-1", "level", 3.5, clock.now_ms)]))
+        rig.service.close()
+        reader = open_reader(load_hub_config(files.config))
+        try:
+            assert not reader.live
+            tank = reader.entities(ids=["tank-1"])[0]
+            assert tank["attributes"]["level"]["value"] == 3.5
+            assert reader.status()["database"] == url
+            assert reader.status()["gateways"][0]["id"] == "gw-01"
+            with pytest.raises(StoreError, match="read-only"):
+                reader.store.query("DELETE FROM history")  # type: ignore[attr-defined]
+        finally:
+            reader.close()
 
 
 @pytest.mark.parametrize(
