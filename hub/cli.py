@@ -16,7 +16,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fieldtwin.hub.config import HubConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -304,6 +307,15 @@ def _dump_tasks() -> None:
     sys.stdout.flush()
 
 
+def _store_line(config: HubConfig) -> str:
+    """The store a check names: a PostgreSQL URL (no password) or the DuckDB file."""
+    if config.store_url:
+        from fieldtwin.hub.store_pg import redact
+
+        return f"PostgreSQL {redact(config.store_url)}"
+    return f"DuckDB {config.database}"
+
+
 def _hub_check(args: argparse.Namespace) -> int:
     from fieldtwin.hub.config import load_hub_config
 
@@ -315,7 +327,7 @@ def _hub_check(args: argparse.Namespace) -> int:
     print(f"twin      {config.twin_id} ({config.domain}, fidelity {config.fidelity})")
     print(f"hub key   {key.key_id}  ({config.key_file})")
     print(f"broker    {config.broker.url} as {config.broker.username}")
-    print(f"database  {config.database}")
+    print(f"store     {_store_line(config)}")
     for gateway in registry.senders():
         print(f"gateway   {gateway}")
     print(

@@ -445,6 +445,9 @@ class HubConfig:
     reconciliation: ReconciliationConfig
     operators: Mapping[str, OperatorSpec] = field(default_factory=dict)
     prediction: PredictionConfig = PredictionConfig()
+    store_url: str = ""
+    """A PostgreSQL URL from ``[hub] store``: the store lives there, not in ``database``
+    (which then only places the run files: API endpoint, lock)."""
 
     @property
     def state_dir(self) -> Path:
@@ -494,6 +497,28 @@ class HubConfig:
 # -- loading ---------------------------------------------------------------------------
 
 
+def _store_url(hub: Section, text: str) -> str:
+    """A PostgreSQL URL for ``[hub] store``, checked enough to fail here, not at start."""
+    example = "postgresql://postgres@127.0.0.1:5432/fieldtwin"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise hub.error("store", f"{text!r} is not a valid URL ({exc}); e.g. {example!r}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise hub.error(
+            "store",
+            f"{parts.scheme}:// is not a store this hub knows; give a PostgreSQL URL such as "
+            f"{example!r}, or a DuckDB file path",
+        )
+    database = unquote(parts.path.lstrip("/"))
+    if not parts.hostname or not database or "/" in database:
+        raise hub.error("store", f"{text!r} needs a host and a database name, e.g. {example!r}")
+    if port == 0:
+        raise hub.error("store", f"{text!r}: port 0 is not a port")
+    return text
+
+
 def load_hub_config(path: Path | str) -> HubConfig:
     """Read and validate a hub config, or raise ``ConfigError`` naming file, key and fix."""
     root = load_toml(path)
@@ -503,6 +528,19 @@ def load_hub_config(path: Path | str) -> HubConfig:
     domain = hub.text("domain", "industrial process")
     fidelity = hub.text("fidelity", "high", choices=FIDELITIES)
     database = hub.path("database", None) or file.parent / "hub.duckdb"
+    store_url = ""
+    if hub.has("store"):
+        store_text = hub.text("store")
+        if "://" in store_text:
+            store_url = _store_url(hub, store_text)
+        elif hub.has("database"):
+            raise hub.error(
+                "store",
+                "give the DuckDB file either as store or as database, not both "
+                "(store also takes a postgresql:// URL)",
+            )
+        else:
+            database = hub.path("store")
     key_file = hub.path("key")
     assert key_file is not None
     api_port = hub.integer("api_port", 0, min=0, max=65535)
@@ -551,6 +589,7 @@ def load_hub_config(path: Path | str) -> HubConfig:
         reconciliation=reconciliation,
         operators=operators,
         prediction=prediction,
+        store_url=store_url,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from fieldtwin.hub.audit import canonical_json
 from fieldtwin.hub.config import DRIFT_RULES, HubConfig, describe_config_value
 from fieldtwin.hub.queries import current_entities, iso, open_drift
-from fieldtwin.hub.store import TwinStore
+from fieldtwin.hub.storage import TwinStorePort
 from fieldtwin.protocol.tracker import DeliveryTracker
 
 
@@ -59,32 +59,12 @@ def snapshot_hash(state: Mapping[str, Any]) -> str:
 
 
 def _data_sources(
-    store: TwinStore, config: HubConfig, tracker: DeliveryTracker
+    store: TwinStorePort, config: HubConfig, tracker: DeliveryTracker
 ) -> list[dict[str, Any]]:
-    links = {
-        row[0]: row
-        for row in store.query(
-            "SELECT gateway, epoch, online, last_frame_ms, death_ms FROM gateways"
-        )
-    }
-    intervals = dict(
-        store.query(
-            "SELECT gateway, min(interval_ms) FROM points WHERE interval_ms > 0 GROUP BY gateway"
-        )
-    )
-    latency_rows = store.query(
-        """SELECT gateway, list(received_ms - sent_at_ms) FROM (
-               SELECT gateway, received_ms, sent_at_ms, row_number() OVER
-                   (PARTITION BY gateway ORDER BY id DESC) AS n FROM frames)
-           WHERE n <= 200 GROUP BY gateway"""
-    )
-    latencies = dict(latency_rows)
-    failures = dict(
-        store.query(
-            "SELECT subject, max(ts_ms) FROM audit WHERE action IN ('death', 'frame_rejected') "
-            "GROUP BY subject"
-        )
-    )
+    links = {row[0]: row for row in store.gateway_rows()}
+    intervals = store.point_intervals()
+    latencies = store.frame_latencies(200)
+    failures = store.failure_times()
     broker = config.broker
     sources: list[dict[str, Any]] = []
     for gateway_id in sorted(set(config.gateways) | set(links)):
@@ -117,12 +97,9 @@ def _data_sources(
     return sources
 
 
-def _operator_source(store: TwinStore, config: HubConfig) -> dict[str, Any]:
+def _operator_source(store: TwinStorePort, config: HubConfig) -> dict[str, Any]:
     """The operator channel: people acting on the twin (manual input)."""
-    accepted = store.query("SELECT count(*), max(received_ms) FROM operator_requests")[0]
-    refused = store.query(
-        "SELECT count(*), max(ts_ms) FROM audit WHERE action = 'operator_refused'"
-    )[0]
+    accepted, refused = store.operator_activity()
     total = int(accepted[0] or 0) + int(refused[0] or 0)
     return {
         "id": "operators",
@@ -262,7 +239,7 @@ def twin_confidence(
 
 
 def twin_document(
-    store: TwinStore,
+    store: TwinStorePort,
     config: HubConfig,
     *,
     last_query_ms: int | None = None,
@@ -272,16 +249,14 @@ def twin_document(
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     entities = current_entities(store, config)
     _, tracker = store.load_state()  # snapshot plus journal: delivered ranges as of now
-    twin_ids = {row[0]: row[1] for row in store.query("SELECT physical_id, twin_id FROM entities")}
+    twin_ids = store.twin_ids()
     created = int(store.meta("created_ms") or 0)
     last_sync = max((e["last_updated_ms"] or 0 for e in entities), default=0)
     last_check = store.last_check_ms()
     issues = open_drift(store)
     drifted = {i["entity"] for i in issues if i["type"] != "temporal"}
     stale = [e for e in entities if e["health"] == "stale"]
-    recent = store.query(
-        "SELECT ts_ms, entity, action, result FROM actions ORDER BY ts_ms DESC LIMIT 20"
-    )
+    recent = store.recent_actions(20)
     confidence = twin_confidence(entities, config.schema.declared_points(), issues)
     head = store.audit_head()
     return {
@@ -322,10 +297,7 @@ def twin_document(
                     "type": rel_type,
                     "attributes": _json_or_none(attributes) or {},
                 }
-                for source, target, rel_type, attributes in store.query(
-                    "SELECT source, target, type, attributes FROM relationships "
-                    "ORDER BY source, target"
-                )
+                for source, target, rel_type, attributes in store.relationship_rows()
             ],
         },
         "sync_configuration": {
@@ -365,12 +337,12 @@ def twin_document(
             # what-if needs declared influences; forecasts also run on trend models
             "simulation_enabled": config.prediction.enabled and bool(config.prediction.influences),
             "prediction_enabled": config.prediction.enabled,
-            "models_fitted": store.query("SELECT count(*) FROM models")[0][0],
+            "models_fitted": store.model_count(),
             "last_query": iso(last_query_ms),
         },
         "confidence": confidence,
         "evidence_anchors": [
-            f"duckdb:{store.path.resolve()}",
+            store.evidence_anchor(),
             f"audit:seq={head[0]}:sha256={head[1]}",
             f"config:{config.file.resolve()}#sha256={config_digest(config)}",
         ],

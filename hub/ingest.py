@@ -55,7 +55,8 @@ from fieldtwin.hub.state import (
     TwinState,
     encode_columns,
 )
-from fieldtwin.hub.store import Flush, FrameRow, IngestWrite, TwinStore
+from fieldtwin.hub.storage import TwinStorePort
+from fieldtwin.hub.store import Flush, FrameRow, IngestWrite
 from fieldtwin.protocol.births import assemble_birth, check_same_birth
 from fieldtwin.protocol.errors import ProtocolError, Replay
 from fieldtwin.protocol.frames import Frame, Limits, decode_frame
@@ -196,7 +197,7 @@ class IngestCore:
     def __init__(
         self,
         config: HubConfig,
-        store: TwinStore,
+        store: TwinStorePort,
         state: TwinState,
         tracker: DeliveryTracker,
         registry: KeyRegistry,

@@ -31,8 +31,7 @@ from fieldtwin.hub.drift import ModelMiss
 from fieldtwin.hub.errors import QueryError
 from fieldtwin.hub.models import Array, Model, ModelError, Trajectory
 from fieldtwin.hub.queries import iso
-from fieldtwin.hub.state import KIND_BOOL, KIND_FLOAT, KIND_INT
-from fieldtwin.hub.store import TwinStore
+from fieldtwin.hub.storage import TwinStorePort
 from fieldtwin.protocol.logfmt import fields
 
 log = logging.getLogger("fieldtwin.hub.predict")
@@ -57,12 +56,8 @@ def parse_point(text: str) -> Point:
     return entity, attribute
 
 
-def marks(items: Sequence[Any]) -> str:
-    return ", ".join("?" for _ in items)
-
-
 def load_grids(
-    store: TwinStore, points: Iterable[Point], start_ms: int, end_ms: int, step_ms: int
+    store: TwinStorePort, points: Iterable[Point], start_ms: int, end_ms: int, step_ms: int
 ) -> tuple[Array, dict[str, Array]]:
     """Each point's good/uncertain numeric history on one grid (zero-order hold), with the
     last sample before the window as its starting value."""
@@ -71,27 +66,10 @@ def load_grids(
     wanted = sorted(set(points))
     if not wanted:
         return times, out
-    value = (
-        f"CASE WHEN kind IN ({KIND_FLOAT}, {KIND_BOOL}) THEN num "
-        f"WHEN kind = {KIND_INT} THEN TRY_CAST(txt AS DOUBLE) END"
-    )
     entities = sorted({e for e, _ in wanted})
     attributes = sorted({a for _, a in wanted})
-    rows = store.query(
-        f"""SELECT entity, attribute, ts_ms, {value} AS v FROM history
-            WHERE entity IN ({marks(entities)}) AND attribute IN ({marks(attributes)})
-              AND ts_ms > ? AND ts_ms <= ? AND quality <= 1
-            ORDER BY entity, attribute, ts_ms""",
-        [*entities, *attributes, start_ms, end_ms],
-    )
-    before = store.query(
-        f"""SELECT entity, attribute, arg_max(ts_ms, ts_ms), arg_max({value}, ts_ms)
-            FROM history
-            WHERE entity IN ({marks(entities)}) AND attribute IN ({marks(attributes)})
-              AND ts_ms <= ? AND quality <= 1
-            GROUP BY entity, attribute""",
-        [*entities, *attributes, start_ms],
-    )
+    rows = store.numeric_samples(entities, attributes, start_ms, end_ms)
+    before = store.numeric_before(entities, attributes, start_ms)
     series: dict[Point, tuple[list[int], list[float]]] = {p: ([], []) for p in wanted}
     for entity, attribute, ts_ms, v in before:
         if (entity, attribute) in series and v is not None:
@@ -196,7 +174,7 @@ class ModelBank:
             every = min(every, 60.0)
         return bool(now_ms - self.refitted_ms >= every * 1000)
 
-    def load(self, store: TwinStore, now_ms: int) -> tuple[Array, dict[str, Array]]:
+    def load(self, store: TwinStorePort, now_ms: int) -> tuple[Array, dict[str, Array]]:
         start = now_ms - round(self.settings.history_s * 1000)
         return load_grids(store, self.all_points(), start, now_ms, self.step_ms)
 
@@ -215,7 +193,7 @@ class ModelBank:
 
     def install(
         self,
-        store: TwinStore | None,
+        store: TwinStorePort | None,
         fitted: Mapping[str, Model],
         errors: Mapping[str, str],
         now_ms: int,
@@ -343,7 +321,7 @@ def fit_points(
 class Context:
     """What a prediction needs besides the bank: the store, the time, the config."""
 
-    store: TwinStore
+    store: TwinStorePort
     config: HubConfig
     now_ms: int
 

@@ -24,7 +24,7 @@ from typing import Any
 from fieldtwin.hub.config import HubConfig
 from fieldtwin.hub.errors import QueryError
 from fieldtwin.hub.state import QUALITY_NAMES, decode_value, numeric
-from fieldtwin.hub.store import CURRENT_STATE_SQL, TwinStore
+from fieldtwin.hub.storage import TwinStorePort
 from fieldtwin.protocol.messages import Value
 
 _RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)$")
@@ -150,7 +150,7 @@ def _unit(config: HubConfig, entity: str, attribute: str, point_units: dict[Any,
 
 
 def current_entities(
-    store: TwinStore,
+    store: TwinStorePort,
     config: HubConfig,
     *,
     types: Sequence[str] = (),
@@ -159,18 +159,13 @@ def current_entities(
     entities: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Entities with their current attributes, filtered by type, health and predicates."""
-    rows = store.query(
-        "SELECT physical_id, twin_id, type, declared, gateway, name, static_attributes, "
-        "first_seen_ms, health, health_ms FROM entities ORDER BY physical_id"
-    )
-    point_rows = store.query("SELECT entity, attribute, unit, source, gateway FROM points")
+    rows = store.entity_rows()
+    point_rows = store.point_rows()
     point_units = {(e, a): unit for e, a, unit, _, _ in point_rows}
     sources = {(e, a): (source, gateway) for e, a, _, source, gateway in point_rows}
     values: dict[str, dict[str, dict[str, Any]]] = {}
-    columns = "entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms"
-    for entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms in store.query(
-        CURRENT_STATE_SQL.format(columns=columns)
-    ):
+    for row in store.current_rows():
+        entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms = row[:9]
         source = sources.get((entity, attribute))
         values.setdefault(entity, {})[attribute] = {
             "value": decode_value(kind, num, txt),
@@ -234,7 +229,7 @@ def current_entities(
 
 
 def history(
-    store: TwinStore,
+    store: TwinStorePort,
     entity: str,
     attribute: str,
     start_ms: int,
@@ -244,14 +239,7 @@ def history(
     """Samples of one attribute in [start, end] by source time, oldest first."""
     if end_ms < start_ms:
         raise QueryError("the end of the window is before its start")
-    rows = store.query(
-        """SELECT h.ts_ms, h.kind, h.num, h.txt, h.quality, f.gateway, f.epoch, f.seq,
-                  f.received_ms
-           FROM history h LEFT JOIN frames f ON f.id = h.frame_id
-           WHERE h.entity = ? AND h.attribute = ? AND h.ts_ms BETWEEN ? AND ?
-           ORDER BY h.ts_ms DESC, h.frame_id DESC LIMIT ?""",
-        [entity, attribute, start_ms, end_ms, limit],
-    )
+    rows = store.history_rows(entity, attribute, start_ms, end_ms, limit)
     return [
         {
             "ts": iso(ts_ms),
@@ -266,18 +254,10 @@ def history(
     ]
 
 
-def as_of(store: TwinStore, at_ms: int) -> dict[str, dict[str, dict[str, Any]]]:
+def as_of(store: TwinStorePort, at_ms: int) -> dict[str, dict[str, dict[str, Any]]]:
     """The whole twin as it was known at ``at_ms`` (latest sample by source time, with
     the same last-writer-wins tie-break as live ingest)."""
-    rows = store.query(
-        """SELECT entity, attribute, kind, num, txt, ts_ms, quality FROM history
-           WHERE ts_ms <= ?
-           QUALIFY row_number() OVER (PARTITION BY entity, attribute
-               ORDER BY ts_ms DESC, (quality = 3) DESC, quality ASC, kind DESC,
-                        coalesce(num, 0) DESC, coalesce(txt, '') DESC) = 1
-           ORDER BY entity, attribute""",
-        [at_ms],
-    )
+    rows = store.as_of_rows(at_ms)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for entity, attribute, kind, num, txt, ts_ms, quality in rows:
         out.setdefault(entity, {})[attribute] = {
@@ -289,7 +269,7 @@ def as_of(store: TwinStore, at_ms: int) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def diff(store: TwinStore, from_ms: int, to_ms: int) -> list[dict[str, Any]]:
+def diff(store: TwinStorePort, from_ms: int, to_ms: int) -> list[dict[str, Any]]:
     """What changed between two instants: added, removed and changed attributes."""
     before = as_of(store, from_ms)
     after = as_of(store, to_ms)
@@ -335,7 +315,9 @@ def diff(store: TwinStore, from_ms: int, to_ms: int) -> list[dict[str, Any]]:
 # -- alarms and drift ------------------------------------------------------------------
 
 
-def alarms(store: TwinStore, states: Sequence[str] = (), limit: int = 200) -> list[dict[str, Any]]:
+def alarms(
+    store: TwinStorePort, states: Sequence[str] = (), limit: int = 200
+) -> list[dict[str, Any]]:
     if states:
         marks = ", ".join("?" for _ in states)
         rows = store.alarm_rows(f"state IN ({marks})", list(states))
@@ -348,11 +330,8 @@ def alarms(store: TwinStore, states: Sequence[str] = (), limit: int = 200) -> li
     return rows
 
 
-def open_drift(store: TwinStore) -> list[dict[str, Any]]:
-    rows = store.query(
-        "SELECT id, rule, drift_type, entity, attribute, severity, strategy, description, "
-        "detected_ms FROM drift_events WHERE cleared_ms IS NULL ORDER BY entity, attribute, rule"
-    )
+def open_drift(store: TwinStorePort) -> list[dict[str, Any]]:
+    rows = store.open_drift_rows()
     names = ("id", "rule", "type", "entity", "attribute", "severity", "strategy", "description")
     out = []
     for row in rows:
@@ -363,12 +342,8 @@ def open_drift(store: TwinStore) -> list[dict[str, Any]]:
     return out
 
 
-def audit_tail(store: TwinStore, limit: int = 50) -> list[dict[str, Any]]:
-    rows = store.query(
-        "SELECT seq, ts_ms, actor, action, subject, detail, hash FROM audit "
-        "ORDER BY seq DESC LIMIT ?",
-        [limit],
-    )
+def audit_tail(store: TwinStorePort, limit: int = 50) -> list[dict[str, Any]]:
+    rows = store.audit_tail_rows(limit)
     return [
         {
             "seq": seq,
@@ -429,7 +404,7 @@ def _command_times(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def commands(
-    store: TwinStore, states: Sequence[str] = (), limit: int = 100
+    store: TwinStorePort, states: Sequence[str] = (), limit: int = 100
 ) -> list[dict[str, Any]]:
     """Commands, newest first; ``states`` may include ``open`` for every unsettled state."""
     wanted: list[str] = []
@@ -452,7 +427,7 @@ def commands(
     return [_command_times(row) for row in rows]
 
 
-def command(store: TwinStore, command_id: str) -> dict[str, Any]:
+def command(store: TwinStorePort, command_id: str) -> dict[str, Any]:
     """One command with its timeline (every transition) and its rollback's, if any."""
     rows = store.command_rows("id = ?", [command_id], limit=1)
     if not rows:

@@ -19,7 +19,7 @@ from fieldtwin.hub.api import ApiClient, Endpoint, pid_alive
 from fieldtwin.hub.config import HubConfig
 from fieldtwin.hub.errors import HubUnreachable, StoreLocked
 from fieldtwin.hub.export import twin_document
-from fieldtwin.hub.store import TwinStore
+from fieldtwin.hub.storage import TwinStorePort, open_store
 
 
 class TwinReader(Protocol):
@@ -147,7 +147,7 @@ class FileReader:
 
     live = False
 
-    def __init__(self, store: TwinStore, config: HubConfig) -> None:
+    def __init__(self, store: TwinStorePort, config: HubConfig) -> None:
         self.store = store
         self.config = config
 
@@ -212,15 +212,12 @@ class FileReader:
                 "frames": frames,
                 "last_frame": queries.iso(last_frame_ms),
             }
-            for gateway, epoch, online, last_frame_ms, frames in self.store.query(
-                "SELECT gateway, epoch, online, last_frame_ms, frames FROM gateways "
-                "ORDER BY gateway"
-            )
+            for gateway, epoch, online, last_frame_ms, _, frames in self.store.gateway_rows()
         ]
         return {
             "twin_id": self.config.twin_id,
             "running": False,
-            "database": str(self.store.path),
+            "database": self.store.location,
             "config": str(self.config.file),
             "gateways": gateways,
             "last_check": queries.iso(self.store.last_check_ms()),
@@ -278,9 +275,7 @@ def open_reader(config: HubConfig, timeout: float = 30.0) -> TwinReader:
         if isinstance(status, dict) and status.get("instance") == endpoint.instance:
             return LiveReader(client)
     try:
-        store = TwinStore.open(
-            config.database, read_only=True, memory_limit=config.memory_limit, threads=1
-        )
+        store = open_store(config, read_only=True, threads=1)
     except StoreLocked:
         if endpoint is not None and pid_alive(endpoint.pid):
             raise HubUnreachable(

@@ -53,7 +53,7 @@ from fieldtwin.hub.errors import HubError, StoreError
 from fieldtwin.hub.ingest import Inbound
 from fieldtwin.hub.metrics import HubMetrics
 from fieldtwin.hub.service import Effects, HubService, Outbound
-from fieldtwin.hub.store import TwinStore
+from fieldtwin.hub.storage import open_store
 from fieldtwin.protocol.aio import within
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.presence import HubPresence
@@ -109,9 +109,7 @@ class Hub:
 
     def _open(self) -> None:
         config = self.config
-        store = TwinStore.open(
-            config.database, memory_limit=config.memory_limit, threads=config.threads
-        )
+        store = open_store(config)
         try:
             self.service = HubService(
                 config, store, instance=self.instance, metrics=self.metrics, clock=self.clock

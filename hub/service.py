@@ -61,7 +61,8 @@ from fieldtwin.hub.metrics import HubMetrics, render
 from fieldtwin.hub.operators import READ, RequestGate, VerifiedRequest, permissions
 from fieldtwin.hub.policy import GatewayStatus, PolicyInput, Verdict, check_command
 from fieldtwin.hub.state import CurrentValue, numeric
-from fieldtwin.hub.store import SyncWrite, TwinStore
+from fieldtwin.hub.storage import TwinStorePort
+from fieldtwin.hub.store import SyncWrite
 from fieldtwin.protocol.approvals import verify_approval
 from fieldtwin.protocol.errors import BadSignature, ProtocolError
 from fieldtwin.protocol.frames import FrameSigner
@@ -173,7 +174,7 @@ class HubService:
     def __init__(
         self,
         config: HubConfig,
-        store: TwinStore,
+        store: TwinStorePort,
         *,
         instance: str,
         metrics: HubMetrics,
@@ -269,10 +270,7 @@ class HubService:
         self._open_events = store.open_drift_events()
         self._next_drift_id = ids["drift"]
         self._next_investigation = ids["investigation"]
-        self._health = {
-            physical: health or "unknown"
-            for physical, health in store.query("SELECT physical_id, health FROM entities")
-        }
+        self._health = store.entity_health()
         self.models = predict.ModelBank(config)
         self.models.restore(store.load_models())
 
@@ -1430,10 +1428,7 @@ class HubService:
         return queries.audit_tail(self.store, limit)
 
     def audit_verify(self) -> dict[str, Any]:
-        rows = self.store.query(
-            "SELECT seq, ts_ms, actor, action, subject, detail, prev_hash, hash FROM audit "
-            "ORDER BY seq"
-        )
+        rows = self.store.audit_chain_rows()
         check = verify_chain(rows)
         return {
             "ok": check.ok,
@@ -1494,7 +1489,7 @@ class HubService:
             "instance": self.instance,
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
-            "database": str(self.config.database),
+            "database": self.store.location,
             "config": str(self.config.file),
             "broker": self.config.broker.url,
             "mqtt_connected": metrics.mqtt_connected,

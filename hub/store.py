@@ -51,20 +51,20 @@ from typing import Any
 
 import duckdb
 
-from fieldtwin.hub.audit import GENESIS_HASH, AuditEvent, AuditRecord
+from fieldtwin.hub.audit import AuditEvent, AuditRecord
 from fieldtwin.hub.errors import StoreError, StoreLocked, StoreSchemaError
 from fieldtwin.hub.state import (
     CurrentValue,
     GatewayLink,
     Key,
     PointInfo,
-    TwinState,
-    decode_value,
     encode_columns,
 )
-from fieldtwin.protocol.errors import StaleEpoch
+from fieldtwin.hub.storage import ALARM_COLUMNS, StoreReads
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.tracker import DeliveryTracker
+
+__all__ = ["ALARM_COLUMNS", "CURRENT_STATE_SQL", "SCHEMA_VERSION", "TwinStore"]
 
 log = logging.getLogger("fieldtwin.hub.store")
 
@@ -264,14 +264,75 @@ def _is_wal_damage(exc: BaseException) -> bool:
     return "replaying WAL" in text or "Corrupt WAL" in text
 
 
-class TwinStore:
-    """A DuckDB connection with the twin's schema; one instance per process."""
+CURRENT_STATE_SQL = """
+WITH upto AS (SELECT coalesce(max(upto_frame), 0) AS frame FROM checkpoint),
+merged AS (
+    SELECT entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms,
+           last_change_ms
+    FROM current
+    UNION ALL
+    SELECT h.entity, h.attribute, h.kind, h.num, h.txt, h.ts_ms, h.quality, f.gateway,
+           f.received_ms, h.ts_ms
+    FROM history h JOIN frames f ON f.id = h.frame_id
+    WHERE h.frame_id > (SELECT frame FROM upto)
+)
+SELECT {columns} FROM merged
+QUALIFY row_number() OVER (
+    PARTITION BY entity, attribute
+    ORDER BY ts_ms DESC, (quality = 3) DESC, quality ASC, kind DESC, coalesce(num, 0) DESC,
+             coalesce(txt, '') DESC
+) = 1
+ORDER BY entity, attribute
+"""
+"""Current state = the ``current`` table plus the frames journaled after its last flush,
+decided by the same last-writer-wins order as live ingest."""
+
+
+class TwinStore(StoreReads):
+    """A DuckDB connection with the twin's schema; one instance per process.
+
+    The storage port's default adapter (hub/storage.py)."""
+
+    CURRENT_STATE_SQL = CURRENT_STATE_SQL
+    AS_OF_SQL = """SELECT entity, attribute, kind, num, txt, ts_ms, quality FROM history
+    WHERE ts_ms <= ?
+    QUALIFY row_number() OVER (PARTITION BY entity, attribute
+        ORDER BY ts_ms DESC, (quality = 3) DESC, quality ASC, kind DESC,
+                 coalesce(num, 0) DESC, coalesce(txt, '') DESC) = 1
+    ORDER BY entity, attribute"""
+    LATENCY_SQL = """SELECT gateway, list(received_ms - sent_at_ms) FROM (
+        SELECT gateway, received_ms, sent_at_ms, row_number() OVER
+            (PARTITION BY gateway ORDER BY id DESC) AS n FROM frames)
+    WHERE n <= ? GROUP BY gateway"""
+    COMMAND_EVENTS_SQL = (
+        "SELECT cmd_id, at_ms, change, before, after, actor, request, detail "
+        "FROM command_events WHERE list_contains(?, cmd_id) ORDER BY at_ms, rowid"
+    )
+    NUMERIC_BEFORE_SQL = """SELECT entity, attribute, arg_max(ts_ms, ts_ms),
+        arg_max({value}, ts_ms)
+    FROM history
+    WHERE entity IN ({entities}) AND attribute IN ({attributes})
+      AND ts_ms <= ? AND quality <= 1
+    GROUP BY entity, attribute"""
+    BUCKETS_SQL = """SELECT (ts_ms - ?) // ? AS b, count(*), min(num), max(num), avg(num),
+           arg_max(num, ts_ms), max(ts_ms), max(quality)
+    FROM history
+    WHERE entity = ? AND attribute = ? AND ts_ms BETWEEN ? AND ? AND num IS NOT NULL
+    GROUP BY b ORDER BY b"""
+    INT_AS_DOUBLE = "TRY_CAST(txt AS DOUBLE)"
 
     def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
         self.con = con
         self.path = path
         self.read_only = read_only
         self.recovery: StoreRecovery | None = None
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def evidence_anchor(self) -> str:
+        return f"duckdb:{self.path.resolve()}"
 
     # -- opening ---------------------------------------------------------------------
 
@@ -409,9 +470,6 @@ class TwinStore:
             )
         except duckdb.Error as exc:
             raise _error(exc, self.path, "cannot store models in") from None
-
-    def load_models(self) -> list[dict[str, Any]]:
-        return [json.loads(record) for (record,) in self.query("SELECT record FROM models")]
 
     # -- small helpers ---------------------------------------------------------------
 
@@ -768,213 +826,6 @@ class TwinStore:
             if batch.checked_ms:
                 con.execute("UPDATE checkpoint SET last_check_ms = ?", [batch.checked_ms])
             self._insert_audit(con, batch.audit)
-
-    # -- loading at start ------------------------------------------------------------
-
-    def load_state(self) -> tuple[TwinState, DeliveryTracker]:
-        """The twin state and delivery tracker as of the last committed frame."""
-        state = TwinState()
-        columns = (
-            "entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms, "
-            "last_change_ms"
-        )
-        for row in self.query(CURRENT_STATE_SQL.format(columns=columns)):
-            entity, attribute, kind, num, txt, ts_ms, quality, gateway, received, changed = row
-            state.current[(entity, attribute)] = CurrentValue(
-                decode_value(kind, num, txt), ts_ms, quality, gateway, received, changed
-            )
-        table = {
-            (str(entity), str(attribute)): (ts_ms, quality, decode_value(kind, num, txt))
-            for entity, attribute, kind, num, txt, ts_ms, quality in self.query(
-                "SELECT entity, attribute, kind, num, txt, ts_ms, quality FROM current"
-            )
-        }
-        state.persisted = set(table)
-        # Values that come from the journal (frames after the last flush) are not in the
-        # ``current`` table yet: the next flush must write them, or a flush that moves the
-        # checkpoint past their frames would lose them.
-        state.unflushed = {
-            key
-            for key, value in state.current.items()
-            if table.get(key) != (value.ts_ms, value.quality, value.value)
-        }
-        for row in self.query(
-            "SELECT entity, attribute, gateway, dtype, unit, writable, min, max, interval_ms, "
-            "source, updated_ms FROM points"
-        ):
-            point = PointInfo(*row)
-            state.points[(point.entity, point.attribute)] = point
-        for row in self.query("SELECT * FROM gateways"):
-            gateway, epoch, birth_seq, online, last_frame, last_birth, death, why = row[:8]
-            state.gateways[gateway] = GatewayLink(
-                gateway,
-                epoch,
-                birth_seq,
-                online,
-                last_frame,
-                last_birth,
-                death,
-                why,
-                row[8],
-                row[9],
-                json.loads(row[10]) if row[10] else {},
-                int(row[11] or 0),
-                int(row[12] or 0),
-                int(row[13] or 0),
-            )
-        for physical, first_seen in self.query(
-            "SELECT physical_id, first_seen_ms FROM entities WHERE first_seen_ms IS NOT NULL"
-        ):
-            state.first_seen[physical] = first_seen
-        blob = self.query("SELECT tracker, upto_frame FROM checkpoint")
-        tracker = DeliveryTracker.loads(bytes(blob[0][0])) if blob else DeliveryTracker()
-        upto = int(blob[0][1] or 0) if blob else 0
-        # Replay the journal: frames committed after the last flush.
-        for frame_id, gateway, kind, epoch, seq, received, samples, low_water in self.query(
-            "SELECT id, gateway, kind, epoch, seq, received_ms, samples, low_water FROM frames "
-            "WHERE id > ? ORDER BY id",
-            [min([upto, *(link.upto_frame for link in state.gateways.values())])],
-        ):
-            if frame_id > upto:
-                try:
-                    tracker.record(gateway, epoch, seq)
-                    if low_water:
-                        tracker.close_below(gateway, epoch, low_water)
-                except StaleEpoch:
-                    continue
-            link = state.link(gateway)
-            if frame_id <= link.upto_frame:
-                continue
-            link.upto_frame = frame_id
-            link.epoch = max(link.epoch, epoch)
-            link.last_frame_ms = max(link.last_frame_ms, received)
-            link.frames += 1
-            link.points += samples
-            if kind == "birth":
-                link.birth_seq = seq
-                link.session = 0  # not journaled: deaths fall back to the seq-window rule
-                link.online = True
-                link.last_birth_ms = received
-        return state, tracker
-
-    def next_ids(self) -> dict[str, int]:
-        """Next free frame id, drift event id and alarm/investigation/proposal numbers."""
-
-        def one(sql: str) -> int:
-            row = self.query(sql)
-            return int(row[0][0] or 0) + 1
-
-        return {
-            "frame": one("SELECT max(id) FROM frames"),
-            "drift": one("SELECT max(id) FROM drift_events"),
-            "alarm": one("SELECT max(CAST(substr(id, 3) AS BIGINT)) FROM alarms"),
-            "investigation": one("SELECT max(CAST(substr(id, 3) AS BIGINT)) FROM investigations"),
-            "proposal": one("SELECT max(CAST(substr(id, 3) AS BIGINT)) FROM proposals"),
-        }
-
-    def command_rows(
-        self, where: str = "true", params: Sequence[Any] = (), limit: int = 1000
-    ) -> list[dict[str, Any]]:
-        """Command records (newest first), as ``CommandRecord.row()`` wrote them."""
-        rows = self.query(
-            f"SELECT record FROM commands WHERE {where} ORDER BY proposed_ms DESC, id DESC LIMIT ?",
-            [*params, limit],
-        )
-        return [json.loads(row[0]) for row in rows]
-
-    def command_events(self, cmd_ids: Sequence[str]) -> list[tuple[Any, ...]]:
-        return self.query(
-            "SELECT cmd_id, at_ms, change, before, after, actor, request, detail "
-            "FROM command_events WHERE list_contains(?, cmd_id) ORDER BY at_ms, rowid",
-            [list(cmd_ids)],
-        )
-
-    def next_command_number(self) -> int:
-        row = self.query(
-            "SELECT max(CAST(split_part(substr(id, 3), '.', 1) AS BIGINT)) FROM commands"
-        )
-        return int(row[0][0] or 0) + 1
-
-    def live_nonces(self, now_ms: int) -> list[tuple[str, str, int]]:
-        rows = self.query(
-            "SELECT operator, req_id, expires_ms FROM operator_requests WHERE expires_ms >= ?",
-            [now_ms],
-        )
-        return [(str(a), str(b), int(c)) for a, b, c in rows]
-
-    def last_check_ms(self) -> int:
-        row = self.query("SELECT last_check_ms FROM checkpoint")
-        return int(row[0][0] or 0) if row else 0
-
-    def audit_head(self) -> tuple[int, str]:
-        row = self.query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        return (int(row[0][0]), str(row[0][1])) if row else (0, GENESIS_HASH)
-
-    def open_alarms(self) -> list[dict[str, Any]]:
-        return self.alarm_rows("state <> 'cleared'")
-
-    def open_drift_events(self) -> dict[tuple[str, str, str], int]:
-        return {
-            (rule, entity, attribute): event_id
-            for event_id, rule, entity, attribute in self.query(
-                "SELECT id, rule, entity, attribute FROM drift_events WHERE cleared_ms IS NULL"
-            )
-        }
-
-    def alarm_rows(self, where: str = "true", params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        rows = self.query(
-            f"SELECT {', '.join(ALARM_COLUMNS)} FROM alarms WHERE {where} ORDER BY raised_ms",
-            list(params),
-        )
-        return [dict(zip(ALARM_COLUMNS, row, strict=True)) for row in rows]
-
-
-ALARM_COLUMNS = (
-    "id",
-    "rule",
-    "drift_type",
-    "entity",
-    "attribute",
-    "severity",
-    "state",
-    "strategy",
-    "description",
-    "value",
-    "gateway",
-    "raised_ms",
-    "updated_ms",
-    "cleared_ms",
-    "acked_by",
-    "acked_ms",
-    "shelved_by",
-    "shelved_until_ms",
-    "present",
-    "shelve_reason",
-)
-
-
-CURRENT_STATE_SQL = """
-WITH upto AS (SELECT coalesce(max(upto_frame), 0) AS frame FROM checkpoint),
-merged AS (
-    SELECT entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms,
-           last_change_ms
-    FROM current
-    UNION ALL
-    SELECT h.entity, h.attribute, h.kind, h.num, h.txt, h.ts_ms, h.quality, f.gateway,
-           f.received_ms, h.ts_ms
-    FROM history h JOIN frames f ON f.id = h.frame_id
-    WHERE h.frame_id > (SELECT frame FROM upto)
-)
-SELECT {columns} FROM merged
-QUALIFY row_number() OVER (
-    PARTITION BY entity, attribute
-    ORDER BY ts_ms DESC, (quality = 3) DESC, quality ASC, kind DESC, coalesce(num, 0) DESC,
-             coalesce(txt, '') DESC
-) = 1
-ORDER BY entity, attribute
-"""
-"""Current state = the ``current`` table plus the frames journaled after its last flush,
-decided by the same last-writer-wins order as live ingest."""
 
 
 def _set_wal_aside(path: Path, exc: BaseException) -> StoreRecovery:

@@ -49,7 +49,7 @@ from fieldtwin.protocol.topics import view_topic
 
 if TYPE_CHECKING:
     from fieldtwin.hub.service import HubService, Outbound
-    from fieldtwin.hub.store import TwinStore
+    from fieldtwin.hub.storage import TwinStorePort
 
 STREAMS = ("twin", "alarms", "commands", "hub")
 INTERVAL_S = 0.25
@@ -624,7 +624,7 @@ def split_tables(tables: Mapping[str, dict[str, Any]], limit: int) -> list[dict[
 
 
 def history_series(
-    store: TwinStore, entity: str, attribute: str, start_ms: int, end_ms: int, buckets: int
+    store: TwinStorePort, entity: str, attribute: str, start_ms: int, end_ms: int, buckets: int
 ) -> dict[str, Any]:
     """One attribute's history in [start, end], as at most ``buckets`` time buckets with
     min, max, mean and last value each (numbers and booleans; text has no plot)."""
@@ -632,19 +632,8 @@ def history_series(
         raise QueryError("the end of the window is before its start")
     buckets = max(10, min(buckets, 2000))
     width = max(1, -(-(end_ms - start_ms) // buckets))
-    rows = store.query(
-        """SELECT (ts_ms - ?) // ? AS b, count(*), min(num), max(num), avg(num),
-                  arg_max(num, ts_ms), max(ts_ms), max(quality)
-           FROM history
-           WHERE entity = ? AND attribute = ? AND ts_ms BETWEEN ? AND ? AND num IS NOT NULL
-           GROUP BY b ORDER BY b""",
-        [start_ms, width, entity, attribute, start_ms, end_ms],
-    )
-    texts = store.query(
-        "SELECT count(*) FROM history WHERE entity = ? AND attribute = ? "
-        "AND ts_ms BETWEEN ? AND ? AND num IS NULL",
-        [entity, attribute, start_ms, end_ms],
-    )
+    rows = store.history_buckets(entity, attribute, start_ms, end_ms, width)
+    non_numeric = store.history_text_count(entity, attribute, start_ms, end_ms)
     return {
         "entity": entity,
         "attribute": attribute,
@@ -660,5 +649,5 @@ def history_series(
         "last_ts_ms": [int(r[6]) for r in rows],
         "worst_quality": [QUALITY_NAMES[int(r[7])] for r in rows],
         "samples": sum(int(r[1]) for r in rows),
-        "non_numeric": int(texts[0][0]) if texts else 0,
+        "non_numeric": non_numeric,
     }

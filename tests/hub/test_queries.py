@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from support.hub_env import GatewaySigner, point, sample, write_hub_config
+from support.pg import BACKENDS, store_opener
 
 from fieldtwin.hub.audit import AuditChain
 from fieldtwin.hub.config import HubConfig, load_hub_config
@@ -17,17 +18,21 @@ from fieldtwin.hub.export import snapshot_hash, snapshot_state, twin_document
 from fieldtwin.hub.ingest import Inbound, IngestCore
 from fieldtwin.hub.metrics import HubMetrics
 from fieldtwin.hub.queries import Predicate, as_of, current_entities, diff, history, parse_time
-from fieldtwin.hub.store import TwinStore
+from fieldtwin.hub.storage import TwinStorePort as TwinStore
 
 T0 = 1_700_000_000_000
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def filled(tmp_path: Path) -> Iterator[tuple[TwinStore, HubConfig]]:
+@pytest.fixture(params=BACKENDS)
+def filled(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TwinStore, HubConfig]]:
+    with store_opener(request.param, tmp_path) as (opener, _):
+        yield from _filled(opener(), tmp_path)
+
+
+def _filled(store: TwinStore, tmp_path: Path) -> Iterator[tuple[TwinStore, HubConfig]]:
     files = write_hub_config(tmp_path)
     config = load_hub_config(files.config)
-    store = TwinStore.open(config.database, memory_limit="256MB", threads=1)
     state, tracker = store.load_state()
     core = IngestCore(config, store, state, tracker, config.registry(), AuditChain(), HubMetrics())
     gw = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
@@ -178,12 +183,12 @@ assumptions: a
 
 def test_export_has_every_contract_field(filled: tuple[TwinStore, HubConfig]) -> None:
     store, config = filled
-    store.con.execute(
+    store.query(
         "INSERT INTO drift_events VALUES (1, 'threshold', 'threshold', 'tank-1', 'level', "
         "'critical', 'alert', 'level high', ?, NULL)",
         [T0],
     )
-    store.con.execute(
+    store.query(
         "INSERT INTO actions VALUES (?, 'tank-1', 'rebirth requested', 'success', '')", [T0]
     )
     document = twin_document(store, config, last_query_ms=T0)
