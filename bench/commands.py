@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support.broker import MosquittoBroker  # noqa: E402
+from support.plant import plant_logins  # noqa: E402
 
 from fieldtwin.hub.config import load_hub_config  # noqa: E402
 from fieldtwin.hub.demo import Plant, PlantOptions  # noqa: E402
@@ -157,11 +158,7 @@ async def run(rounds: int, seconds: float) -> dict[str, Any]:
         broker = MosquittoBroker(workdir / "broker")
         broker.add_user("hub")
         state = workdir / "plant"
-        keys = state / "keys"
-        keys.mkdir(parents=True)
-        (keys / "hub.password").write_text(broker.passwords["hub"])
-        for user in ("gw-pumps", "gw-field", "gw-boiler", "alice", "bob", "vic"):
-            (keys / f"{user}.password").write_text(broker.add_user(user))
+        plant_logins(broker, state)  # gateways, and alice/bob/vic with the operator ACL
         broker.start()
         plant = Plant(PlantOptions(state_dir=state, broker_url=broker.url, speed=1.0))
         try:

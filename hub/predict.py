@@ -340,7 +340,12 @@ def _spec(config: HubConfig, point: Point) -> Any:
 
 
 def _models_for(
-    bank: ModelBank, ctx: Context, chain: set[Point], targets: set[Point], at_ms: int | None
+    bank: ModelBank,
+    ctx: Context,
+    chain: set[Point],
+    targets: set[Point],
+    at_ms: int | None,
+    fit_missing: bool = True,
 ) -> tuple[dict[str, Model], dict[str, str]]:
     """The models a forecast of ``targets`` runs: every influenced point of ``chain`` and
     a trend model for a target nobody declared an influence for. Inputs with neither
@@ -357,6 +362,10 @@ def _models_for(
         missing_trends = [p for p in wanted_trends if label(p) not in have]
         if not missing_influenced and not missing_trends:
             return have, {}
+        if not fit_missing:  # the model loop's job; a request does not wait for a fit
+            missing = [label(p) for p in [*missing_influenced, *missing_trends]]
+            why = {m: bank.errors.get(m, f"no model of {m} fitted yet") for m in missing}
+            return have, why
         end = ctx.now_ms
     else:
         have = {}
@@ -386,11 +395,12 @@ def _trajectories(
     steps: int,
     overrides: Mapping[str, float],
     at_ms: int | None,
+    fit_missing: bool = True,
 ) -> tuple[dict[str, Trajectory], dict[str, Model], dict[str, str]]:
     chain: set[Point] = set()
     for point in points:
         chain |= bank.chain(point)
-    fitted, errors = _models_for(bank, ctx, chain, points, at_ms)
+    fitted, errors = _models_for(bank, ctx, chain, points, at_ms, fit_missing)
     lags = max((m.lags for m in fitted.values()), default=1) + 2
     start = origin_ms - lags * bank.step_ms
     _, history = load_grids(ctx.store, chain, start, origin_ms, bank.step_ms)
@@ -632,6 +642,8 @@ def simulate(
     ctx: Context,
     sets: Mapping[str, float],
     horizon_ms: int,
+    *,
+    fit_missing: bool = True,
 ) -> dict[str, Any]:
     """``twin simulate``: hold the given values from now and predict what they do to
     every attribute they influence, against the same horizon without the change."""
@@ -651,8 +663,10 @@ def simulate(
     steps = bank.horizon_steps(horizon_ms)
     overrides = {label(p): v for p, v in points.items()}
     now = ctx.now_ms
-    baseline, _, _ = _trajectories(bank, ctx, set(affected), now, steps, {}, None)
-    changed, fitted, errors = _trajectories(bank, ctx, set(affected), now, steps, overrides, None)
+    baseline, _, _ = _trajectories(bank, ctx, set(affected), now, steps, {}, None, fit_missing)
+    changed, fitted, errors = _trajectories(
+        bank, ctx, set(affected), now, steps, overrides, None, fit_missing
+    )
     _, current_grid = load_grids(ctx.store, affected, now - bank.step_ms, now, bank.step_ms)
     effects: list[dict[str, Any]] = []
     for point in affected:

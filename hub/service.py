@@ -701,6 +701,7 @@ class HubService:
                 self._predict_context(),
                 {f"{entity}.{attribute}": float(value)},
                 round(self.config.prediction.horizon_s * 1000),
+                fit_missing=False,  # a dry run or approval never waits for a fit
             )
         except predict.PredictionError as exc:
             return {"prediction_unavailable": str(exc)}
