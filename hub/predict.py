@@ -757,9 +757,10 @@ def risk(bank: ModelBank, ctx: Context, horizon_ms: int | None = None) -> dict[s
         and (spec.high.critical is not None or spec.low.critical is not None)
     ]
     unavailable: list[str] = []
+    weak_models: list[str] = []
     for point in points:
         try:
-            trajectories, _, _ = _trajectories(bank, ctx, {point}, ctx.now_ms, steps, {}, None)
+            trajectories, fitted, _ = _trajectories(bank, ctx, {point}, ctx.now_ms, steps, {}, None)
         except PredictionError as exc:
             unavailable.append(f"{label(point)}: {exc}")
             continue
@@ -768,6 +769,9 @@ def risk(bank: ModelBank, ctx: Context, horizon_ms: int | None = None) -> dict[s
             unavailable.append(f"{label(point)}: no model")
             continue
         considered += 1
+        weak = _weakest(bank, fitted, point)
+        if weak is not None:
+            weak_models.append(f"{label(point)}: {weak}")
         spec = schema.spec(*point)
         if spec is None:
             continue
@@ -796,6 +800,7 @@ def risk(bank: ModelBank, ctx: Context, horizon_ms: int | None = None) -> dict[s
         "points_considered": considered,
         "factors": factors,
         "unavailable": unavailable,
+        "weak_models": weak_models,
     }
 
 

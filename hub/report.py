@@ -179,9 +179,15 @@ def sync_report(
         forecast["forecast_factors"] = [
             f"{f['point']}: {f['text']}" for f in risk.get("factors", [])
         ]
+        weak = list(risk.get("weak_models") or [])
         forecast["forecast_basis"] = (
             f"{risk['points_considered']} attribute(s) with critical limits forecast by "
             "their learned models"
+            + (
+                f"; {len(weak)} of them by a model below min_r2 (a young twin: treat with care)"
+                if weak
+                else ""
+            )
         )
     else:
         forecast["forecast_unavailable"] = list(risk.get("unavailable") or []) or [

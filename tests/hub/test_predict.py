@@ -225,6 +225,7 @@ def test_risk_is_the_models_probability_of_a_critical_crossing(rig: Rig) -> None
     calm = rig.service.risk()
     assert calm["points_considered"] == 1
     assert calm["probability"] < 0.05
+    assert calm["weak_models"] == []  # a well-excited history: the model is trusted
     run(rig, plant, 20, {0: 1800.0})  # +0.018 m/s: critical 4.5 m within ~2.5 min
     risky = rig.service.risk()
     assert risky["probability"] > 0.9
