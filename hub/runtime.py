@@ -54,6 +54,7 @@ from fieldtwin.hub.ingest import Inbound
 from fieldtwin.hub.metrics import HubMetrics
 from fieldtwin.hub.service import Effects, HubService, Outbound
 from fieldtwin.hub.storage import open_store
+from fieldtwin.hub.workers import Fence, LeaseTable, gateways_of
 from fieldtwin.protocol.aio import within
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.presence import HubPresence
@@ -92,6 +93,14 @@ class Hub:
         self._stopping = False
         self._last_rebirth: dict[str, float] = {}
         self._last_pause_log = 0.0
+        workers = config.workers
+        self.worker_id = (workers.worker_id if workers else "") or self.instance
+        self.fence: Fence | None = None
+        """Set when this hub is one of several workers (``[workers]``): what it owns."""
+        self._leases: LeaseTable | None = None
+        self.adopted: dict[int, int] = {}
+        """Partitions this worker owns and has adopted (their fences)."""
+        self.lease_changes = 0
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -118,6 +127,15 @@ class Hub:
             store.close()
             raise
 
+    def _share(self) -> None:
+        workers = self.config.workers
+        assert workers is not None
+        self.fence = Fence(self.worker_id, workers.partitions)
+        self.service.share(self.fence)
+        self._leases = LeaseTable(
+            self.config.store_url, self.worker_id, workers.partitions, workers.lease_s
+        )
+
     def _close(self) -> None:
         service = getattr(self, "service", None)
         if service is not None:
@@ -127,7 +145,13 @@ class Hub:
         """Run until cancelled. Raises ``HubError`` if the store or key cannot be used."""
         try:
             await self.db(self._open)
+            if self.config.workers is not None:
+                await self.db(self._share)
+                assert self._leases is not None
+                await asyncio.to_thread(self._leases.create)
         except BaseException:
+            if getattr(self, "service", None) is not None:
+                await self.db(self._close)
             self._db.shutdown(wait=True)
             raise
         endpoint_file = self.config.endpoint_file
@@ -154,17 +178,31 @@ class Hub:
                 group.create_task(self._mqtt_loop(), name="hub-mqtt")
                 group.create_task(self._ingest_loop(), name="hub-ingest")
                 group.create_task(self._ack_loop(), name="hub-acks")
-                group.create_task(self._drift_loop(), name="hub-drift")
-                group.create_task(self._command_loop(), name="hub-commands")
-                group.create_task(self._operator_loop(), name="hub-operators")
                 group.create_task(self._watchdog(), name="hub-watchdog")
-                group.create_task(self._view_loop(), name="hub-views")
-                if self.config.prediction.enabled:
-                    group.create_task(self._model_loop(), name="hub-models")
+                if self.fence is not None:
+                    # A worker: ingest, acks and flushes of its partitions' gateways only
+                    # (docs/scale.md says what workers do not do yet).
+                    group.create_task(self._lease_loop(), name="hub-leases")
+                    group.create_task(self._flush_loop(), name="hub-flush")
+                else:
+                    group.create_task(self._drift_loop(), name="hub-drift")
+                    group.create_task(self._command_loop(), name="hub-commands")
+                    group.create_task(self._operator_loop(), name="hub-operators")
+                    group.create_task(self._view_loop(), name="hub-views")
+                    if self.config.prediction.enabled:
+                        group.create_task(self._model_loop(), name="hub-models")
         finally:
             self._stopping = True
             _sd_notify("STOPPING=1")
             await api.close()
+            if self._leases is not None:
+                leases = self._leases
+                try:
+                    await asyncio.shield(asyncio.to_thread(leases.release_all))
+                except StoreError as exc:
+                    log.warning("leases not released", extra=fields(error=str(exc)))
+                finally:
+                    leases.close()
             with contextlib.suppress(OSError):
                 current = Endpoint.read(endpoint_file)
                 if current is not None and current.instance == self.instance:
@@ -202,7 +240,9 @@ class Hub:
                     broker.port,
                     username=broker.username,
                     password=broker.password,
-                    identifier=broker.client_id,
+                    identifier=broker.client_id
+                    if self.fence is None
+                    else f"{broker.client_id}-{self.worker_id}",
                     clean_session=False,
                     keepalive=broker.keepalive_s,
                     timeout=10,
@@ -218,8 +258,11 @@ class Hub:
                 # ack; paho's is used directly.)
                 client._client.manual_ack_set(True)
                 async with client:
-                    await client.subscribe(HUB_UPLINK_FILTER, qos=1)
-                    if self.config.operators:
+                    if self.fence is None:
+                        await client.subscribe(HUB_UPLINK_FILTER, qos=1)
+                    else:
+                        await self._subscribe(client, self.adopted, subscribe=True)
+                    if self.config.operators and self.fence is None:
                         await client.subscribe(OPERATOR_REQUEST_FILTER, qos=1)
                     await client.publish(HUB_STATE_TOPIC, online_state, qos=1, retain=True)
                     self.client = client
@@ -266,6 +309,9 @@ class Hub:
                 except asyncio.QueueFull:
                     self.metrics.operator_refused["busy"] += 1
                 _ack(client, message)
+                continue
+            if not self._owns(topic):
+                _ack(client, message)  # another worker's gateway (a subscription ending)
                 continue
             inbound = Inbound(topic, bytes(payload), self.now_ms(), time.time_ns())
             if self.queue.full():
@@ -357,6 +403,10 @@ class Hub:
                 except TimeoutError:
                     break
             self.metrics.ingest_queue = self.queue.qsize()
+            if self.fence is not None:
+                batch = [item for item in batch if self._owns(item.topic)]
+                if not batch:
+                    continue
             started = time.perf_counter()
             outcome, effects = await self.db(self.service.ingest_batch, batch)
             self.metrics.batch_seconds = time.perf_counter() - started
@@ -382,6 +432,98 @@ class Hub:
                 _stop_if_cancelled()
             if interval:
                 await asyncio.sleep(interval)
+
+    # -- workers sharing the gateways (hub/workers.py) ---------------------------------
+
+    def _owns(self, topic: str) -> bool:
+        """Whether this hub processes an uplink topic: always, unless it is a worker and
+        the topic's gateway is in a partition it has not adopted."""
+        fence = self.fence
+        if fence is None:
+            return True
+        parts = topic.split("/")
+        return len(parts) < 3 or fence.owns(parts[2])
+
+    async def _subscribe(self, client: aiomqtt.Client, partitions: Any, *, subscribe: bool) -> None:
+        workers = self.config.workers
+        assert workers is not None
+        topics = [
+            f"{PREFIX}/{gateway}/up/#"
+            for gateway in gateways_of(self.config.gateways, workers.partitions, partitions)
+        ]
+        for start in range(0, len(topics), 100):
+            chunk = topics[start : start + 100]
+            if subscribe:
+                await client.subscribe([(topic, 1) for topic in chunk])
+            else:
+                await client.unsubscribe(chunk)
+
+    async def _lease_loop(self) -> None:
+        """Renew, claim and release partition leases every third of the lease time."""
+        workers = self.config.workers
+        leases = self._leases
+        assert workers is not None
+        assert leases is not None
+        while True:
+            _stop_if_cancelled()
+            try:
+                held = await asyncio.to_thread(leases.cycle)
+            except StoreError as exc:
+                # Not renewed: the fence check stops our commits once the leases expire.
+                log.error("lease cycle failed", extra=fields(error=str(exc)))
+            else:
+                await self._apply_leases(held)
+            await asyncio.sleep(workers.lease_s / 3)
+
+    async def _apply_leases(self, held: dict[int, int]) -> None:
+        """Drop partitions lost (or retaken by someone meanwhile: fence changed), then
+        adopt those gained: their trackers are loaded before their frames are taken."""
+        fence = self.fence
+        assert fence is not None
+        lost = [p for p, f in self.adopted.items() if held.get(p) != f]
+        gained = {p: f for p, f in held.items() if self.adopted.get(p) != f}
+        if not lost and not gained:
+            return
+        client = self.client
+        if lost:
+            self.adopted = {p: f for p, f in self.adopted.items() if p not in lost}
+            fence.held = dict(self.adopted)
+            if client is not None:
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                    await within(10, self._subscribe(client, lost, subscribe=False))
+        if gained:
+            workers = self.config.workers
+            assert workers is not None
+            gateways = gateways_of(self.config.gateways, workers.partitions, gained)
+            await self.db(self.service.adopt, gateways)
+            self.adopted = {**self.adopted, **gained}
+            fence.held = dict(self.adopted)
+            client = self.client
+            if client is not None:
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                    await within(10, self._subscribe(client, gained, subscribe=True))
+        self.lease_changes += 1
+        log.info(
+            "partitions changed",
+            extra=fields(
+                worker=self.worker_id,
+                held=len(self.adopted),
+                gained=",".join(map(str, sorted(gained))),
+                lost=",".join(map(str, sorted(lost))),
+            ),
+        )
+        for listener in list(self.listeners):
+            listener(("partitions", dict(self.adopted)))
+
+    async def _flush_loop(self) -> None:
+        """A worker's stand-in for the drift loop: flush its journal on the same beat."""
+        while True:
+            _stop_if_cancelled()
+            await asyncio.sleep(self.config.drift.interval_s)
+            try:
+                await self.db(self.service.flush)
+            except StoreError as exc:
+                log.error("flush not stored", extra=fields(error=str(exc)))
 
     # -- drift, commands, operators ----------------------------------------------------
 
