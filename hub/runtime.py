@@ -195,7 +195,14 @@ class Hub:
             self._stopping = True
             _sd_notify("STOPPING=1")
             await api.close()
+            with contextlib.suppress(OSError):
+                current = Endpoint.read(endpoint_file)
+                if current is not None and current.instance == self.instance:
+                    endpoint_file.unlink()
+            await asyncio.shield(self.db(self._close))
+            self._db.shutdown(wait=True)
             if self._leases is not None:
+                # After the last flush: the next owner must not flush before it.
                 leases = self._leases
                 try:
                     await asyncio.shield(asyncio.to_thread(leases.release_all))
@@ -203,12 +210,6 @@ class Hub:
                     log.warning("leases not released", extra=fields(error=str(exc)))
                 finally:
                     leases.close()
-            with contextlib.suppress(OSError):
-                current = Endpoint.read(endpoint_file)
-                if current is not None and current.instance == self.instance:
-                    endpoint_file.unlink()
-            await asyncio.shield(self.db(self._close))
-            self._db.shutdown(wait=True)
             log.info("hub stopped", extra=fields(instance=self.instance))
 
     # -- MQTT --------------------------------------------------------------------------
@@ -261,6 +262,12 @@ class Hub:
                     if self.fence is None:
                         await client.subscribe(HUB_UPLINK_FILTER, qos=1)
                     else:
+                        # The persistent session may hold subscriptions of partitions
+                        # this worker had before a restart: keep only the adopted ones.
+                        workers = self.config.workers
+                        assert workers is not None
+                        others = set(range(workers.partitions)) - set(self.adopted)
+                        await self._subscribe(client, others, subscribe=False)
                         await self._subscribe(client, self.adopted, subscribe=True)
                     if self.config.operators and self.fence is None:
                         await client.subscribe(OPERATOR_REQUEST_FILTER, qos=1)
@@ -502,6 +509,10 @@ class Hub:
             if client is not None:
                 with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                     await within(10, self._subscribe(client, gained, subscribe=True))
+                # Their frames may have gone to the previous owner unacknowledged: a
+                # rebirth makes each gateway resend them now, not after its ack timeout.
+                for gateway in gateways:
+                    await self.send_rebirth(gateway, f"partition adopted by {self.worker_id}")
         self.lease_changes += 1
         log.info(
             "partitions changed",

@@ -575,7 +575,9 @@ GROUP BY b ORDER BY b"""
         )
 
     def _write_flush(self, con: psycopg.Connection[Any], flush: Flush) -> None:
-        if flush.current_changed:
+        if self.fence is not None:
+            self._upsert_current(con, {**flush.current_new, **flush.current_changed})
+        elif flush.current_changed:
             con.execute(
                 """UPDATE current SET kind = u.kind, num = u.num, txt = u.txt,
                    ts_ms = u.ts_ms, quality = u.quality, gateway = u.gateway,
@@ -588,7 +590,7 @@ GROUP BY b ORDER BY b"""
                    WHERE current.entity = u.entity AND current.attribute = u.attribute""",
                 _current_columns(flush.current_changed),
             )
-        if flush.current_new:
+        if flush.current_new and self.fence is None:
             self._copy(
                 con,
                 "current",
@@ -648,11 +650,36 @@ GROUP BY b ORDER BY b"""
 
     # -- workers sharing the store (hub/workers.py) ----------------------------------
 
+    @staticmethod
+    def _upsert_current(con: psycopg.Connection[Any], values: dict[Any, Any]) -> None:
+        """A worker's flush of ``current``: one upsert that never replaces a newer value,
+        since a gateway's previous owner may flush after its new owner (a partition
+        handed over while the old owner still had values to flush)."""
+        if not values:
+            return
+        con.execute(
+            """INSERT INTO current (entity, attribute, kind, num, txt, ts_ms, quality, gateway,
+                   received_ms, last_change_ms)
+               SELECT * FROM unnest(%s::text[], %s::text[], %s::smallint[], %s::float8[],
+                           %s::text[], %s::int8[], %s::smallint[], %s::text[],
+                           %s::int8[], %s::int8[])
+               ON CONFLICT (entity, attribute) DO UPDATE SET kind = excluded.kind,
+                   num = excluded.num, txt = excluded.txt, ts_ms = excluded.ts_ms,
+                   quality = excluded.quality, gateway = excluded.gateway,
+                   received_ms = excluded.received_ms, last_change_ms = excluded.last_change_ms
+               WHERE (current.ts_ms, current.received_ms)
+                     <= (excluded.ts_ms, excluded.received_ms)""",
+            _current_columns(values),
+        )
+
     def share(self, fence: Fence) -> None:
         """Become one of several workers: fence ingest, chain audit in the database."""
         with self.transaction() as con:
             con.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
             con.execute("CREATE INDEX IF NOT EXISTS frames_gateway ON frames (gateway, id)")
+            con.execute(
+                "CREATE UNIQUE INDEX IF NOT EXISTS current_key ON current (entity, attribute)"
+            )
             con.execute("CREATE SEQUENCE IF NOT EXISTS frame_blocks")
             # Blocks start above every frame id already stored (a single hub's, say).
             con.execute(

@@ -33,6 +33,9 @@ import psycopg
 
 from fieldtwin.hub.errors import StoreError
 
+LEASE_LOCK = 0x66_74_77_69_6E + 2
+"""Advisory lock serialising the lease tables' creation (workers starting together)."""
+
 
 def partition_of(gateway: str, partitions: int) -> int:
     """The partition of a gateway: the same on every worker and across restarts."""
@@ -123,6 +126,7 @@ class LeaseTable:
         try:
             con = self._connection()
             with con.transaction():
+                con.execute("SELECT pg_advisory_xact_lock(%s)", [LEASE_LOCK])
                 for statement in self.DDL:
                     con.execute(statement)
                 con.execute(

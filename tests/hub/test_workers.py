@@ -322,6 +322,22 @@ async def test_two_workers_split_the_fleet_and_one_survives_a_sigkill(
                 ).fetchone()
             assert blocks is not None
             assert blocks[0] >= 2
+            # the current table: one row per point, its newest sample (flushed by w1)
+            newest: dict[tuple[str, str], tuple[int, float]] = {}
+            for _gw, entity, attr, ts, value in gen.ledger.rows():
+                if (entity, attr) not in newest or ts > newest[(entity, attr)][0]:
+                    newest[(entity, attr)] = (ts, value)
+
+            def current() -> dict[tuple[str, str], tuple[int, float]]:
+                with psycopg.connect(url, autocommit=True) as con:
+                    found = con.execute(
+                        "SELECT entity, attribute, ts_ms, num FROM current "
+                        "WHERE starts_with(entity, 'lw-')"
+                    ).fetchall()
+                assert len(found) == len({(e, a) for e, a, _, _ in found})
+                return {(e, a): (int(ts), float(v)) for e, a, ts, v in found}
+
+            await _until(lambda: current() == newest, 5, "current holds the newest samples")
             history = Counter((e, a, int(ts), float(v)) for e, a, ts, v in rows)
             expected = expected_history(gen.ledger)
             assert history - expected == Counter(), "duplicated or unknown samples"
