@@ -479,7 +479,12 @@ class Hub:
                 # Not renewed: the fence check stops our commits once the leases expire.
                 log.error("lease cycle failed", extra=fields(error=str(exc)))
             else:
-                await self._apply_leases(held)
+                try:
+                    await self._apply_leases(held)
+                except HubError as exc:
+                    # Not adopted: the next cycle tries again (nothing of theirs is taken
+                    # before adoption succeeds).
+                    log.error("partitions not adopted", extra=fields(error=str(exc)))
             await asyncio.sleep(workers.lease_s / 3)
 
     async def _apply_leases(self, held: dict[int, int]) -> None:

@@ -344,6 +344,10 @@ async def test_two_workers_split_the_fleet_and_one_survives_a_sigkill(
             assert expected - history == Counter(), "lost samples"
             assert [s for (s,) in chain] == list(range(1, len(chain) + 1))
         finally:
+            for name in procs:  # shown when the test fails
+                lines = (tmp_path / f"{name}.log").read_text(errors="replace").splitlines()
+                notable = [line for line in lines if "level=info" not in line]
+                print(f"--- {name}: {len(lines)} lines, not info:", *notable[-30:], sep="\n")
             for proc in procs.values():
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)
