@@ -101,6 +101,9 @@ class Hub:
         self.adopted: dict[int, int] = {}
         """Partitions this worker owns and has adopted (their fences)."""
         self.lease_changes = 0
+        self._subscribed: set[int] = set()
+        """Partitions whose gateways the current MQTT connection is subscribed to."""
+        self._subscription_lock = asyncio.Lock()
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -262,17 +265,14 @@ class Hub:
                     if self.fence is None:
                         await client.subscribe(HUB_UPLINK_FILTER, qos=1)
                     else:
-                        # The persistent session may hold subscriptions of partitions
-                        # this worker had before a restart: keep only the adopted ones.
-                        workers = self.config.workers
-                        assert workers is not None
-                        others = set(range(workers.partitions)) - set(self.adopted)
-                        await self._subscribe(client, others, subscribe=False)
-                        await self._subscribe(client, self.adopted, subscribe=True)
+                        await self._sync_subscriptions(client, fresh=True)
                     if self.config.operators and self.fence is None:
                         await client.subscribe(OPERATOR_REQUEST_FILTER, qos=1)
                     await client.publish(HUB_STATE_TOPIC, online_state, qos=1, retain=True)
                     self.client = client
+                    if self.fence is not None:
+                        # Partitions adopted while connecting (the lease loop saw no client).
+                        await self._rebirth(await self._sync_subscriptions(client))
                     self.metrics.mqtt_connected = True
                     self.metrics.mqtt_connects += 1
                     self.mqtt_ready.set()
@@ -465,6 +465,38 @@ class Hub:
             else:
                 await client.unsubscribe(chunk)
 
+    async def _sync_subscriptions(
+        self, client: aiomqtt.Client, *, fresh: bool = False
+    ) -> list[int]:
+        """Subscribe to the adopted partitions' gateways, unsubscribe from the others;
+        the partitions newly subscribed. ``fresh`` (a new connection): the persistent
+        session may hold subscriptions from before a restart, so every other partition
+        is unsubscribed. Serialised, so the MQTT and lease loops cannot interleave."""
+        workers = self.config.workers
+        assert workers is not None
+        async with self._subscription_lock:
+            if fresh:
+                self._subscribed = set()
+                drop = set(range(workers.partitions)) - set(self.adopted)
+            else:
+                drop = self._subscribed - set(self.adopted)
+            add = set(self.adopted) - self._subscribed
+            if drop:
+                await self._subscribe(client, drop, subscribe=False)
+                self._subscribed -= drop
+            if add:
+                await self._subscribe(client, add, subscribe=True)
+                self._subscribed |= add
+            return sorted(add)
+
+    async def _rebirth(self, partitions: Any) -> None:
+        """Ask the gateways of newly adopted partitions for a birth: frames the previous
+        owner never acknowledged come again now, not after their ack timeout."""
+        workers = self.config.workers
+        assert workers is not None
+        for gateway in gateways_of(self.config.gateways, workers.partitions, partitions):
+            await self.send_rebirth(gateway, f"partition adopted by {self.worker_id}")
+
     async def _lease_loop(self) -> None:
         """Renew, claim and release partition leases every third of the lease time."""
         workers = self.config.workers
@@ -496,13 +528,9 @@ class Hub:
         gained = {p: f for p, f in held.items() if self.adopted.get(p) != f}
         if not lost and not gained:
             return
-        client = self.client
         if lost:
             self.adopted = {p: f for p, f in self.adopted.items() if p not in lost}
             fence.held = dict(self.adopted)
-            if client is not None:
-                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                    await within(10, self._subscribe(client, lost, subscribe=False))
         if gained:
             workers = self.config.workers
             assert workers is not None
@@ -510,14 +538,12 @@ class Hub:
             await self.db(self.service.adopt, gateways)
             self.adopted = {**self.adopted, **gained}
             fence.held = dict(self.adopted)
-            client = self.client
-            if client is not None:
-                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                    await within(10, self._subscribe(client, gained, subscribe=True))
-                # Their frames may have gone to the previous owner unacknowledged: a
-                # rebirth makes each gateway resend them now, not after its ack timeout.
-                for gateway in gateways:
-                    await self.send_rebirth(gateway, f"partition adopted by {self.worker_id}")
+        client = self.client
+        if client is not None:
+            # (else the MQTT loop subscribes when it has connected)
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await within(30, self._sync_subscriptions(client))
+            await self._rebirth(gained)
         self.lease_changes += 1
         log.info(
             "partitions changed",
