@@ -15,7 +15,11 @@ signed ack per gateway at most every ``ack_interval_ms``), ``hub-drift`` (the sy
 cycle every ``drift.interval_s``), ``hub-commands`` (command deadlines and
 verification, four times a second), ``hub-operators`` (the operator channel),
 ``hub-watchdog`` (systemd notify, when run under systemd), ``hub-views`` (signed console
-view deltas, hub/views.py). The API is served by aiohttp on the same loop.
+view deltas, hub/views.py). The API is served by aiohttp on the same loop. A worker
+(``[workers]``, hub/workers.py) runs ``hub-mqtt``, ``hub-ingest``, ``hub-acks`` and
+``hub-watchdog`` plus ``hub-leases`` (the lease cycle, adoption, subscriptions) and
+``hub-flush`` (the journal flush on the drift beat), and subscribes to its partitions'
+gateways only, as ``<client_id>-<worker id>``.
 
 Back-pressure: the receive queue holds at most ``ingest.queue_max_frames`` frames. When
 the database falls behind, the MQTT reader waits for room instead of reading on, so the

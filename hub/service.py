@@ -320,8 +320,6 @@ class HubService:
             log.error("could not flush and audit the stop", extra=fields(error=str(exc)))
         self.store.close()
 
-    # -- ingest ----------------------------------------------------------------------------
-
     # -- workers sharing the store (hub/workers.py) -----------------------------------------
 
     def share(self, fence: Fence) -> None:
@@ -370,8 +368,11 @@ class HubService:
         ingest.tracker = DeliveryTracker.from_dict(mine)
         self._next_block()
 
+    # -- ingest ----------------------------------------------------------------------------
+
     def ingest_batch(self, batch: list[Inbound]) -> tuple[IngestOutcome, Effects]:
         if self._shared is not None:
+            # a fresh id block before this batch could run past the current one
             held = sum(len(p.received) for p in self.ingest.pending_births.values())
             if self.ingest.next_frame_id + len(batch) + held >= self._block_end:
                 self._next_block()
