@@ -9,8 +9,9 @@ its own database there): for each count in ``--workers``, that many ``fieldtwin 
 run`` worker processes sharing the gateways through partition leases (``[workers]``,
 hub/workers.py) on one PostgreSQL database; ingest is the sum of the workers' counters.
 In the run with the most workers (at least 2), one worker is SIGKILLed at the middle of
-the run, and ``failover_s`` is the time from the kill until every frame its gateways had
-sent before the kill is acknowledged (by the worker that took its partitions over).
+the run, and ``failover_s`` is the time from the kill until, for each of its gateways,
+everything sent before the kill is acknowledged and so is a frame sent after it (which
+only the worker that took its partitions over can have acknowledged).
 
 1. ``fieldtwin sim gateways`` (hardware-sim/loadgen.py) writes N gateway keys and a hub
    config declaring them; a Mosquitto started here with the project's generated config
@@ -268,6 +269,7 @@ async def run_workers(
     endpoints: dict[str, Path] = {}
     samples: list[tuple[float, int]] = []
     failover: float | None = None
+    failed = False
     try:
         for i in range(count):
             worker = f"w{i + 1}"
@@ -328,7 +330,7 @@ async def run_workers(
                 killed_at is not None
                 and failover is None
                 and all(
-                    not any(seq <= sent_at_kill[gw.id] for seq in gw.unacked)
+                    served_again(gw, sent_at_kill[gw.id])
                     for gw in generator.gateways
                     if gw.id in victims
                 )
@@ -341,6 +343,9 @@ async def run_workers(
                         total += await asyncio.to_thread(applied, endpoint)
                     samples.append((now, total))
         stats = task.result()
+    except BaseException:
+        failed = True
+        raise
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -351,6 +356,9 @@ async def run_workers(
             except subprocess.TimeoutExpired:
                 proc.kill()
         broker.stop()
+        if failed:  # the run's database goes with it
+            with psycopg.connect(args.store, autocommit=True) as con:
+                con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     end = args.seconds * (0.45 if kill else 0.9)
     window = [s for s in samples if args.seconds * 0.2 <= s[0] <= end]
     ingest = None
@@ -379,6 +387,15 @@ async def run_workers(
         "duplicated": sum(n - 1 for n in stored.values() if n > 1),
         "samples_sent": sum(expected.values()),
     }
+
+
+def served_again(gw: Any, seq_at_kill: int) -> bool:
+    """Everything a gateway sent before the kill is acknowledged, and so is a frame it
+    sent after it (which only the survivor can have acknowledged)."""
+    unacked = gw.unacked
+    return not any(seq <= seq_at_kill for seq in unacked) and any(
+        seq not in unacked for seq in range(seq_at_kill + 1, gw.seq + 1)
+    )
 
 
 def main_workers(args: argparse.Namespace) -> None:

@@ -295,8 +295,13 @@ async def test_two_workers_split_the_fleet_and_one_survives_a_sigkill(
             )
 
             def caught_up() -> bool:
+                """Everything the victims sent before the kill is acked, and so is a
+                frame each sent after it (only the survivor can have acked that)."""
                 return all(
                     not any(seq <= sent_at_kill[gw.id] for seq in gw.unacked)
+                    and any(
+                        seq not in gw.unacked for seq in range(sent_at_kill[gw.id] + 1, gw.seq + 1)
+                    )
                     for gw in gen.gateways
                     if gw.id in victims
                 )
