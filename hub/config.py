@@ -345,6 +345,17 @@ class Influence:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkersConfig:
+    """``[workers]``: this hub is one of several sharing the gateways of a PostgreSQL
+    store through partition leases (hub/workers.py, docs/scale.md)."""
+
+    partitions: int = 16
+    lease_s: float = 5.0
+    worker_id: str = ""
+    """Holder name in the lease table; empty: the process's random instance id."""
+
+
+@dataclass(frozen=True, slots=True)
 class PredictionConfig:
     """``[prediction]`` and ``[[influences]]``: learned dynamics (docs/prediction.md)."""
 
@@ -448,6 +459,8 @@ class HubConfig:
     store_url: str = ""
     """A PostgreSQL URL from ``[hub] store``: the store lives there, not in ``database``
     (which then only places the run files: API endpoint, lock)."""
+    workers: WorkersConfig | None = None
+    """``[workers]`` given: share the gateways with other workers (PostgreSQL only)."""
 
     @property
     def state_dir(self) -> Path:
@@ -562,6 +575,7 @@ def load_hub_config(path: Path | str) -> HubConfig:
     reconciliation = _reconciliation(root.section("reconciliation"))
     operators = _operators(root, gateways)
     prediction = _prediction(root, types, entities)
+    workers = _workers(root, store_url)
     root.finish()
     return HubConfig(
         file=file,
@@ -590,7 +604,32 @@ def load_hub_config(path: Path | str) -> HubConfig:
         operators=operators,
         prediction=prediction,
         store_url=store_url,
+        workers=workers,
     )
+
+
+def _workers(root: Section, store_url: str) -> WorkersConfig | None:
+    """``[workers]``, which needs a store every worker shares: a PostgreSQL URL."""
+    if not root.has("workers"):
+        return None
+    section = root.section("workers")
+    config = WorkersConfig(
+        partitions=section.integer("partitions", 16, min=1, max=4096),
+        lease_s=section.number("lease_s", 5.0, min=0.5, max=300.0),
+        worker_id=section.text("id", "", allow_empty=True),
+    )
+    if config.worker_id and ID_PATTERN.fullmatch(config.worker_id) is None:
+        raise section.error(
+            "id", f"{config.worker_id!r} must be 1-64 letters, digits, '_', '.' or '-'"
+        )
+    section.finish()
+    if not store_url:
+        raise section.error(
+            "",
+            'workers share one store: set [hub] store = "postgresql://..." (a DuckDB file '
+            "belongs to one hub process)",
+        )
+    return config
 
 
 def _ident(section: Section, key: str) -> str:

@@ -15,7 +15,11 @@ signed ack per gateway at most every ``ack_interval_ms``), ``hub-drift`` (the sy
 cycle every ``drift.interval_s``), ``hub-commands`` (command deadlines and
 verification, four times a second), ``hub-operators`` (the operator channel),
 ``hub-watchdog`` (systemd notify, when run under systemd), ``hub-views`` (signed console
-view deltas, hub/views.py). The API is served by aiohttp on the same loop.
+view deltas, hub/views.py). The API is served by aiohttp on the same loop. A worker
+(``[workers]``, hub/workers.py) runs ``hub-mqtt``, ``hub-ingest``, ``hub-acks`` and
+``hub-watchdog`` plus ``hub-leases`` (the lease cycle, adoption, subscriptions) and
+``hub-flush`` (the journal flush on the drift beat), and subscribes to its partitions'
+gateways only, as ``<client_id>-<worker id>``.
 
 Back-pressure: the receive queue holds at most ``ingest.queue_max_frames`` frames. When
 the database falls behind, the MQTT reader waits for room instead of reading on, so the
@@ -54,6 +58,7 @@ from fieldtwin.hub.ingest import Inbound
 from fieldtwin.hub.metrics import HubMetrics
 from fieldtwin.hub.service import Effects, HubService, Outbound
 from fieldtwin.hub.storage import open_store
+from fieldtwin.hub.workers import Fence, LeaseTable, gateways_of
 from fieldtwin.protocol.aio import within
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.presence import HubPresence
@@ -92,6 +97,17 @@ class Hub:
         self._stopping = False
         self._last_rebirth: dict[str, float] = {}
         self._last_pause_log = 0.0
+        workers = config.workers
+        self.worker_id = (workers.worker_id if workers else "") or self.instance
+        self.fence: Fence | None = None
+        """Set when this hub is one of several workers (``[workers]``): what it owns."""
+        self._leases: LeaseTable | None = None
+        self.adopted: dict[int, int] = {}
+        """Partitions this worker owns and has adopted (their fences)."""
+        self.lease_changes = 0
+        self._subscribed: set[int] = set()
+        """Partitions whose gateways the current MQTT connection is subscribed to."""
+        self._subscription_lock = asyncio.Lock()
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -118,6 +134,15 @@ class Hub:
             store.close()
             raise
 
+    def _share(self) -> None:
+        workers = self.config.workers
+        assert workers is not None
+        self.fence = Fence(self.worker_id, workers.partitions)
+        self.service.share(self.fence)
+        self._leases = LeaseTable(
+            self.config.store_url, self.worker_id, workers.partitions, workers.lease_s
+        )
+
     def _close(self) -> None:
         service = getattr(self, "service", None)
         if service is not None:
@@ -127,7 +152,13 @@ class Hub:
         """Run until cancelled. Raises ``HubError`` if the store or key cannot be used."""
         try:
             await self.db(self._open)
+            if self.config.workers is not None:
+                await self.db(self._share)
+                assert self._leases is not None
+                await asyncio.to_thread(self._leases.create)
         except BaseException:
+            if getattr(self, "service", None) is not None:
+                await self.db(self._close)
             self._db.shutdown(wait=True)
             raise
         endpoint_file = self.config.endpoint_file
@@ -154,13 +185,19 @@ class Hub:
                 group.create_task(self._mqtt_loop(), name="hub-mqtt")
                 group.create_task(self._ingest_loop(), name="hub-ingest")
                 group.create_task(self._ack_loop(), name="hub-acks")
-                group.create_task(self._drift_loop(), name="hub-drift")
-                group.create_task(self._command_loop(), name="hub-commands")
-                group.create_task(self._operator_loop(), name="hub-operators")
                 group.create_task(self._watchdog(), name="hub-watchdog")
-                group.create_task(self._view_loop(), name="hub-views")
-                if self.config.prediction.enabled:
-                    group.create_task(self._model_loop(), name="hub-models")
+                if self.fence is not None:
+                    # A worker: ingest, acks and flushes of its partitions' gateways only
+                    # (docs/scale.md says what workers do not do yet).
+                    group.create_task(self._lease_loop(), name="hub-leases")
+                    group.create_task(self._flush_loop(), name="hub-flush")
+                else:
+                    group.create_task(self._drift_loop(), name="hub-drift")
+                    group.create_task(self._command_loop(), name="hub-commands")
+                    group.create_task(self._operator_loop(), name="hub-operators")
+                    group.create_task(self._view_loop(), name="hub-views")
+                    if self.config.prediction.enabled:
+                        group.create_task(self._model_loop(), name="hub-models")
         finally:
             self._stopping = True
             _sd_notify("STOPPING=1")
@@ -171,6 +208,15 @@ class Hub:
                     endpoint_file.unlink()
             await asyncio.shield(self.db(self._close))
             self._db.shutdown(wait=True)
+            if self._leases is not None:
+                # After the last flush: the next owner must not flush before it.
+                leases = self._leases
+                try:
+                    await asyncio.shield(asyncio.to_thread(leases.release_all))
+                except StoreError as exc:
+                    log.warning("leases not released", extra=fields(error=str(exc)))
+                finally:
+                    leases.close()
             log.info("hub stopped", extra=fields(instance=self.instance))
 
     # -- MQTT --------------------------------------------------------------------------
@@ -202,7 +248,9 @@ class Hub:
                     broker.port,
                     username=broker.username,
                     password=broker.password,
-                    identifier=broker.client_id,
+                    identifier=broker.client_id
+                    if self.fence is None
+                    else f"{broker.client_id}-{self.worker_id}",
                     clean_session=False,
                     keepalive=broker.keepalive_s,
                     timeout=10,
@@ -218,11 +266,17 @@ class Hub:
                 # ack; paho's is used directly.)
                 client._client.manual_ack_set(True)
                 async with client:
-                    await client.subscribe(HUB_UPLINK_FILTER, qos=1)
-                    if self.config.operators:
+                    if self.fence is None:
+                        await client.subscribe(HUB_UPLINK_FILTER, qos=1)
+                    else:
+                        await self._sync_subscriptions(client, fresh=True)
+                    if self.config.operators and self.fence is None:
                         await client.subscribe(OPERATOR_REQUEST_FILTER, qos=1)
                     await client.publish(HUB_STATE_TOPIC, online_state, qos=1, retain=True)
                     self.client = client
+                    if self.fence is not None:
+                        # Partitions adopted while connecting (the lease loop saw no client).
+                        await self._rebirth(await self._sync_subscriptions(client))
                     self.metrics.mqtt_connected = True
                     self.metrics.mqtt_connects += 1
                     self.mqtt_ready.set()
@@ -266,6 +320,9 @@ class Hub:
                 except asyncio.QueueFull:
                     self.metrics.operator_refused["busy"] += 1
                 _ack(client, message)
+                continue
+            if not self._owns(topic):
+                _ack(client, message)  # another worker's gateway (a subscription ending)
                 continue
             inbound = Inbound(topic, bytes(payload), self.now_ms(), time.time_ns())
             if self.queue.full():
@@ -357,6 +414,10 @@ class Hub:
                 except TimeoutError:
                     break
             self.metrics.ingest_queue = self.queue.qsize()
+            if self.fence is not None:
+                batch = [item for item in batch if self._owns(item.topic)]
+                if not batch:
+                    continue
             started = time.perf_counter()
             outcome, effects = await self.db(self.service.ingest_batch, batch)
             self.metrics.batch_seconds = time.perf_counter() - started
@@ -382,6 +443,133 @@ class Hub:
                 _stop_if_cancelled()
             if interval:
                 await asyncio.sleep(interval)
+
+    # -- workers sharing the gateways (hub/workers.py) ---------------------------------
+
+    def _owns(self, topic: str) -> bool:
+        """Whether this hub processes an uplink topic: always, unless it is a worker and
+        the topic's gateway is in a partition it has not adopted."""
+        fence = self.fence
+        if fence is None:
+            return True
+        parts = topic.split("/")
+        return len(parts) < 3 or fence.owns(parts[2])
+
+    async def _subscribe(self, client: aiomqtt.Client, partitions: Any, *, subscribe: bool) -> None:
+        workers = self.config.workers
+        assert workers is not None
+        topics = [
+            f"{PREFIX}/{gateway}/up/#"
+            for gateway in gateways_of(self.config.gateways, workers.partitions, partitions)
+        ]
+        for start in range(0, len(topics), 100):
+            chunk = topics[start : start + 100]
+            if subscribe:
+                await client.subscribe([(topic, 1) for topic in chunk])
+            else:
+                await client.unsubscribe(chunk)
+
+    async def _sync_subscriptions(
+        self, client: aiomqtt.Client, *, fresh: bool = False
+    ) -> list[int]:
+        """Subscribe to the adopted partitions' gateways, unsubscribe from the others;
+        the partitions newly subscribed. ``fresh`` (a new connection): the persistent
+        session may hold subscriptions from before a restart, so every other partition
+        is unsubscribed. Serialised, so the MQTT and lease loops cannot interleave."""
+        workers = self.config.workers
+        assert workers is not None
+        async with self._subscription_lock:
+            if fresh:
+                self._subscribed = set()
+                drop = set(range(workers.partitions)) - set(self.adopted)
+            else:
+                drop = self._subscribed - set(self.adopted)
+            add = set(self.adopted) - self._subscribed
+            if drop:
+                await self._subscribe(client, drop, subscribe=False)
+                self._subscribed -= drop
+            if add:
+                await self._subscribe(client, add, subscribe=True)
+                self._subscribed |= add
+            return sorted(add)
+
+    async def _rebirth(self, partitions: Any) -> None:
+        """Ask the gateways of newly adopted partitions for a birth: frames the previous
+        owner never acknowledged come again now, not after their ack timeout."""
+        workers = self.config.workers
+        assert workers is not None
+        for gateway in gateways_of(self.config.gateways, workers.partitions, partitions):
+            await self.send_rebirth(gateway, f"partition adopted by {self.worker_id}")
+
+    async def _lease_loop(self) -> None:
+        """Renew, claim and release partition leases every third of the lease time."""
+        workers = self.config.workers
+        leases = self._leases
+        assert workers is not None
+        assert leases is not None
+        while True:
+            _stop_if_cancelled()
+            try:
+                held = await asyncio.to_thread(leases.cycle)
+            except StoreError as exc:
+                # Not renewed: the fence check stops our commits once the leases expire.
+                log.error("lease cycle failed", extra=fields(error=str(exc)))
+            else:
+                try:
+                    await self._apply_leases(held)
+                except HubError as exc:
+                    # Not adopted: the next cycle tries again (nothing of theirs is taken
+                    # before adoption succeeds).
+                    log.error("partitions not adopted", extra=fields(error=str(exc)))
+            await asyncio.sleep(workers.lease_s / 3)
+
+    async def _apply_leases(self, held: dict[int, int]) -> None:
+        """Drop partitions lost (or retaken by someone meanwhile: fence changed), then
+        adopt those gained: their trackers are loaded before their frames are taken."""
+        fence = self.fence
+        assert fence is not None
+        lost = [p for p, f in self.adopted.items() if held.get(p) != f]
+        gained = {p: f for p, f in held.items() if self.adopted.get(p) != f}
+        if not lost and not gained:
+            return
+        if lost:
+            self.adopted = {p: f for p, f in self.adopted.items() if p not in lost}
+            fence.held = dict(self.adopted)
+        if gained:
+            workers = self.config.workers
+            assert workers is not None
+            gateways = gateways_of(self.config.gateways, workers.partitions, gained)
+            await self.db(self.service.adopt, gateways)
+            self.adopted = {**self.adopted, **gained}
+            fence.held = dict(self.adopted)
+        client = self.client
+        if client is not None:
+            # (else the MQTT loop subscribes when it has connected)
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await within(30, self._sync_subscriptions(client))
+            await self._rebirth(gained)
+        self.lease_changes += 1
+        log.info(
+            "partitions changed",
+            extra=fields(
+                worker=self.worker_id,
+                held=len(self.adopted),
+                gained=",".join(map(str, sorted(gained))),
+                lost=",".join(map(str, sorted(lost))),
+            ),
+        )
+        for listener in list(self.listeners):
+            listener(("partitions", dict(self.adopted)))
+
+    async def _flush_loop(self) -> None:
+        """A worker's stand-in for the drift loop: flush its journal on the same beat."""
+        while True:
+            _stop_if_cancelled()
+            await asyncio.sleep(self.config.drift.interval_s)
+            try:
+                await self.db(self.service.flush)
+            except StoreError as exc:
+                log.error("flush not stored", extra=fields(error=str(exc)))
 
     # -- drift, commands, operators ----------------------------------------------------
 

@@ -79,9 +79,12 @@ from fieldtwin.protocol.messages import (
     Value,
 )
 from fieldtwin.protocol.topics import downlink_topic, operator_response_topic
+from fieldtwin.protocol.tracker import DeliveryTracker
 
 if TYPE_CHECKING:
+    from fieldtwin.hub.store_pg import PgTwinStore
     from fieldtwin.hub.views import ViewFeed
+    from fieldtwin.hub.workers import Fence
 
 log = logging.getLogger("fieldtwin.hub")
 
@@ -192,6 +195,9 @@ class HubService:
         self._pending_actions: list[tuple[int, str, str, str, str]] = []
         self._ack_pending: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         self._refusal_counts: Counter[tuple[str, str, int]] = Counter()
+        self._shared: PgTwinStore | None = None
+        """The store, once this hub is one of several workers sharing it (``share``)."""
+        self._block_end = 0
         registry = config.registry()
         operator_registry = config.operator_registry()
         state, tracker = store.load_state()
@@ -314,9 +320,62 @@ class HubService:
             log.error("could not flush and audit the stop", extra=fields(error=str(exc)))
         self.store.close()
 
+    # -- workers sharing the store (hub/workers.py) -----------------------------------------
+
+    def share(self, fence: Fence) -> None:
+        """Become one worker of several on this PostgreSQL store (``[workers]``).
+
+        Values journaled by other workers are theirs to flush into ``current``, so the
+        ones this worker loaded at start are not marked for its flush."""
+        from fieldtwin.hub.store_pg import PgTwinStore
+
+        store = self.store
+        if not isinstance(store, PgTwinStore):
+            raise StoreError("[workers] needs a PostgreSQL store ([hub] store = postgresql://...)")
+        store.share(fence)
+        self._shared = store
+        self.ingest.dirty_current.clear()
+        self._next_block()
+
+    def _next_block(self) -> None:
+        from fieldtwin.hub.store_pg import FRAME_BLOCK
+
+        assert self._shared is not None
+        first = self._shared.frame_block()
+        self.ingest.next_frame_id = first
+        self._block_end = first + FRAME_BLOCK
+
+    def adopt(self, gateways: Sequence[str]) -> None:
+        """Take over gateways whose partitions this worker just claimed: their links and
+        delivery tracker as committed by whoever held them, before any frame of theirs is
+        processed or acknowledged here; their frame ids from a fresh, higher block."""
+        store = self._shared
+        if store is None or not gateways:
+            return
+        links, tracker = store.load_gateways(gateways)
+        ingest = self.ingest
+        mine = ingest.tracker.to_dict()
+        theirs = tracker.to_dict()["senders"]
+        for gateway in gateways:
+            mine["senders"].pop(gateway, None)
+            if gateway in theirs:
+                mine["senders"][gateway] = theirs[gateway]
+            if gateway in links:
+                ingest.state.gateways[gateway] = links[gateway]
+            ingest.pending_births.pop(gateway, None)
+            ingest.gap_since.pop(gateway, None)
+            self._ack_pending.pop(gateway, None)
+        ingest.tracker = DeliveryTracker.from_dict(mine)
+        self._next_block()
+
     # -- ingest ----------------------------------------------------------------------------
 
     def ingest_batch(self, batch: list[Inbound]) -> tuple[IngestOutcome, Effects]:
+        if self._shared is not None:
+            # a fresh id block before this batch could run past the current one
+            held = sum(len(p.received) for p in self.ingest.pending_births.values())
+            if self.ingest.next_frame_id + len(batch) + held >= self._block_end:
+                self._next_block()
         outcome = self.ingest.process(batch)
         tracker = self.ingest.tracker
         for gateway, epoch in outcome.ack_due.items():

@@ -66,6 +66,33 @@ ALARM_COLUMNS = (
 )
 
 
+GATEWAY_COLUMNS = (
+    "gateway, epoch, birth_seq, online, last_frame_ms, last_birth_ms, death_ms, death_reason, "
+    "frames, points, info, upto_frame, death_birth_seq, session"
+)
+
+
+def link_of_row(row: Sequence[Any]) -> GatewayLink:
+    """A gateway link from a row of ``GATEWAY_COLUMNS``."""
+    gateway, epoch, birth_seq, online, last_frame, last_birth, death, why = row[:8]
+    return GatewayLink(
+        gateway,
+        epoch,
+        birth_seq,
+        online,
+        last_frame,
+        last_birth,
+        death,
+        why,
+        row[8],
+        row[9],
+        json.loads(row[10]) if row[10] else {},
+        int(row[11] or 0),
+        int(row[12] or 0),
+        int(row[13] or 0),
+    )
+
+
 def marks(items: Sequence[Any]) -> str:
     return ", ".join("?" for _ in items)
 
@@ -218,28 +245,8 @@ class StoreReads:
         ):
             point = PointInfo(*row)
             state.points[(point.entity, point.attribute)] = point
-        for row in self.query(
-            "SELECT gateway, epoch, birth_seq, online, last_frame_ms, last_birth_ms, "
-            "death_ms, death_reason, frames, points, info, upto_frame, death_birth_seq, "
-            "session FROM gateways"
-        ):
-            gateway, epoch, birth_seq, online, last_frame, last_birth, death, why = row[:8]
-            state.gateways[gateway] = GatewayLink(
-                gateway,
-                epoch,
-                birth_seq,
-                online,
-                last_frame,
-                last_birth,
-                death,
-                why,
-                row[8],
-                row[9],
-                json.loads(row[10]) if row[10] else {},
-                int(row[11] or 0),
-                int(row[12] or 0),
-                int(row[13] or 0),
-            )
+        for row in self.query(f"SELECT {GATEWAY_COLUMNS} FROM gateways"):
+            state.gateways[row[0]] = link_of_row(row)
         for physical, first_seen in self.query(
             "SELECT physical_id, first_seen_ms FROM entities WHERE first_seen_ms IS NOT NULL"
         ):

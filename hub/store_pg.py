@@ -23,7 +23,13 @@ What differs:
   (``recovery`` is always None; PostgreSQL replays its own), no ``CHECKPOINT`` at close,
   and ``memory_limit``/``threads`` do not apply (tune the server instead);
 - creating the schema takes an advisory lock, so two hubs starting on one database
-  do not race; nothing else stops two hubs writing one database (issue 13's leases).
+  do not race; audit records are chained under an advisory lock onto the chain head in
+  the database, not the hub's in-memory one, so several writers (workers) append to one
+  chain (for a single hub both heads are the same);
+- for workers sharing the store (``[workers]``, hub/workers.py): an ingest transaction
+  first checks the worker's ``fence`` (its leases, locked ``FOR SHARE``), audit records
+  frame ids come in blocks from a sequence, and
+  ``load_gateways`` rebuilds the trackers of adopted gateways from the frames table.
 """
 
 from __future__ import annotations
@@ -41,10 +47,10 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from fieldtwin.hub.audit import AuditEvent, AuditRecord
+from fieldtwin.hub.audit import GENESIS_HASH, AuditEvent, AuditRecord, record_hash
 from fieldtwin.hub.errors import StoreError, StoreSchemaError
 from fieldtwin.hub.state import GatewayLink
-from fieldtwin.hub.storage import ALARM_COLUMNS, Row, StoreReads
+from fieldtwin.hub.storage import ALARM_COLUMNS, GATEWAY_COLUMNS, Row, StoreReads, link_of_row
 from fieldtwin.hub.store import (
     _DDL,
     SCHEMA_VERSION,
@@ -55,9 +61,13 @@ from fieldtwin.hub.store import (
     _current_columns,
     _value_text,
 )
+from fieldtwin.hub.workers import Fence
+from fieldtwin.protocol.errors import StaleEpoch
 from fieldtwin.protocol.tracker import DeliveryTracker
 
 SCHEMA_LOCK = 0x66_74_77_69_6E  # "ftwin": serialises schema creation across hubs
+AUDIT_LOCK = SCHEMA_LOCK + 1  # serialises audit appends of workers sharing a store
+FRAME_BLOCK = 1_000_000  # frame ids a worker takes at once (``frame_block``)
 
 _TYPES = (
     (re.compile(r"\bVARCHAR\b"), 'TEXT COLLATE "C"'),
@@ -181,6 +191,8 @@ GROUP BY b ORDER BY b"""
         self.read_only = read_only
         self.recovery: StoreRecovery | None = None
         self._local = threading.local()
+        self.fence: Fence | None = None
+        """Set for a worker sharing the store (``share``): what it may commit."""
 
     @property
     def location(self) -> str:
@@ -378,6 +390,8 @@ GROUP BY b ORDER BY b"""
         """Write the configured entities and relationships (the schema may have changed)."""
         now = int(time.time() * 1000)
         with self.transaction() as con:
+            # Hubs (workers) starting together: one rewrites the relationships at a time.
+            con.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
             con.execute(
                 "UPDATE entities SET declared = false WHERE NOT (physical_id = ANY(%s::text[]))",
                 [[row[0] for row in entities]],
@@ -405,6 +419,12 @@ GROUP BY b ORDER BY b"""
     def write_ingest(self, batch: IngestWrite) -> None:
         """Frames, history, points, gateways, new entities and audit in one transaction."""
         with self.transaction() as con:
+            fence = self.fence
+            if fence is not None:
+                touched = {f.gateway for f in batch.frames} | {g.gateway for g in batch.gateways}
+                if touched:
+                    rows = con.execute(fence.check_sql(), [fence.partitions_of(touched)]).fetchall()
+                    fence.verify(touched, rows)
             self._copy(
                 con,
                 "frames",
@@ -555,7 +575,9 @@ GROUP BY b ORDER BY b"""
         )
 
     def _write_flush(self, con: psycopg.Connection[Any], flush: Flush) -> None:
-        if flush.current_changed:
+        if self.fence is not None:
+            self._upsert_current(con, {**flush.current_new, **flush.current_changed})
+        elif flush.current_changed:
             con.execute(
                 """UPDATE current SET kind = u.kind, num = u.num, txt = u.txt,
                    ts_ms = u.ts_ms, quality = u.quality, gateway = u.gateway,
@@ -568,7 +590,7 @@ GROUP BY b ORDER BY b"""
                    WHERE current.entity = u.entity AND current.attribute = u.attribute""",
                 _current_columns(flush.current_changed),
             )
-        if flush.current_new:
+        if flush.current_new and self.fence is None:
             self._copy(
                 con,
                 "current",
@@ -593,6 +615,8 @@ GROUP BY b ORDER BY b"""
         )
 
     def _insert_audit(self, con: psycopg.Connection[Any], records: Sequence[AuditRecord]) -> None:
+        if records:
+            records = self._rechain(con, records)
         self._copy(
             con,
             "audit",
@@ -606,6 +630,110 @@ GROUP BY b ORDER BY b"""
     def write_audit(self, records: Sequence[AuditRecord]) -> None:
         with self.transaction() as con:
             self._insert_audit(con, records)
+
+    @staticmethod
+    def _rechain(con: psycopg.Connection[Any], records: Sequence[AuditRecord]) -> list[AuditRecord]:
+        """Chain records onto the head in the database, not the worker's own: several
+        workers append to one chain, one at a time (a transaction-scoped lock)."""
+        con.execute("SELECT pg_advisory_xact_lock(%s)", [AUDIT_LOCK])
+        head = con.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
+        out: list[AuditRecord] = []
+        for r in records:
+            seq += 1
+            digest = record_hash(prev, seq, r.ts_ms, r.actor, r.action, r.subject, r.detail)
+            out.append(
+                AuditRecord(seq, r.ts_ms, r.actor, r.action, r.subject, r.detail, prev, digest)
+            )
+            prev = digest
+        return out
+
+    # -- workers sharing the store (hub/workers.py) ----------------------------------
+
+    @staticmethod
+    def _upsert_current(con: psycopg.Connection[Any], values: dict[Any, Any]) -> None:
+        """A worker's flush of ``current``: one upsert that never replaces a newer value,
+        since a gateway's previous owner may flush after its new owner (a partition
+        handed over while the old owner still had values to flush)."""
+        if not values:
+            return
+        con.execute(
+            """INSERT INTO current (entity, attribute, kind, num, txt, ts_ms, quality, gateway,
+                   received_ms, last_change_ms)
+               SELECT * FROM unnest(%s::text[], %s::text[], %s::smallint[], %s::float8[],
+                           %s::text[], %s::int8[], %s::smallint[], %s::text[],
+                           %s::int8[], %s::int8[])
+               ON CONFLICT (entity, attribute) DO UPDATE SET kind = excluded.kind,
+                   num = excluded.num, txt = excluded.txt, ts_ms = excluded.ts_ms,
+                   quality = excluded.quality, gateway = excluded.gateway,
+                   received_ms = excluded.received_ms, last_change_ms = excluded.last_change_ms
+               WHERE (current.ts_ms, current.received_ms)
+                     <= (excluded.ts_ms, excluded.received_ms)""",
+            _current_columns(values),
+        )
+
+    def share(self, fence: Fence) -> None:
+        """Become one of several workers: fence ingest, chain audit in the database."""
+        with self.transaction() as con:
+            con.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
+            con.execute("CREATE INDEX IF NOT EXISTS frames_gateway ON frames (gateway, id)")
+            con.execute(
+                "CREATE UNIQUE INDEX IF NOT EXISTS current_key ON current (entity, attribute)"
+            )
+            con.execute("CREATE SEQUENCE IF NOT EXISTS frame_blocks")
+            # Blocks start above every frame id already stored (a single hub's, say).
+            con.execute(
+                "SELECT setval('frame_blocks', greatest((SELECT last_value FROM frame_blocks), "
+                "coalesce((SELECT max(id) FROM frames), 0) / %s + 1))",
+                [FRAME_BLOCK],
+            )
+        self.fence = fence
+
+    def frame_block(self) -> int:
+        """The first id of a fresh block of ``FRAME_BLOCK`` frame ids, above every block
+        taken before, so a gateway's frame ids grow across owners."""
+        rows = self.query("SELECT nextval('frame_blocks')")
+        return int(rows[0][0]) * FRAME_BLOCK
+
+    def load_gateways(
+        self, gateways: Sequence[str]
+    ) -> tuple[dict[str, GatewayLink], DeliveryTracker]:
+        """The links and the delivery tracker of ``gateways`` as committed, rebuilt from
+        the gateways table and every stored frame of theirs (the shared checkpoint's
+        tracker is not theirs to trust: other workers flush it)."""
+        links = {
+            row[0]: link_of_row(row)
+            for row in self.query(
+                f"SELECT {GATEWAY_COLUMNS} FROM gateways WHERE gateway = ANY(?::text[])",
+                [list(gateways)],
+            )
+        }
+        tracker = DeliveryTracker()
+        for frame_id, gateway, kind, epoch, seq, received, samples, low_water in self.query(
+            "SELECT id, gateway, kind, epoch, seq, received_ms, samples, low_water FROM frames "
+            "WHERE gateway = ANY(?::text[]) ORDER BY id",
+            [list(gateways)],
+        ):
+            try:
+                tracker.record(gateway, epoch, seq)
+                if low_water:
+                    tracker.close_below(gateway, epoch, low_water)
+            except StaleEpoch:
+                pass
+            link = links.setdefault(gateway, GatewayLink(gateway))
+            if frame_id <= link.upto_frame:
+                continue
+            link.upto_frame = frame_id
+            link.epoch = max(link.epoch, epoch)
+            link.last_frame_ms = max(link.last_frame_ms, received)
+            link.frames += 1
+            link.points += samples
+            if kind == "birth":
+                link.birth_seq = seq
+                link.session = 0
+                link.online = True
+                link.last_birth_ms = received
+        return links, tracker
 
     # -- drift / reconciliation ------------------------------------------------------
 

@@ -1,0 +1,370 @@
+"""Workers sharing the gateways of one PostgreSQL store (issue 13, hub/workers.py).
+
+The lease plan alone (sans I/O, with a property test of a simulated fleet of workers),
+the fence against a real database (a worker whose lease was taken commits nothing), and
+two ``fieldtwin hub run`` processes splitting a load generator's fleet, one of them
+SIGKILLed mid-stream: the other takes its partitions over and the history is exactly
+what the generator sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.broker import MosquittoBroker
+from support.hub_env import write_hub_config
+from support.pg import pg_database
+
+from fieldtwin.hub.config import load_hub_config
+from fieldtwin.hub.errors import StoreError
+from fieldtwin.hub.store import FrameRow, IngestWrite
+from fieldtwin.hub.store_pg import FRAME_BLOCK, PgTwinStore
+from fieldtwin.hub.workers import (
+    Fence,
+    LeaseRow,
+    LeaseTable,
+    fair_share,
+    gateways_of,
+    partition_of,
+    plan,
+)
+from fieldtwin.protocol.aio import within
+from fieldtwin.protocol.config import ConfigError
+from fieldtwin.sim.loadgen import (
+    LoadGenerator,
+    LoadOptions,
+    expected_history,
+    init_fleet,
+    load_fleet,
+)
+
+FIELDTWIN = [sys.executable, "-m", "fieldtwin.protocol.cli"]
+
+# -- the plan, sans I/O ---------------------------------------------------------------------
+
+
+def test_partition_of_is_stable_and_spreads() -> None:
+    assert partition_of("gw-01", 16) == partition_of("gw-01", 16)
+    gateways = [f"lg-{i:04d}" for i in range(1, 1001)]
+    counts = Counter(partition_of(g, 16) for g in gateways)
+    assert set(counts) == set(range(16))
+    assert max(counts.values()) < 2 * 1000 / 16
+    assert gateways_of(gateways, 16, [3]) == [g for g in gateways if partition_of(g, 16) == 3]
+
+
+def _cycle(rows: list[LeaseRow], me: str, now: int, live: int, lease_ms: int) -> list[LeaseRow]:
+    """Apply one worker's plan to the rows, as ``LeaseTable.cycle`` does in SQL."""
+    decided = plan(rows, me, now, live)
+    out = []
+    for r in rows:
+        if r.partition in decided.release:
+            r = LeaseRow(r.partition, "", 0, r.fence)
+        elif r.partition in decided.renew:
+            r = LeaseRow(r.partition, me, now + lease_ms, r.fence)
+        elif r.partition in decided.claim:
+            r = LeaseRow(r.partition, me, now + lease_ms, r.fence + 1)
+        out.append(r)
+    return out
+
+
+def _held(rows: list[LeaseRow], me: str) -> int:
+    return sum(r.holder == me for r in rows)
+
+
+def test_two_workers_split_sixteen_and_a_survivor_takes_all() -> None:
+    rows = [LeaseRow(p, "", 0, 0) for p in range(16)]
+    rows = _cycle(rows, "a", 0, 1, 5000)
+    assert _held(rows, "a") == 16
+    for now in (1000, 2000, 3000):  # b joins: a gives up half, b claims it
+        rows = _cycle(rows, "b", now, 2, 5000)
+        rows = _cycle(rows, "a", now, 2, 5000)
+    assert _held(rows, "a") == _held(rows, "b") == 8
+    fences = {r.partition: r.fence for r in rows if r.holder == "b"}
+    # b dies: its leases expire; once a counts one live worker it claims them all
+    rows = _cycle(rows, "a", 7000, 2, 5000)
+    assert _held(rows, "a") == 8
+    rows = _cycle(rows, "a", 9001, 1, 5000)
+    assert _held(rows, "a") == 16
+    assert all(r.fence == fences[r.partition] + 1 for r in rows if r.partition in fences)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=60),
+    st.integers(1, 40),
+)
+def test_simulated_workers_converge_to_fair_shares(
+    steps: list[tuple[int, bool]], partitions: int
+) -> None:
+    """Whatever order workers run cycles in (some dying), every partition ends held by
+    one live worker, none above its fair share, and a fence only grows."""
+    lease = 5000
+    rows = [LeaseRow(p, "", 0, 0) for p in range(partitions)]
+    alive = {f"w{i}" for i in range(4)}
+    now = 0
+    for index, kills in steps:
+        now += 700
+        me = f"w{index}"
+        if kills and len(alive) > 1 and me in alive:
+            alive.discard(me)
+            continue
+        if me not in alive:
+            continue
+        before = {r.partition: r.fence for r in rows}
+        rows = _cycle(rows, me, now, len(alive), lease)
+        assert all(r.fence >= before[r.partition] for r in rows)
+    now += lease + 1  # the dead workers' leases expire
+    for _ in range(3):
+        for me in sorted(alive):
+            rows = _cycle(rows, me, now, len(alive), lease)
+            now += 100
+    share = fair_share(partitions, len(alive))
+    assert all(r.holder in alive for r in rows)
+    assert all(_held(rows, me) <= share for me in alive)
+
+
+def test_workers_need_a_postgresql_store(tmp_path: Path) -> None:
+    files = write_hub_config(tmp_path, extra="[workers]\npartitions = 8\n")
+    with pytest.raises(ConfigError, match="postgresql"):
+        load_hub_config(files.config)
+    text = files.config.read_text()
+    url = "postgresql://postgres@127.0.0.1:5432/x"
+    files.config.write_text(text.replace("[hub]\n", f'[hub]\nstore = "{url}"\n', 1))
+    config = load_hub_config(files.config)
+    assert config.workers is not None
+    assert config.workers.partitions == 8
+    assert config.workers.lease_s == 5.0
+
+
+# -- the fence, against PostgreSQL ------------------------------------------------------------
+
+
+def _one_frame(frame_id: int, gateway: str, seq: int) -> IngestWrite:
+    write = IngestWrite()
+    write.frames.append(FrameRow(frame_id, gateway, "data", 1, seq, 0, 0, 0, None))
+    return write
+
+
+def test_a_worker_whose_lease_was_taken_commits_nothing(tmp_path: Path) -> None:
+    with pg_database() as url:
+        store = PgTwinStore.open(url)
+        a = LeaseTable(url, "a", 2, 0.5)
+        b = LeaseTable(url, "b", 2, 0.5)
+        try:
+            a.create()
+            fence = Fence("a", 2)
+            store.share(fence)
+            fence.held = a.cycle()
+            assert sorted(fence.held) == [0, 1]
+            gateway = next(g for g in (f"g{i}" for i in range(50)) if partition_of(g, 2) == 0)
+            first = store.frame_block()
+            store.write_ingest(_one_frame(first, gateway, 1))
+            time.sleep(0.6)  # a pauses past its lease; b takes everything
+            assert sorted(b.cycle()) == [0, 1]
+            with pytest.raises(StoreError, match="lease of partition 0 lost"):
+                store.write_ingest(_one_frame(first + 1, gateway, 2))
+            # a cannot renew what b holds, and its stale fence stays refused
+            fence.held = {**fence.held, **a.cycle()}
+            with pytest.raises(StoreError, match="lost"):
+                store.write_ingest(_one_frame(first + 2, gateway, 3))
+            assert store.query("SELECT seq FROM frames") == [(1,)]
+            assert store.frame_block() > first  # blocks only grow
+            _, tracker = store.load_gateways([gateway])
+            assert tracker.ranges(gateway) == [(1, 1)]
+        finally:
+            a.close()
+            b.close()
+            store.close()
+
+
+# -- two worker processes and a load generator -------------------------------------------------
+
+GATEWAYS = 20
+POINTS = 10
+LEASE_S = 2.0
+
+
+def _worker_config(base: Path, name: str, url: str) -> Path:
+    text = base.read_text()
+    text = text.replace("[hub]\n", f'[hub]\nstore = "{url}"\n', 1)
+    state = base.parent / f"state-{name}"
+    state.mkdir(exist_ok=True)
+    lines = [
+        f'database = "{state / "run.duckdb"}"' if line.startswith("database = ") else line
+        for line in text.splitlines()
+    ]
+    lines += ["", "[workers]", "partitions = 16", f"lease_s = {LEASE_S}", f'id = "{name}"']
+    path = base.parent / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _holders(url: str) -> Counter[str]:
+    """Who holds unexpired leases (nobody before the first worker made the table)."""
+    with psycopg.connect(url, autocommit=True) as con:
+        try:
+            rows = con.execute(
+                "SELECT holder FROM leases WHERE expires_ms > "
+                "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return Counter()
+    return Counter(str(r[0]) for r in rows)
+
+
+async def _until(check: object, within: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if check():  # type: ignore[operator]
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {within} s: {what}")
+
+
+@pytest.mark.timeout(90)
+async def test_two_workers_split_the_fleet_and_one_survives_a_sigkill(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    init_fleet(tmp_path / "fleet", GATEWAYS, POINTS, prefix="lw")
+    fragment = (tmp_path / "fleet" / "gateways.toml").read_text()
+    files = write_hub_config(
+        tmp_path / "hub",
+        broker_url=broker.url,
+        password=broker.passwords["hub"],
+        client_id=f"ft-hub-{tmp_path.name[-12:]}",
+        extra=fragment,
+        silent_s=30.0,
+    )
+    password = broker.passwords.get("loadgen") or broker.add_user("loadgen", role="loadgen")
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    with pg_database() as url:
+        try:
+            for name in ("w1", "w2"):
+                config = _worker_config(files.config, name, url)
+                with (tmp_path / f"{name}.log").open("wb") as log:
+                    procs[name] = await asyncio.create_subprocess_exec(
+                        *FIELDTWIN,
+                        "hub",
+                        "run",
+                        "-c",
+                        str(config),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    )
+                if name == "w1":
+                    await _until(
+                        lambda: _holders(url)["w1"] == 16, 30, "w1 holds all 16 partitions"
+                    )
+            await _until(lambda: _holders(url) == Counter({"w1": 8, "w2": 8}), 15, "an 8/8 split")
+            fleet = load_fleet(tmp_path / "fleet", files.keys / "hub.pub")
+            gen = LoadGenerator(
+                fleet,
+                broker.url,
+                LoadOptions(
+                    password=password,
+                    rate=2.0,
+                    duration_s=10.0,
+                    ack_timeout_s=1.0,
+                    heartbeat_s=1.0,
+                    drain_s=25.0,
+                    connections=2,
+                ),
+            )
+            run = asyncio.create_task(gen.run(), name="test-loadgen")
+            await _until(lambda: gen.stats.frames_acked >= GATEWAYS * 4, 20, "acks flow")
+            victims = gateways_of(fleet.spec.gateways, 16, _partitions_of(url, "w2"))
+            assert victims
+            procs["w2"].send_signal(signal.SIGKILL)
+            await procs["w2"].wait()
+            killed = time.monotonic()
+            sent_at_kill = {gw.id: gw.seq for gw in gen.gateways if gw.id in victims}
+            takeover = await _until(
+                lambda: _holders(url) == Counter({"w1": 16}), 15, "w1 takes all 16"
+            )
+
+            def caught_up() -> bool:
+                """Everything the victims sent before the kill is acked, and so is a
+                frame each sent after it (only the survivor can have acked that)."""
+                return all(
+                    not any(seq <= sent_at_kill[gw.id] for seq in gw.unacked)
+                    and any(
+                        seq not in gw.unacked for seq in range(sent_at_kill[gw.id] + 1, gw.seq + 1)
+                    )
+                    for gw in gen.gateways
+                    if gw.id in victims
+                )
+
+            await _until(caught_up, 20, "the victims' frames acked by the survivor")
+            failover = time.monotonic() - killed
+            stats = await run
+            print(f"takeover {takeover:.2f} s, failover (acks again) {failover:.2f} s")
+            assert stats["in_flight"] == 0, stats
+            assert stats["frames_acked"] == stats["frames_sent"] == GATEWAYS * 20
+            assert takeover < 10
+            assert failover < 10
+            with psycopg.connect(url, autocommit=True) as con:
+                rows = con.execute(
+                    "SELECT entity, attribute, ts_ms, num FROM history "
+                    "WHERE starts_with(entity, 'lw-')"
+                ).fetchall()
+                chain = con.execute("SELECT seq FROM audit ORDER BY seq").fetchall()
+                # the victims' frames were stored by w2, then by w1 (a later id block)
+                blocks = con.execute(
+                    "SELECT count(DISTINCT id / %s) FROM frames WHERE gateway = ANY(%s)",
+                    [FRAME_BLOCK, victims],
+                ).fetchone()
+            assert blocks is not None
+            assert blocks[0] >= 2
+            # the current table: one row per point, its newest sample (flushed by w1)
+            newest: dict[tuple[str, str], tuple[int, float]] = {}
+            for _gw, entity, attr, ts, value in gen.ledger.rows():
+                if (entity, attr) not in newest or ts > newest[(entity, attr)][0]:
+                    newest[(entity, attr)] = (ts, value)
+
+            def current() -> dict[tuple[str, str], tuple[int, float]]:
+                with psycopg.connect(url, autocommit=True) as con:
+                    found = con.execute(
+                        "SELECT entity, attribute, ts_ms, num FROM current "
+                        "WHERE starts_with(entity, 'lw-')"
+                    ).fetchall()
+                assert len(found) == len({(e, a) for e, a, _, _ in found})
+                return {(e, a): (int(ts), float(v)) for e, a, ts, v in found}
+
+            await _until(lambda: current() == newest, 5, "current holds the newest samples")
+            history = Counter((e, a, int(ts), float(v)) for e, a, ts, v in rows)
+            expected = expected_history(gen.ledger)
+            assert history - expected == Counter(), "duplicated or unknown samples"
+            assert expected - history == Counter(), "lost samples"
+            assert [s for (s,) in chain] == list(range(1, len(chain) + 1))
+        finally:
+            for name in procs:  # shown when the test fails
+                lines = (tmp_path / f"{name}.log").read_text(errors="replace").splitlines()
+                notable = [line for line in lines if "level=info" not in line]
+                print(f"--- {name}: {len(lines)} lines, not info:", *notable[-30:], sep="\n")
+            for proc in procs.values():
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs.values():
+                try:
+                    await within(15, proc.wait())
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+def _partitions_of(url: str, holder: str) -> list[int]:
+    with psycopg.connect(url, autocommit=True) as con:
+        rows = con.execute("SELECT partition FROM leases WHERE holder = %s", [holder]).fetchall()
+    return [int(r[0]) for r in rows]
