@@ -371,7 +371,8 @@ class PredictionConfig:
     residual_k: float = 4.0
     residual_hold_s: float = 20.0
     min_r2: float = 0.5
-    """A model that explains less than this at its horizon raises no model drift."""
+    """Predictions of a model that explains less than this at its horizon are flagged
+    and kept out of dry runs and approvals (model drift uses its σ instead)."""
     influences: tuple[Influence, ...] = ()
 
     def inputs_of(self, entity: str, attribute: str) -> tuple[tuple[str, str], ...] | None:

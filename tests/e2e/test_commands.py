@@ -128,14 +128,24 @@ async def true_value(plant: Plant, point: str) -> Any:
 
 
 async def set_speed(plant: Plant, value: int, reason: str = "restore") -> dict[str, Any]:
-    """alice proposes, bob approves, and the command is verified."""
+    """alice proposes, bob approves, and the command is verified. Once the policy allows
+    it: after an agent restart the interlock inputs and the gateway link take a moment
+    to be fresh and online again, and a command proposed then is (rightly) refused."""
+
+    async def allowed() -> Any:
+        verdict = await ask(
+            plant, "alice", "cmd.dry_run", {"target": "pump-1.speed_sp", "value": value}
+        )
+        return verdict if verdict["allowed"] else None
+
+    await wait_for(allowed, within=30, what=f"a dry run of pump-1.speed_sp := {value} allowed")
     proposed = await ask(
         plant,
         "alice",
         "cmd.propose",
         {"target": "pump-1.speed_sp", "value": value, "reason": reason},
     )
-    assert proposed["state"] == "awaiting_approval", proposed
+    assert proposed["state"] == "awaiting_approval", (proposed["state"], proposed.get("policy"))
     await approve(plant, "bob", proposed["id"])
     return await settled(plant, proposed["id"], {"verified"})
 
