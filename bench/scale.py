@@ -116,6 +116,23 @@ def applied(endpoint: Endpoint) -> int:
     raise SystemExit("the hub's /metrics has no fieldtwin_hub_points_applied_total")
 
 
+def start_generator(
+    args: argparse.Namespace, fleet_dir: Path, broker_url: str, password: str
+) -> tuple[LoadGenerator, asyncio.Task[dict[str, Any]]]:
+    """The fleet played at ``--rate`` for ``--seconds`` over 4 connections of the
+    benchmark's ``loadgen`` user, with a minute to drain the acks."""
+    options = LoadOptions(
+        rate=args.rate,
+        duration_s=args.seconds,
+        usernames=("loadgen",),
+        password=password,
+        connections=4,
+        drain_s=60.0,
+    )
+    generator = LoadGenerator(load_fleet(fleet_dir), broker_url, options)
+    return generator, asyncio.create_task(generator.run(), name="bench-loadgen")
+
+
 def start_hub(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """``fieldtwin hub run`` as its own process (its output in ``log``)."""
     with log.open("w") as out:
@@ -158,17 +175,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 raise SystemExit(f"the hub exited: see {workdir / 'hub.log'}")
             await asyncio.sleep(0.2)
         assert endpoint is not None
-        fleet = load_fleet(fleet_dir)
-        options = LoadOptions(
-            rate=args.rate,
-            duration_s=args.seconds,
-            usernames=("loadgen",),
-            password=password,
-            connections=4,
-            drain_s=60.0,
-        )
-        generator = LoadGenerator(fleet, broker.url, options)
-        task = asyncio.create_task(generator.run(), name="bench-loadgen")
+        generator, task = start_generator(args, fleet_dir, broker.url, password)
         started = time.monotonic()
         _, cpu_start = proc_stats(hub.pid)
         while not task.done():
@@ -308,17 +315,7 @@ async def run_workers(
             raise SystemExit(f"{count} workers did not share the partitions within 90 s")
         found = {w: Endpoint.read(f) for w, f in endpoints.items()}
         live = {w: e for w, e in found.items() if e is not None}
-        fleet = load_fleet(fleet_dir)
-        options = LoadOptions(
-            rate=args.rate,
-            duration_s=args.seconds,
-            usernames=("loadgen",),
-            password=password,
-            connections=4,
-            drain_s=60.0,
-        )
-        generator = LoadGenerator(fleet, broker.url, options)
-        task = asyncio.create_task(generator.run(), name="bench-loadgen")
+        generator, task = start_generator(args, fleet_dir, broker.url, password)
         started = time.monotonic()
         killed_at: float | None = None
         victims: set[str] = set()

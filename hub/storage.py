@@ -38,6 +38,20 @@ if TYPE_CHECKING:
 
 Row = tuple[Any, ...]
 
+
+def sequence_block(
+    stored_epoch: str | None, stored_ceiling: str | None, block: int, now_ms: int
+) -> tuple[int, int, int]:
+    """The hub's signing epoch and the next block of seqs, (epoch, first, ceiling), from
+    what the store holds. The caller stores epoch and ceiling before using any seq in
+    the block, so a crash can skip seqs but never reuse one (both adapters)."""
+    if stored_epoch is None:
+        epoch, start = now_ms, 1
+    else:
+        epoch, start = int(stored_epoch), int(stored_ceiling or "0") + 1
+    return epoch, start, start + block - 1
+
+
 CURRENT_COLUMNS = (
     "entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms, last_change_ms"
 )
@@ -207,7 +221,9 @@ class StoreReads:
     """An expression turning ``txt`` of an integer sample into a double (NULL if not)."""
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[Row]:
-        raise NotImplementedError
+        """Run one read on the adapter's own connection (each adapter defines it; the
+        shared reads below are written once on top of it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define query()")
 
     # -- loading at start ------------------------------------------------------------
 

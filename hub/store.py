@@ -60,7 +60,7 @@ from fieldtwin.hub.state import (
     PointInfo,
     encode_columns,
 )
-from fieldtwin.hub.storage import ALARM_COLUMNS, StoreReads
+from fieldtwin.hub.storage import ALARM_COLUMNS, StoreReads, sequence_block
 from fieldtwin.protocol.logfmt import fields
 from fieldtwin.protocol.tracker import DeliveryTracker
 
@@ -519,15 +519,12 @@ class TwinStore(StoreReads):
         used, so a crash can skip seqs but never reuse one.
         """
         with self.transaction():
-            epoch_text = self.meta("hub_epoch")
-            if epoch_text is None:
-                epoch = int(time.time() * 1000)
+            stored = self.meta("hub_epoch")
+            epoch, start, ceiling = sequence_block(
+                stored, self.meta("hub_seq_ceiling"), block, int(time.time() * 1000)
+            )
+            if stored is None:
                 self.set_meta("hub_epoch", str(epoch))
-                start = 1
-            else:
-                epoch = int(epoch_text)
-                start = int(self.meta("hub_seq_ceiling") or "0") + 1
-            ceiling = start + block - 1
             self.set_meta("hub_seq_ceiling", str(ceiling))
         return epoch, start, ceiling
 

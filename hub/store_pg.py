@@ -50,7 +50,14 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from fieldtwin.hub.audit import GENESIS_HASH, AuditEvent, AuditRecord, record_hash
 from fieldtwin.hub.errors import StoreError, StoreSchemaError
 from fieldtwin.hub.state import GatewayLink
-from fieldtwin.hub.storage import ALARM_COLUMNS, GATEWAY_COLUMNS, Row, StoreReads, link_of_row
+from fieldtwin.hub.storage import (
+    ALARM_COLUMNS,
+    GATEWAY_COLUMNS,
+    Row,
+    StoreReads,
+    link_of_row,
+    sequence_block,
+)
 from fieldtwin.hub.store import (
     _DDL,
     SCHEMA_VERSION,
@@ -362,15 +369,12 @@ GROUP BY b ORDER BY b"""
         """(epoch, first seq to use, ceiling), reserved as in ``TwinStore.hub_sequence``."""
         with self.transaction() as con:
             con.execute("SELECT 1 FROM meta WHERE key = 'hub_epoch' FOR UPDATE")
-            epoch_text = self.meta("hub_epoch")
-            if epoch_text is None:
-                epoch = int(time.time() * 1000)
+            stored = self.meta("hub_epoch")
+            epoch, start, ceiling = sequence_block(
+                stored, self.meta("hub_seq_ceiling"), block, int(time.time() * 1000)
+            )
+            if stored is None:
                 self.set_meta("hub_epoch", str(epoch))
-                start = 1
-            else:
-                epoch = int(epoch_text)
-                start = int(self.meta("hub_seq_ceiling") or "0") + 1
-            ceiling = start + block - 1
             self.set_meta("hub_seq_ceiling", str(ceiling))
         return epoch, start, ceiling
 

@@ -44,6 +44,7 @@ import msgpack
 
 from fieldtwin.hub.errors import QueryError
 from fieldtwin.hub.state import QUALITY_NAMES, CurrentValue, PointInfo
+from fieldtwin.hub.storage import ALARM_COLUMNS
 from fieldtwin.protocol.messages import View
 from fieldtwin.protocol.topics import view_topic
 
@@ -102,27 +103,8 @@ SCHEMA_COLS = (
     "two_person",
 )
 RELATIONSHIP_COLS = ("source", "target", "type")
-ALARM_COLS = (
-    "id",
-    "rule",
-    "drift_type",
-    "entity",
-    "attribute",
-    "severity",
-    "state",
-    "strategy",
-    "description",
-    "value",
-    "gateway",
-    "raised_ms",
-    "updated_ms",
-    "cleared_ms",
-    "acked_by",
-    "acked_ms",
-    "shelved_by",
-    "shelved_until_ms",
-    "shelve_reason",
-)
+ALARM_COLS = tuple(c for c in ALARM_COLUMNS if c != "present")
+"""The alarm columns consoles see: the stored ones but the engine's ``present`` flag."""
 COMMAND_COLS = (
     "id",
     "state",
