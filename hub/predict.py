@@ -16,6 +16,7 @@ Who calls what:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import time
@@ -162,15 +163,18 @@ class ModelBank:
     # -- fitting ------------------------------------------------------------------------
 
     def due(self, now_ms: int) -> bool:
-        """Refit every ``refit_s``; while some model is missing or young (fitted on less
-        than half the history window and under an hour of steps), every minute: a young
-        twin's models improve quickly as history grows."""
+        """Refit every ``refit_s``; every 30 s while some model is missing (the first
+        fit needs 30 grid steps), every minute while one is young (fitted on less than
+        half the history window and under an hour of steps): a young twin's models
+        improve quickly as history grows."""
         every = self.settings.refit_s
         young = any(
             m.samples * m.step_ms < 0.5 * self.settings.history_s * 1000 and m.samples < 3600
             for m in self.models.values()
         )
-        if self.errors or not self.models or young:
+        if self.errors or not self.models:
+            every = min(every, 30.0)
+        elif young:
             every = min(every, 60.0)
         return bool(now_ms - self.refitted_ms >= every * 1000)
 
@@ -334,7 +338,9 @@ def _spec(config: HubConfig, point: Point) -> Any:
     if spec is None:
         declared = config.schema.entities.get(point[0])
         if declared is None:
-            raise PredictionError(f"{point[0]!r} is not a declared entity")
+            close = difflib.get_close_matches(point[0], list(config.schema.entities), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise PredictionError(f"{point[0]!r} is not a declared entity{hint}")
         raise PredictionError(
             f"{point[1]!r} is not an attribute of {point[0]} (type {declared.type}); "
             f"it has {', '.join(sorted(config.schema.types[declared.type].attributes))}"
@@ -367,7 +373,12 @@ def _models_for(
             return have, {}
         if not fit_missing:  # the model loop's job; a request does not wait for a fit
             missing = [label(p) for p in [*missing_influenced, *missing_trends]]
-            why = {m: bank.errors.get(m, f"no model of {m} fitted yet") for m in missing}
+            when = iso(bank.refitted_ms) if bank.refitted_ms else "never"
+            why = {
+                m: f"no model of {m} yet (last fit {when}: "
+                f"{bank.errors.get(m, 'not attempted')}; the hub retries every 30 s)"
+                for m in missing
+            }
             return have, why
         end = ctx.now_ms
     else:
@@ -806,7 +817,10 @@ def risk(bank: ModelBank, ctx: Context, horizon_ms: int | None = None) -> dict[s
 def model_rows(bank: ModelBank) -> list[dict[str, Any]]:
     """Every model the hub holds, with its fit quality, and what could not be fitted."""
     rows = [_model_row(m, None) or {} for _, m in sorted(bank.models.items())]
-    rows += [{"target": t, "error": e} for t, e in sorted(bank.errors.items())]
+    tried = iso(bank.refitted_ms) if bank.refitted_ms else None
+    rows += [
+        {"target": t, "error": f"{e} (last fit {tried})"} for t, e in sorted(bank.errors.items())
+    ]
     return rows
 
 

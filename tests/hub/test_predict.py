@@ -177,6 +177,8 @@ def test_a_typo_is_an_error_not_an_empty_forecast(rig: Rig) -> None:
     answer = rig.ask("vic", "twin.predict", {"target": "tank-1.levl"})
     assert not answer.ok
     assert "'levl' is not an attribute of tank-1" in answer.error
+    entity = rig.ask("vic", "twin.predict", {"target": "tank1.level"})
+    assert "'tank1' is not a declared entity; did you mean tank-1?" in entity.error
     with pytest.raises(PredictionError, match="nothing in \\[\\[influences\\]\\] depends"):
         rig.service.simulate({"tank-1.level": 3.0})
 
