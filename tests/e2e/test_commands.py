@@ -62,7 +62,13 @@ async def plant(
     state = tmp_path_factory.mktemp("actuation")
     plant_logins(broker, state)
     plant = Plant(
-        PlantOptions(state_dir=state, broker_url=broker.url, speed=2.0, hub_overrides=HUB_OVERRIDES)
+        PlantOptions(
+            state_dir=state,
+            broker_url=broker.url,
+            speed=2.0,
+            hub_overrides=HUB_OVERRIDES,
+            agent_edit=edit_agent,
+        )
     )
     try:
         await plant.start()
