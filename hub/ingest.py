@@ -61,7 +61,7 @@ from fieldtwin.protocol.births import assemble_birth, check_same_birth
 from fieldtwin.protocol.errors import ProtocolError, Replay
 from fieldtwin.protocol.frames import Frame, Limits, decode_frame
 from fieldtwin.protocol.keys import KeyRegistry
-from fieldtwin.protocol.logfmt import RateLimitedLog, fields
+from fieldtwin.protocol.logfmt import RateLimitedLog
 from fieldtwin.protocol.messages import Birth, CommandResult, Data, Death, Heartbeat
 from fieldtwin.protocol.topics import parse_topic
 from fieldtwin.protocol.tracker import DeliveryTracker
@@ -228,6 +228,9 @@ class IngestCore:
         asks for a rebirth through the gap their unrecorded seqs leave)."""
         self.reject_log = RateLimitedLog(
             log, "frames rejected (summary)", key_names=("gateway", "reason")
+        )
+        self.store_log = RateLimitedLog(
+            log, "ingest batches not stored (summary)", key_names=("store", "kind")
         )
 
     def _semantics(self) -> dict[tuple[str, str], SemanticSpec]:
@@ -433,9 +436,13 @@ class IngestCore:
         except StoreError as exc:
             self.metrics.store_errors += 1
             outcome.error = exc
-            log.error(
+            self.store_log.flush()
+            self.store_log.log(
+                ("twin", type(exc).__name__),
+                logging.ERROR,
                 "ingest batch not stored; nothing applied or acknowledged",
-                extra=fields(frames=len(write.frames), error=str(exc)),
+                frames=len(write.frames),
+                error=str(exc)[:500],
             )
             return outcome
         outcome.committed_ns = time.time_ns()
@@ -767,6 +774,7 @@ class IngestCore:
 
     def flush_plan(self) -> Flush | None:
         """What the next drift cycle writes so the journal can be short, or None."""
+        self.store_log.flush()
         self.reject_log.flush()  # once per drift cycle: summaries appear after a flood ends
         upto = self.next_frame_id - 1
         if upto == self.flushed_upto and not self.dirty_current and not self.dirty_gateways:

@@ -43,6 +43,9 @@ class HubMetrics:
     operator_refused: Counter[str] = field(default_factory=Counter)
     """Refused operator requests, by reason code."""
     ingest_paused: int = 0
+    loop_failures: Counter[str] = field(default_factory=Counter)
+    """Failed cycles of the hub's periodic loops (drift, flush, commands, models, ...),
+    by loop: a store that cannot write shows here although only a few lines are logged."""
     """Times the broker reader paused because the ingest queue was full."""
 
 
@@ -126,6 +129,13 @@ def render(
         "counter",
         "Ingest batches the twin store failed to write (not acknowledged; senders resend).",
         [("", metrics.store_errors)],
+    )
+    family(
+        "fieldtwin_hub_loop_failures_total",
+        "counter",
+        "Failed cycles of the hub's periodic loops (drift, flush, commands, models, views, "
+        "leases), by loop; logged a few times a minute at most.",
+        [(_labels(loop=loop), count) for loop, count in sorted(metrics.loop_failures.items())],
     )
     family(
         "fieldtwin_hub_store_recoveries_total",

@@ -60,7 +60,7 @@ from fieldtwin.hub.service import Effects, HubService, Outbound
 from fieldtwin.hub.storage import open_store
 from fieldtwin.hub.workers import Fence, LeaseTable, gateways_of
 from fieldtwin.protocol.aio import within
-from fieldtwin.protocol.logfmt import fields
+from fieldtwin.protocol.logfmt import RateLimitedLog, fields
 from fieldtwin.protocol.presence import HubPresence
 from fieldtwin.protocol.topics import (
     HUB_STATE_TOPIC,
@@ -108,9 +108,31 @@ class Hub:
         self._subscribed: set[int] = set()
         """Partitions whose gateways the current MQTT connection is subscribed to."""
         self._subscription_lock = asyncio.Lock()
+        self.failure_log = RateLimitedLog(
+            log, "loop failures (summary)", key_names=("loop", "kind")
+        )
+        """A store that keeps failing (a full disk) fails every cycle: a few lines per
+        loop and minute, then one summary; the counters stay exact."""
+        self._failing: dict[str, int] = {}
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    def _failed(self, loop: str, message: str, exc: BaseException) -> None:
+        """Count a failed cycle of ``loop`` and log it, rate-limited per loop and error."""
+        self.metrics.loop_failures[loop] += 1
+        self._failing[loop] = self._failing.get(loop, 0) + 1
+        self.failure_log.flush()
+        self.failure_log.log(
+            (loop, type(exc).__name__), logging.ERROR, message, error=str(exc)[:500]
+        )
+
+    def _succeeded(self, loop: str) -> None:
+        """A loop that failed works again: one line saying how many cycles it lost."""
+        failures = self._failing.pop(loop, 0)
+        if failures:
+            self.failure_log.flush()
+            log.warning("loop recovered", extra=fields(loop=loop, failed_cycles=failures))
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -513,14 +535,14 @@ class Hub:
                 held = await asyncio.to_thread(leases.cycle)
             except StoreError as exc:
                 # Not renewed: the fence check stops our commits once the leases expire.
-                log.error("lease cycle failed", extra=fields(error=str(exc)))
+                self._failed("leases", "lease cycle failed", exc)
             else:
                 try:
                     await self._apply_leases(held)
                 except HubError as exc:
                     # Not adopted: the next cycle tries again (nothing of theirs is taken
                     # before adoption succeeds).
-                    log.error("partitions not adopted", extra=fields(error=str(exc)))
+                    self._failed("adoption", "partitions not adopted", exc)
             await asyncio.sleep(workers.lease_s / 3)
 
     async def _apply_leases(self, held: dict[int, int]) -> None:
@@ -569,7 +591,9 @@ class Hub:
             try:
                 await self.db(self.service.flush)
             except StoreError as exc:
-                log.error("flush not stored", extra=fields(error=str(exc)))
+                self._failed("flush", "flush not stored", exc)
+            else:
+                self._succeeded("flush")
 
     # -- drift, commands, operators ----------------------------------------------------
 
@@ -581,7 +605,9 @@ class Hub:
             try:
                 await self.run_sync_cycle()
             except StoreError as exc:
-                log.error("drift cycle not stored", extra=fields(error=str(exc)))
+                self._failed("drift", "drift cycle not stored", exc)
+            else:
+                self._succeeded("drift")
 
     async def run_sync_cycle(self) -> DriftReport:
         now = self.now_ms()
@@ -605,8 +631,9 @@ class Hub:
             try:
                 effects = await self.db(self.service.command_tick)
             except StoreError as exc:
-                log.error("command cycle not stored", extra=fields(error=str(exc)))
+                self._failed("commands", "command cycle not stored", exc)
                 continue
+            self._succeeded("commands")
             await self.perform(effects)
 
     async def _operator_loop(self) -> None:
@@ -628,7 +655,7 @@ class Hub:
             try:
                 effects = await self.db(self.service.handle_request, topic, payload)
             except StoreError as exc:
-                log.error("operator request not stored", extra=fields(error=str(exc)))
+                self._failed("operators", "operator request not stored", exc)
                 continue
             except HubError as exc:
                 log.error("operator request failed", extra=fields(error=str(exc)))
@@ -660,7 +687,9 @@ class Hub:
                             log.info("no model yet", extra=fields(target=target, reason=error))
                 await self.db(service.measure_models, self.now_ms())
             except HubError as exc:
-                log.error("model update failed", extra=fields(error=str(exc)))
+                self._failed("models", "model update failed", exc)
+            else:
+                self._succeeded("models")
             await asyncio.sleep(check_s)
 
     # -- console views (hub/views.py) -------------------------------------------------
@@ -679,8 +708,9 @@ class Hub:
             try:
                 frames = await self.db(self.service.view_tick)
             except HubError as exc:
-                log.error("view tick failed", extra=fields(error=str(exc)))
+                self._failed("views", "view tick failed", exc)
                 continue
+            self._succeeded("views")
             client = self.client
             if client is None:
                 continue

@@ -270,31 +270,52 @@ async def test_hub_store_on_a_full_disk_acks_nothing_unstored_and_recovers(
     )
     signer = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
     t0 = now_ms()
-    level = [Sample("tank-1", "level", 2.0 + i / 100, t0 + i, Quality.GOOD) for i in range(30)]
+    level: list[Sample] = []
+
+    def next_frame(samples: int = 1) -> int:
+        """The next data frame with ``samples`` new level samples; returns its seq."""
+        batch = [
+            Sample(
+                "tank-1", "level", 2.0 + (len(level) + i) / 1000, t0 + len(level) + i, Quality.GOOD
+            )
+            for i in range(samples)
+        ]
+        level.extend(batch)
+        seq = signer.next_seq()
+        frames[seq] = signer.data(batch, seq=seq)
+        return seq
+
     frames: dict[int, tuple[str, bytes]] = {}
     async with (
         running_hub(files.config) as hub,
         Gateway(broker, signer, KeyRegistry.of({"hub": files.hub_key.public})) as gw,
     ):
         await gw.send(signer.birth([PointMeta("tank-1", "level", "float", "m")], [], low_water=1))
-        for i in range(10):
-            seq = signer.next_seq()
-            frames[seq] = signer.data([level[i]], seq=seq)
-            await gw.send(frames[seq])
+        for _ in range(10):
+            await gw.send(frames[next_frame()])
         await wait_for(lambda: all(gw.acked(s) for s in frames), within=30)
         await asyncio.to_thread(disk.fill)
+        # DuckDB may still fit commits in blocks its WAL already holds (how many depends
+        # on where the last checkpoint left it); those are stored and acknowledged. So
+        # the gateway keeps sending, with growing frames, until the store refuses one.
         full = []
-        for i in range(10, 20):
-            seq = signer.next_seq()
-            frames[seq] = signer.data([level[i]], seq=seq)
-            full.append(seq)
-            await gw.send(frames[seq])
-        await wait_for(lambda: hub.metrics.store_errors > 0, within=30)
+        for round_ in range(40):
+            for _ in range(5):
+                seq = next_frame(samples=1 + 20 * round_)
+                full.append(seq)
+                await gw.send(frames[seq])
+            with contextlib.suppress(AssertionError):
+                await wait_for(lambda: hub.metrics.store_errors > 0, within=0.5)
+            if hub.metrics.store_errors:
+                break
+        assert hub.metrics.store_errors, "the full disk refused no ingest batch"
+        # the drift cycle (every 0.2 s here) cannot store its flush either: it fails
+        # again and again, counted each time, logged a few times only (checked below)
+        await wait_for(lambda: hub.metrics.loop_failures["drift"] >= 10, within=30)
         await asyncio.sleep(1.0)  # acks are due every 50 ms
-        # DuckDB may still fit a commit or two in blocks its WAL already holds; those
-        # are stored and acknowledged. The rest are refused and not acknowledged; the
-        # history check below proves that every acknowledged frame was stored, since
-        # only the unacknowledged ones are sent again.
+        # The refused frames are not acknowledged; the history check below proves that
+        # every acknowledged frame was stored, since only the unacknowledged ones are
+        # sent again.
         unacked = [s for s in full if not gw.acked(s)]
         assert unacked, "the full disk refused nothing"
         errors = [r for r in caplog.records if "ingest batch not stored" in r.getMessage()]
@@ -304,13 +325,22 @@ async def test_hub_store_on_a_full_disk_acks_nothing_unstored_and_recovers(
         # the gateway resends what was never acknowledged (an agent does on its ack timeout)
         for seq in unacked:
             await gw.send(frames[seq])
-        for i in range(20, 30):
-            seq = signer.next_seq()
-            frames[seq] = signer.data([level[i]], seq=seq)
-            await gw.send(frames[seq])
+        for _ in range(10):
+            await gw.send(frames[next_frame()])
         await wait_for(lambda: all(gw.acked(s) for s in frames), within=60)
         status = await asyncio.to_thread(_get_json, hub.api_port, "/api/status")
         assert status["mqtt_connected"]
+        await wait_for(
+            lambda: any(
+                r.getMessage() == "loop recovered" and logged(r).get("loop") == "drift"
+                for r in caplog.records
+            ),
+            within=10,
+        )
+        # however long the disk stayed full, each failing loop logged a few lines only
+        for message in ("ingest batch not stored", "drift cycle not stored"):
+            lines = [r for r in caplog.records if message in r.getMessage()]
+            assert len(lines) <= 3, f"{len(lines)} lines of {message!r}"
     con = duckdb.connect(str(files.database), read_only=True)
     try:
         rows = con.execute(
