@@ -30,7 +30,7 @@ Strategies, per finding (from ``[reconciliation]`` in the config):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -109,11 +109,25 @@ class AlarmBook:
         alarm.updated_ms = at_ms
         return Transition(change, replace(alarm), at_ms, **kw)
 
-    def reconcile(self, findings: Iterable[Finding], now_ms: int) -> list[Transition]:
-        """Raise, escalate, return and clear alarms so they match the findings."""
+    def reconcile(
+        self,
+        findings: Iterable[Finding],
+        now_ms: int,
+        owns: Callable[[str], bool] | None = None,
+    ) -> list[Transition]:
+        """Raise, escalate, return and clear alarms so they match the findings.
+
+        ``owns`` (an entity → bool test) limits the book to the entities this hub
+        evaluates: a worker sharing the store leaves other workers' alarms alone."""
         out: list[Transition] = []
-        wanted = {f.key: f for f in findings if f.strategy != "ignore"}
+        wanted = {
+            f.key: f
+            for f in findings
+            if f.strategy != "ignore" and (owns is None or owns(f.entity))
+        }
         for key, alarm in list(self.open.items()):
+            if owns is not None and not owns(alarm.entity):
+                continue
             finding = wanted.get(key)
             alarm.present = finding is not None
             if finding is not None:
@@ -170,6 +184,18 @@ class AlarmBook:
             self.by_id[alarm.id] = alarm
             out.append(self._transition("raised", alarm, now_ms, finding=finding))
         return out
+
+    def adopt(self, alarms: Iterable[Alarm], owned: Callable[[str], bool]) -> None:
+        """Replace the open alarms of the entities ``owned`` selects with ``alarms`` (as
+        stored by whoever evaluated them before): a worker taking partitions over goes
+        on with their alarms instead of raising them again."""
+        for key, alarm in list(self.open.items()):
+            if owned(alarm.entity):
+                del self.open[key]
+                self.by_id.pop(alarm.id, None)
+        for alarm in alarms:
+            self.open[alarm.key] = alarm
+            self.by_id[alarm.id] = alarm
 
     def _follow(self, alarm: Alarm, finding: Finding, now_ms: int, out: list[Transition]) -> None:
         """Severity, text and value follow the finding when its severity changes; a rise
@@ -262,10 +288,11 @@ class AlarmBook:
         alarm.state = state
         return self._transition("unshelved", alarm, now_ms, actor=by, detail={"reason": reason})
 
-    def counts_by_severity(self) -> dict[str, int]:
+    def counts_by_severity(self, owns: Callable[[str], bool] | None = None) -> dict[str, int]:
         counts = {"warning": 0, "critical": 0}
         for alarm in self.open.values():
-            counts[alarm.severity] = counts.get(alarm.severity, 0) + 1
+            if owns is None or owns(alarm.entity):
+                counts[alarm.severity] = counts.get(alarm.severity, 0) + 1
         return counts
 
 

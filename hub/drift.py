@@ -264,6 +264,9 @@ class DriftEngine:
         self.since: dict[tuple[str, str, str], int] = {}
         self.last_report: DriftReport | None = None
         self._reporters: dict[str, set[str]] = {}
+        self.listening_since: dict[str, int] = {}
+        """Per gateway, when a worker adopted it (its heartbeats came to another worker
+        before): silence is measured from then at the earliest, as from the start."""
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -398,9 +401,10 @@ class DriftEngine:
             strategy: str | None = None
             # Silence is measured from the hub's start at the earliest: a hub restarted on
             # an old store has not yet had the chance to hear from anyone.
-            heard_ms = max(link.last_frame_ms if link else 0, self.started_ms)
+            listening_ms = max(self.started_ms, self.listening_since.get(gateway, 0))
+            heard_ms = max(link.last_frame_ms if link else 0, listening_ms)
             if link is None or link.last_frame_ms == 0:
-                if now_ms - self.started_ms >= limit_ms:
+                if now_ms - listening_ms >= limit_ms:
                     reason = "never connected since the hub started"
             elif not link.online:
                 if link.death_reason == "shutdown":

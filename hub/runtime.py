@@ -209,10 +209,10 @@ class Hub:
                 group.create_task(self._ack_loop(), name="hub-acks")
                 group.create_task(self._watchdog(), name="hub-watchdog")
                 if self.fence is not None:
-                    # A worker: ingest, acks and flushes of its partitions' gateways only
-                    # (docs/scale.md says what workers do not do yet).
+                    # A worker: ingest, acks, flushes, drift and alarms of its partitions'
+                    # gateways and entities (docs/scale.md says what workers do not do yet).
                     group.create_task(self._lease_loop(), name="hub-leases")
-                    group.create_task(self._flush_loop(), name="hub-flush")
+                    group.create_task(self._drift_loop(), name="hub-drift")
                 else:
                     group.create_task(self._drift_loop(), name="hub-drift")
                     group.create_task(self._command_loop(), name="hub-commands")
@@ -582,18 +582,6 @@ class Hub:
         )
         for listener in list(self.listeners):
             listener(("partitions", dict(self.adopted)))
-
-    async def _flush_loop(self) -> None:
-        """A worker's stand-in for the drift loop: flush its journal on the same beat."""
-        while True:
-            _stop_if_cancelled()
-            await asyncio.sleep(self.config.drift.interval_s)
-            try:
-                await self.db(self.service.flush)
-            except StoreError as exc:
-                self._failed("flush", "flush not stored", exc)
-            else:
-                self._succeeded("flush")
 
     # -- drift, commands, operators ----------------------------------------------------
 

@@ -60,7 +60,7 @@ from fieldtwin.hub.ingest import HubSequence, Inbound, IngestCore, IngestOutcome
 from fieldtwin.hub.metrics import HubMetrics, render
 from fieldtwin.hub.operators import READ, RequestGate, VerifiedRequest, permissions
 from fieldtwin.hub.policy import GatewayStatus, PolicyInput, Verdict, check_command
-from fieldtwin.hub.state import CurrentValue, numeric
+from fieldtwin.hub.state import CurrentValue, decode_value, numeric
 from fieldtwin.hub.storage import TwinStorePort
 from fieldtwin.hub.store import SyncWrite
 from fieldtwin.protocol.approvals import verify_approval
@@ -197,6 +197,9 @@ class HubService:
         self._refusal_counts: Counter[tuple[str, str, int]] = Counter()
         self._shared: PgTwinStore | None = None
         """The store, once this hub is one of several workers sharing it (``share``)."""
+        self._fence: Fence | None = None
+        """A worker's partitions: it evaluates drift and alarms of their entities only."""
+        self._id_block_end: dict[str, int] = {}
         self._block_end = 0
         registry = config.registry()
         operator_registry = config.operator_registry()
@@ -334,8 +337,11 @@ class HubService:
             raise StoreError("[workers] needs a PostgreSQL store ([hub] store = postgresql://...)")
         store.share(fence)
         self._shared = store
+        self._fence = fence
         self.ingest.dirty_current.clear()
         self._next_block()
+        for kind in ("alarm", "drift", "investigation"):
+            self._next_id_block(kind)
 
     def _next_block(self) -> None:
         from fieldtwin.hub.store_pg import FRAME_BLOCK
@@ -344,6 +350,46 @@ class HubService:
         first = self._shared.frame_block()
         self.ingest.next_frame_id = first
         self._block_end = first + FRAME_BLOCK
+
+    def _next_id_block(self, kind: str) -> None:
+        """Alarm, drift event and investigation numbers from a block of this worker's
+        own, so workers sharing a store never write the same id."""
+        from fieldtwin.hub.store_pg import ID_BLOCK
+
+        assert self._shared is not None
+        first = self._shared.id_block(kind)
+        if kind == "alarm":
+            self.alarm_book.next_number = first
+        elif kind == "drift":
+            self._next_drift_id = first
+        else:
+            self._next_investigation = first
+        self._id_block_end[kind] = first + ID_BLOCK
+
+    def _reserve_ids(self, wanted: int) -> None:
+        """Before a cycle: room in each id block for ``wanted`` new numbers."""
+        if self._shared is None:
+            return
+        next_of = {
+            "alarm": self.alarm_book.next_number,
+            "drift": self._next_drift_id,
+            "investigation": self._next_investigation,
+        }
+        for kind, end in self._id_block_end.items():
+            if next_of[kind] + wanted >= end:
+                self._next_id_block(kind)
+
+    def owner_of(self, entity: str) -> str:
+        """The gateway whose partition owner evaluates ``entity``: a gateway's own
+        findings (``temporal.gateway_silent``) go with the gateway, an entity with its
+        declared gateway, else the one reporting it."""
+        return entity if entity in self.config.gateways else self.engine.gateway_of(entity)
+
+    def evaluates(self, entity: str) -> bool:
+        """Whether this hub computes drift and alarms for ``entity``: always, unless it
+        is a worker and the entity's gateway is in a partition it has not adopted."""
+        fence = self._fence
+        return fence is None or fence.owns(self.owner_of(entity))
 
     def adopt(self, gateways: Sequence[str]) -> None:
         """Take over gateways whose partitions this worker just claimed: their links and
@@ -367,6 +413,45 @@ class HubService:
             self._ack_pending.pop(gateway, None)
         ingest.tracker = DeliveryTracker.from_dict(mine)
         self._next_block()
+        self._adopt_drift(set(gateways))
+
+    def _adopt_drift(self, gateways: set[str]) -> None:
+        """Take over the drift state of the entities of ``gateways`` as their previous
+        evaluator stored it: current values (its flushes), open alarms, open drift events
+        and health, so the first cycle goes on from there instead of raising again."""
+        store = self._shared
+        assert store is not None
+
+        def adopted(entity: str) -> bool:
+            return self.owner_of(entity) in gateways
+
+        state = self.ingest.state
+        now = self.now_ms()
+        for gateway in gateways:
+            self.engine.listening_since[gateway] = now
+        for row in store.current_rows():
+            entity, attribute, kind, num, txt, ts_ms, quality, gateway, received, changed = row
+            if gateway not in gateways and not adopted(entity):
+                continue
+            held = state.current.get((entity, attribute))
+            if held is not None and (held.ts_ms, held.received_ms) >= (ts_ms, received):
+                continue
+            state.current[(entity, attribute)] = CurrentValue(
+                decode_value(kind, num, txt), ts_ms, quality, gateway, received, changed
+            )
+            state.persisted.add((entity, attribute))
+        self.alarm_book.adopt(
+            [Alarm.from_row(row) for row in store.open_alarms() if adopted(str(row["entity"]))],
+            adopted,
+        )
+        for key in [k for k in self._open_events if adopted(k[1])]:
+            del self._open_events[key]
+        self._open_events.update(
+            {k: v for k, v in store.open_drift_events().items() if adopted(k[1])}
+        )
+        for entity, health in store.entity_health().items():
+            if adopted(entity):
+                self._health[entity] = health
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -456,7 +541,8 @@ class HubService:
         self._store(write, events)
         effects.gap_rebirths.extend(self.ingest.due_rebirths(now))
         self.last_report = report
-        effects.extend(self.command_tick(now))
+        if self._fence is None:  # commands run on a single hub only (docs/scale.md)
+            effects.extend(self.command_tick(now))
         self.reserve_sequence()
         return report, effects
 
@@ -473,7 +559,20 @@ class HubService:
     def _evaluate(self, now: int) -> tuple[DriftReport, SyncWrite, list[AuditEvent], Effects]:
         state = self.ingest.state
         report = self.engine.evaluate(state, now)
-        transitions = self.alarm_book.reconcile(report.findings, now)
+        owns: Callable[[str], bool] | None = None
+        if self._fence is not None:
+            # A worker: only the entities of its partitions are its to judge (the rest of
+            # its state is other workers' and may be old).
+            owns = self.evaluates
+            report = DriftReport(
+                report.checked_ms,
+                [f for f in report.findings if owns(f.entity)],
+                {e: h for e, h in report.health.items() if owns(e)},
+                {g for g in report.silent_gateways if owns(g)},
+                report.stale_attributes,
+            )
+            self._reserve_ids(len(report.findings) + len(self.alarm_book.open) + 1)
+        transitions = self.alarm_book.reconcile(report.findings, now, owns)
         write = SyncWrite(checked_ms=now)
         events: list[AuditEvent] = []
         effects = Effects()
@@ -505,7 +604,11 @@ class HubService:
                         )
                     )
         for key in [k for k in self._open_events if k not in current]:
+            if owns is not None and not owns(key[1]):
+                continue  # another worker's
             write.drift_cleared.append((self._open_events.pop(key), now))
+            if owns is not None:
+                write.owners.add(self.owner_of(key[1]))
         corrective = Outcome()
         for transition in transitions:
             write.alarms.append(transition.alarm.row())
@@ -529,6 +632,14 @@ class HubService:
                             )
                         )
                 elif action == "propose":
+                    if self._fence is not None:
+                        # Commands run on a single hub only (docs/scale.md): a worker
+                        # raises the alarm but proposes no corrective command.
+                        log.info(
+                            "corrective command not proposed on a worker",
+                            extra=fields(alarm=transition.alarm.id),
+                        )
+                        continue
                     corrective.extend(self._propose_corrections(transition, now, write))
                 elif action == "investigate":
                     self._investigate(transition, now, write, events)
@@ -546,6 +657,10 @@ class HubService:
                     )
                 )
             self._health.update(changed)
+        if owns is not None:
+            write.owners.update(self.owner_of(str(alarm["entity"])) for alarm in write.alarms)
+            write.owners.update(self.owner_of(str(e["entity"])) for e in write.drift_started)
+            write.owners.update(self.owner_of(entity) for entity in write.health)
         if corrective.transitions:
             corrective.extend(self._settle(corrective, now))
             self._command_write(corrective, write, events)
@@ -1561,12 +1676,37 @@ class HubService:
             "points_applied": metrics.points_applied,
             "points_stored": metrics.points_stored,
             "ingest_lag_s": metrics.ingest_lag_s,
-            "alarms_active": self.alarm_book.counts_by_severity(),
+            "alarms_active": self._alarms_active(),
             "commands_in_flight": len(self.commands.active()),
             "findings": len(self.last_report.findings) if self.last_report else 0,
             "health": dict(self.last_report.health) if self.last_report else {},
             "last_check": queries.iso(self.last_report.checked_ms) if self.last_report else None,
             "audit_head": [self.audit.head_seq, self.audit.head_hash],
+            **self._worker_status(),
+        }
+
+    def _alarms_active(self) -> dict[str, int]:
+        """Open alarms by severity: the book's on a single hub; on a worker, the whole
+        site's as stored (its own book holds only its partitions' alarms current)."""
+        if self._fence is None:
+            return self.alarm_book.counts_by_severity()
+        counts = {"warning": 0, "critical": 0}
+        for row in self.store.open_alarms():
+            severity = str(row["severity"])
+            counts[severity] = counts.get(severity, 0) + 1
+        return counts
+
+    def _worker_status(self) -> dict[str, Any]:
+        fence = self._fence
+        if fence is None:
+            return {}
+        return {
+            "worker": {
+                "id": fence.holder,
+                "partitions": sorted(fence.held),
+                "gateways": sorted(g for g in self.config.gateways if fence.owns(g)),
+                "alarms_active_own": self.alarm_book.counts_by_severity(self.evaluates),
+            }
         }
 
     def metrics_text(self) -> str:
@@ -1597,7 +1737,10 @@ class HubService:
             commands[command.state] = commands.get(command.state, 0) + 1
         return render(
             self.metrics,
-            alarms_by_severity=self.alarm_book.counts_by_severity(),
+            # per worker, its own partitions' (summed over workers: the site's)
+            alarms_by_severity=self.alarm_book.counts_by_severity(
+                self.evaluates if self._fence is not None else None
+            ),
             gateways=links,
             entities_by_health=by_health,
             findings_by_type=by_type,

@@ -223,6 +223,9 @@ class SyncWrite:
     """(cmd_id, at_ms, change, before, after, actor, request, detail JSON)."""
     nonces: list[tuple[str, str, str, int, int]] = field(default_factory=list)
     """(operator, req_id, op, expires_ms, received_ms) of accepted mutating requests."""
+    owners: set[str] = field(default_factory=set)
+    """Gateways whose entities' alarms, drift events and health this write changes: a
+    worker commits it only while it still holds their partitions (store_pg's fence)."""
 
 
 @dataclass(slots=True)

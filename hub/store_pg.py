@@ -75,6 +75,8 @@ from fieldtwin.protocol.tracker import DeliveryTracker
 SCHEMA_LOCK = 0x66_74_77_69_6E  # "ftwin": serialises schema creation across hubs
 AUDIT_LOCK = SCHEMA_LOCK + 1  # serialises audit appends of workers sharing a store
 FRAME_BLOCK = 1_000_000  # frame ids a worker takes at once (``frame_block``)
+ID_BLOCK = 10_000  # alarm, drift event and investigation numbers a worker takes at once
+ID_BLOCK_KINDS = ("alarm", "drift", "investigation")
 
 _TYPES = (
     (re.compile(r"\bVARCHAR\b"), 'TEXT COLLATE "C"'),
@@ -691,7 +693,25 @@ GROUP BY b ORDER BY b"""
                 "coalesce((SELECT max(id) FROM frames), 0) / %s + 1))",
                 [FRAME_BLOCK],
             )
+            # Alarm, drift event and investigation numbers come in blocks too (id_block).
+            stored = self.next_ids()
+            for kind in ID_BLOCK_KINDS:
+                con.execute(f"CREATE SEQUENCE IF NOT EXISTS {kind}_blocks")
+                con.execute(
+                    f"SELECT setval('{kind}_blocks', greatest((SELECT last_value FROM "
+                    f"{kind}_blocks), %s / %s + 1))",
+                    [stored[kind], ID_BLOCK],
+                )
         self.fence = fence
+
+    def id_block(self, kind: str) -> int:
+        """The first number of a fresh block of ``ID_BLOCK`` alarm, drift event or
+        investigation numbers for this worker (``kind`` names which), above every number
+        stored and every block taken before, so workers never allocate the same id."""
+        if kind not in ID_BLOCK_KINDS:
+            raise StoreError(f"no id blocks for {kind!r}")
+        rows = self.query(f"SELECT nextval('{kind}_blocks')")
+        return int(rows[0][0]) * ID_BLOCK
 
     def frame_block(self) -> int:
         """The first id of a fresh block of ``FRAME_BLOCK`` frame ids, above every block
@@ -744,6 +764,12 @@ GROUP BY b ORDER BY b"""
     def write_sync(self, batch: SyncWrite) -> None:
         """One drift/reconciliation cycle, grouped as ``TwinStore.write_sync`` groups it."""
         with self.transaction() as con:
+            fence = self.fence
+            if fence is not None and batch.owners:
+                rows = con.execute(
+                    fence.check_sql(), [fence.partitions_of(batch.owners)]
+                ).fetchall()
+                fence.verify(batch.owners, rows)
             if batch.flush is not None:
                 self._write_flush(con, batch.flush)
             if batch.alarms:

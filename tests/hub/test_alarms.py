@@ -16,8 +16,9 @@ def finding(
     strategy: str = "alert",
     rule: str = "threshold",
     text: str = "level high",
+    entity: str = "tank-1",
 ) -> Finding:
-    return Finding(rule, "tank-1", "level", severity, text, 0, 4.2, "gw-01", strategy)
+    return Finding(rule, entity, "level", severity, text, 0, 4.2, "gw-01", strategy)
 
 
 def test_raise_acknowledge_escalate_clear() -> None:
@@ -167,3 +168,28 @@ def test_alarm_book_invariants(events: list[tuple[str, str]]) -> None:
                 assert alarm.acked_ms is None
             if alarm.state in ("active", "acknowledged"):
                 assert alarm.present
+
+
+def test_a_worker_book_moves_only_the_alarms_of_entities_it_owns() -> None:
+    """``owns`` limits reconcile to a worker's entities; ``adopt`` takes over the alarms
+    another worker stored for entities it just gained, ids and states unchanged."""
+    mine = {"tank-1"}
+
+    def owns(entity: str) -> bool:
+        return entity in mine
+
+    book = AlarmBook()
+    raised = book.reconcile([finding(entity="tank-1"), finding(entity="pump-1")], 0, owns)
+    assert [t.alarm.entity for t in raised] == ["tank-1"]
+    theirs = AlarmBook(next_number=500)
+    (pump,) = theirs.reconcile([finding(entity="pump-1")], 0)
+    theirs.acknowledge(pump.alarm.id, "ana", 10, "seen")
+    # pump-1's finding is gone here, but pump-1 is not ours: its alarm is left alone
+    book.adopt(list(theirs.open.values()), lambda e: e == "pump-1")
+    assert book.reconcile([finding(entity="tank-1")], 20, owns) == []
+    assert book.by_id[pump.alarm.id].state == "acknowledged"
+    # once pump-1 is ours, the missing finding clears the adopted alarm (acknowledged)
+    mine.add("pump-1")
+    (cleared,) = book.reconcile([finding(entity="tank-1")], 30, owns)
+    assert (cleared.change, cleared.alarm.id) == ("cleared", pump.alarm.id)
+    assert book.counts_by_severity(owns) == book.counts_by_severity()

@@ -10,6 +10,7 @@ what the generator sent.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -368,3 +369,152 @@ def _partitions_of(url: str, holder: str) -> list[int]:
     with psycopg.connect(url, autocommit=True) as con:
         rows = con.execute("SELECT partition FROM leases WHERE holder = %s", [holder]).fetchall()
     return [int(r[0]) for r in rows]
+
+
+# -- drift and alarms by the partition owner ---------------------------------------------------
+
+GHOSTS = 8
+
+
+def _open_alarms(url: str) -> list[tuple[str, str, str, str]]:
+    """(id, rule, entity, attribute) of every open alarm of the ghost fleet."""
+    with psycopg.connect(url, autocommit=True) as con:
+        try:
+            rows = con.execute(
+                "SELECT id, rule, entity, attribute FROM alarms "
+                "WHERE state <> 'cleared' AND starts_with(entity, 'gh-') ORDER BY id"
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+    return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+
+
+def _open_alarm_count(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as con:
+        row = con.execute("SELECT count(*) FROM alarms WHERE state <> 'cleared'").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _cli_alarms(config: Path) -> list[str]:
+    """The open alarm ids as ``fieldtwin twin alarms -c CONFIG`` lists them."""
+    out = subprocess.run(
+        [*FIELDTWIN, "twin", "alarms", "-c", str(config), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return sorted(
+        str(alarm["id"])
+        for alarm in json.loads(out.stdout)
+        if str(alarm["entity"]).startswith("gh-")
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_each_entity_is_judged_once_by_its_partition_owner(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """Gateways that never connect (and their declared entities, never reported) give
+    alarms: with two workers each alarm exists once, raised by the owner of the entity's
+    partition; every worker's API and CLI list all of them; the survivor of a SIGKILL
+    goes on with the victim's alarms (same ids) instead of raising them again."""
+    init_fleet(tmp_path / "ghosts", GHOSTS, 1, prefix="gh")
+    files = write_hub_config(
+        tmp_path / "hub",
+        broker_url=broker.url,
+        password=broker.passwords["hub"],
+        client_id=f"ft-hub-{tmp_path.name[-12:]}",
+        extra=(tmp_path / "ghosts" / "gateways.toml").read_text(),
+        silent_s=4.0,
+        missing_s=4.0,
+    )
+    ghosts = [f"gh-{i:04d}" for i in range(1, GHOSTS + 1)]
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    configs: dict[str, Path] = {}
+    with pg_database() as url:
+        try:
+            for name in ("w1", "w2"):
+                configs[name] = _worker_config(files.config, name, url)
+                with (tmp_path / f"{name}.log").open("wb") as log:
+                    procs[name] = await asyncio.create_subprocess_exec(
+                        *FIELDTWIN,
+                        "hub",
+                        "run",
+                        "-c",
+                        str(configs[name]),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    )
+                await _until(lambda: sum(_holders(url).values()) == 16, 30, "16 partitions held")
+            await _until(lambda: _holders(url) == Counter({"w1": 8, "w2": 8}), 15, "an 8/8 split")
+            owners = {
+                g: "w1" if partition_of(g, 16) in _partitions_of(url, "w1") else "w2"
+                for g in ghosts
+            }
+            assert set(owners.values()) == {"w1", "w2"}, owners
+            # every ghost gateway silent and its declared entity missing, once each
+            wanted = {("temporal.gateway_silent", g, "") for g in ghosts} | {
+                ("structural.missing", f"{g}-dev", "") for g in ghosts
+            }
+            await _until(
+                lambda: {a[1:] for a in _open_alarms(url)} >= wanted, 30, "the ghosts' alarms"
+            )
+            await asyncio.sleep(2.0)  # a few more cycles of both workers
+            before = _open_alarms(url)
+            assert len(before) == len({a[1:] for a in before}), f"an alarm raised twice: {before}"
+            assert {a[1:] for a in before} == wanted
+            ids = sorted(a[0] for a in before)
+            # each worker judges its own partitions' entities (its status says which);
+            # together they hold every open alarm of the site once
+            site = _open_alarm_count(url)
+            own_total = 0
+            for name in ("w1", "w2"):
+                status = json.loads(await _api(configs[name], "/api/status"))
+                mine = sorted(g for g in ghosts if owners[g] == name)
+                assert [g for g in status["worker"]["gateways"] if g.startswith("gh-")] == mine
+                own_total += sum(status["worker"]["alarms_active_own"].values())
+                assert sum(status["alarms_active"].values()) == site
+                # the CLI through either worker lists the site's alarms
+                assert await asyncio.to_thread(_cli_alarms, configs[name]) == ids
+            assert own_total == site
+            procs["w2"].send_signal(signal.SIGKILL)
+            await procs["w2"].wait()
+            await _until(lambda: _holders(url) == Counter({"w1": 16}), 15, "w1 takes all 16")
+            await asyncio.sleep(3.0)  # w1 judges the victim's entities for a few cycles
+            after = _open_alarms(url)
+            assert sorted(a[0] for a in after) == ids, "the survivor raised alarms again"
+            status = json.loads(await _api(configs["w1"], "/api/status"))
+            assert sum(status["worker"]["alarms_active_own"].values()) == _open_alarm_count(url)
+        finally:
+            for name in procs:  # shown when the test fails
+                lines = (tmp_path / f"{name}.log").read_text(errors="replace").splitlines()
+                notable = [line for line in lines if "level=info" not in line]
+                print(f"--- {name}: {len(lines)} lines, not info:", *notable[-30:], sep="\n")
+            for proc in procs.values():
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs.values():
+                try:
+                    await within(15, proc.wait())
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+async def _api(config: Path, path: str) -> str:
+    """GET ``path`` from the API of the worker run with ``config`` (its endpoint file)."""
+    import urllib.request
+
+    from fieldtwin.hub.api import Endpoint
+
+    endpoint = Endpoint.read(load_hub_config(config).endpoint_file)
+    assert endpoint is not None
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}{path}", timeout=10) as r:
+            return str(r.read().decode())
+
+    return await asyncio.to_thread(get)
