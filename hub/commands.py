@@ -35,7 +35,7 @@ parent's checkpoint value; it never rolls back itself. At most one command is in
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -252,6 +252,19 @@ class CommandBook:
 
     def active(self) -> list[CommandRecord]:
         return [c for c in self.commands.values() if not c.terminal]
+
+    def adopt(self, commands: Iterable[CommandRecord], gateways: Container[str]) -> None:
+        """Replace the commands of ``gateways`` with ``commands`` (as stored by the
+        worker that ran them before): a worker taking partitions over goes on with them."""
+        self.drop(gateways)
+        for command in commands:
+            self.commands[command.id] = command
+
+    def drop(self, gateways: Container[str]) -> None:
+        """Forget the commands of ``gateways`` (a worker that lost their partitions)."""
+        for command_id, command in list(self.commands.items()):
+            if command.gateway in gateways:
+                del self.commands[command_id]
 
     def forget_settled(self, keep: int = 200) -> None:
         """Drop settled commands from memory beyond the newest ``keep`` (the store has them)."""

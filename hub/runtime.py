@@ -213,6 +213,9 @@ class Hub:
                     # gateways and entities (docs/scale.md says what workers do not do yet).
                     group.create_task(self._lease_loop(), name="hub-leases")
                     group.create_task(self._drift_loop(), name="hub-drift")
+                    group.create_task(self._command_loop(), name="hub-commands")
+                    if self.config.operators:
+                        group.create_task(self._operator_loop(), name="hub-operators")
                 else:
                     group.create_task(self._drift_loop(), name="hub-drift")
                     group.create_task(self._command_loop(), name="hub-commands")
@@ -292,7 +295,10 @@ class Hub:
                         await client.subscribe(HUB_UPLINK_FILTER, qos=1)
                     else:
                         await self._sync_subscriptions(client, fresh=True)
-                    if self.config.operators and self.fence is None:
+                    if self.config.operators:
+                        # Workers too: each receives every request and one answers it
+                        # (HubService.answers). Not an MQTT shared subscription: a
+                        # stopped worker's persistent session would keep its share.
                         await client.subscribe(OPERATOR_REQUEST_FILTER, qos=1)
                     await client.publish(HUB_STATE_TOPIC, online_state, qos=1, retain=True)
                     self.client = client
@@ -557,6 +563,11 @@ class Hub:
         if lost:
             self.adopted = {p: f for p, f in self.adopted.items() if p not in lost}
             fence.held = dict(self.adopted)
+            workers = self.config.workers
+            assert workers is not None
+            await self.db(
+                self.service.release, gateways_of(self.config.gateways, workers.partitions, lost)
+            )
         if gained:
             workers = self.config.workers
             assert workers is not None

@@ -267,11 +267,7 @@ class HubService:
         )
         open_commands = [
             CommandRecord.from_row(row)
-            for row in store.command_rows(
-                "state NOT IN ('refused', 'rejected', 'cancelled', 'expired', 'verified', "
-                "'failed_final', 'rolled_back', 'rollback_failed')",
-                limit=100_000,
-            )
+            for row in store.command_rows(OPEN_COMMANDS_SQL, limit=100_000)
         ]
         self.commands = CommandBook(open_commands, store.next_command_number())
         self.gate = RequestGate(config.operators, operator_registry, started_ms=now)
@@ -294,6 +290,13 @@ class HubService:
 
     def _store(self, write: SyncWrite, events: Sequence[AuditEvent]) -> None:
         """One transaction: the write plus its audit records, chained now."""
+        if self._fence is not None:
+            # a worker commits changes to its entities only while it holds them
+            entities = [str(a["entity"]) for a in write.alarms]
+            entities += [str(e["entity"]) for e in write.drift_started]
+            entities += list(write.health)
+            entities += [str(c["entity"]) for c in write.commands]
+            write.owners.update(self.owner_of(entity) for entity in entities)
         write.audit = self.audit.chain(events)
         self.store.write_sync(write)
         self.audit.commit(write.audit)
@@ -340,7 +343,9 @@ class HubService:
         self._fence = fence
         self.ingest.dirty_current.clear()
         self._next_block()
-        for kind in ("alarm", "drift", "investigation"):
+        # Commands are run by the owner of their gateway's partition: none until adopted.
+        self.commands = CommandBook([], self.commands.next_number)
+        for kind in ("alarm", "drift", "investigation", "command"):
             self._next_id_block(kind)
 
     def _next_block(self) -> None:
@@ -362,6 +367,8 @@ class HubService:
             self.alarm_book.next_number = first
         elif kind == "drift":
             self._next_drift_id = first
+        elif kind == "command":
+            self.commands.next_number = first
         else:
             self._next_investigation = first
         self._id_block_end[kind] = first + ID_BLOCK
@@ -374,6 +381,7 @@ class HubService:
             "alarm": self.alarm_book.next_number,
             "drift": self._next_drift_id,
             "investigation": self._next_investigation,
+            "command": self.commands.next_number,
         }
         for kind, end in self._id_block_end.items():
             if next_of[kind] + wanted >= end:
@@ -415,6 +423,10 @@ class HubService:
         self._next_block()
         self._adopt_drift(set(gateways))
 
+    def release(self, gateways: Sequence[str]) -> None:
+        """Partitions lost: their commands are the new owner's to run."""
+        self.commands.drop(set(gateways))
+
     def _adopt_drift(self, gateways: set[str]) -> None:
         """Take over the drift state of the entities of ``gateways`` as their previous
         evaluator stored it: current values (its flushes), open alarms, open drift events
@@ -426,9 +438,6 @@ class HubService:
             return self.owner_of(entity) in gateways
 
         state = self.ingest.state
-        now = self.now_ms()
-        for gateway in gateways:
-            self.engine.listening_since[gateway] = now
         for row in store.current_rows():
             entity, attribute, kind, num, txt, ts_ms, quality, gateway, received, changed = row
             if gateway not in gateways and not adopted(entity):
@@ -452,6 +461,26 @@ class HubService:
         for entity, health in store.entity_health().items():
             if adopted(entity):
                 self._health[entity] = health
+        self.commands.adopt(
+            [
+                CommandRecord.from_row(row)
+                for row in store.command_rows(
+                    f"gateway = ANY(?::text[]) AND {OPEN_COMMANDS_SQL}",
+                    [sorted(gateways)],
+                    limit=100_000,
+                )
+            ],
+            gateways,
+        )
+        # A gained gateway's heartbeats went to the previous owner: its silence is
+        # measured from now at the earliest, unless the previous owner already found it
+        # silent (that verdict stands until the gateway is heard).
+        now = self.now_ms()
+        for gateway in gateways:
+            if ("temporal.gateway_silent", gateway, "") in self.alarm_book.open:
+                self.engine.listening_since.pop(gateway, None)
+            else:
+                self.engine.listening_since[gateway] = now
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -541,8 +570,7 @@ class HubService:
         self._store(write, events)
         effects.gap_rebirths.extend(self.ingest.due_rebirths(now))
         self.last_report = report
-        if self._fence is None:  # commands run on a single hub only (docs/scale.md)
-            effects.extend(self.command_tick(now))
+        effects.extend(self.command_tick(now))
         self.reserve_sequence()
         return report, effects
 
@@ -632,14 +660,6 @@ class HubService:
                             )
                         )
                 elif action == "propose":
-                    if self._fence is not None:
-                        # Commands run on a single hub only (docs/scale.md): a worker
-                        # raises the alarm but proposes no corrective command.
-                        log.info(
-                            "corrective command not proposed on a worker",
-                            extra=fields(alarm=transition.alarm.id),
-                        )
-                        continue
                     corrective.extend(self._propose_corrections(transition, now, write))
                 elif action == "investigate":
                     self._investigate(transition, now, write, events)
@@ -657,10 +677,6 @@ class HubService:
                     )
                 )
             self._health.update(changed)
-        if owns is not None:
-            write.owners.update(self.owner_of(str(alarm["entity"])) for alarm in write.alarms)
-            write.owners.update(self.owner_of(str(e["entity"])) for e in write.drift_started)
-            write.owners.update(self.owner_of(entity) for entity in write.health)
         if corrective.transitions:
             corrective.extend(self._settle(corrective, now))
             self._command_write(corrective, write, events)
@@ -824,13 +840,29 @@ class HubService:
 
         return PolicyInput(
             schema=self.config.schema,
-            current=state.current,
+            current=self._policy_current(),
             dtypes={key: point.dtype for key, point in state.points.items()},
             stale_after_ms=stale_after,
             gateway=self._gateway_status(gateway),
             in_flight=self.commands.in_flight(),
             now_ms=self.now_ms(),
         )
+
+    def _policy_current(self) -> Mapping[tuple[str, str], CurrentValue]:
+        """Current values for interlocks: this hub's; on a worker, its own entities' from
+        memory and other workers' from the shared ``current`` table (at most about one
+        flush interval old), never its own stale copies of theirs."""
+        state = self.ingest.state
+        if self._shared is None:
+            return state.current
+        merged = dict(state.current)
+        for row in self._shared.current_rows():
+            entity, attribute, kind, num, txt, ts_ms, quality, gateway, received, changed = row
+            if not self.evaluates(entity):
+                merged[(entity, attribute)] = CurrentValue(
+                    decode_value(kind, num, txt), ts_ms, quality, gateway, received, changed
+                )
+        return merged
 
     def _gateway_of(self, entity: str) -> str | None:
         declared = self.config.schema.entities.get(entity)
@@ -1168,6 +1200,7 @@ class HubService:
         """Expiries, sends waiting for a gateway, verification and rollbacks."""
         now = self.now_ms() if now is None else now
         state = self.ingest.state
+        self._reserve_ids(len(self.commands.commands) + 1)  # rollbacks take numbers
 
         def observe(entity: str, attribute: str) -> CurrentValue | None:
             return state.current.get((entity, attribute))
@@ -1185,6 +1218,8 @@ class HubService:
         """One message from the operator channel: verify, authorise, act, answer, audit."""
         now = self.now_ms()
         effects = Effects()
+        if self._fence is not None and not self.answers(payload):
+            return effects  # another worker's to answer
         try:
             request = self.gate.admit(topic, payload, now)
         except OperatorRefused as exc:
@@ -1202,6 +1237,8 @@ class HubService:
                     code="invalid",
                 )
             self.gate.authorize(request, spec.permission)
+            if self._fence is not None:
+                self._worker_check(request, spec)
             result = spec.handler(self, request, request.request.args, now)
         except OperatorRefused as exc:
             self._refused(request.operator, topic, exc, now, request)
@@ -1231,6 +1268,59 @@ class HubService:
         # frames to gateways first (they are what the operator is waiting for), then the answer
         effects.publish.append(self._answer(request.operator, request.req_id, "", "", answer))
         return effects
+
+    def answers(self, payload: bytes) -> bool:
+        """On a worker: whether this worker answers an operator request. Every worker
+        receives every request; exactly one (while leases are stable) answers it: for
+        an alarm action the owner of the alarm's entity, whose alarm book counts; for
+        anything else the holder of the partition the request's bytes hash to. The
+        choice reads the request unverified: it only routes, the chosen worker
+        verifies everything."""
+        import zlib
+
+        fence = self._fence
+        if fence is None:
+            return True
+        store = self._shared
+        assert store is not None
+        op, args = _peek_op(payload)
+        alarm_id, cmd_id, target = args.get("alarm_id"), args.get("cmd_id"), args.get("target")
+        if op.startswith("alarm.") and isinstance(alarm_id, str):
+            held = self.alarm_book.by_id.get(alarm_id)
+            if held is not None and self.evaluates(held.entity):
+                return True
+            rows = store.alarm_rows("id = ?", [alarm_id[:64]])
+            if rows:
+                return self.evaluates(str(rows[0]["entity"]))
+        elif op in ("cmd.propose", "cmd.dry_run") and isinstance(target, str) and "." in target:
+            return self.evaluates(target.rpartition(".")[0])
+        elif op.startswith("cmd.") and isinstance(cmd_id, str):
+            command = self.commands.commands.get(cmd_id)
+            if command is not None:
+                return self.evaluates(command.entity)
+            commands = store.command_rows("id = ?", [cmd_id[:64]], limit=1)
+            if commands:
+                return self.evaluates(str(commands[0]["entity"]))
+        return zlib.crc32(payload) % fence.partitions in fence.held
+
+    def _worker_check(self, request: VerifiedRequest, spec: Operation) -> None:
+        """On a worker: refuse what workers do not run, and a mutating request another
+        worker already stored (its nonce is in the shared store)."""
+        store, fence = self._shared, self._fence
+        assert store is not None
+        assert fence is not None
+        op = request.op
+        if op.startswith("view."):
+            raise OperatorRefused(
+                f"console views need a single hub: this hub is worker {fence.holder} of "
+                "several sharing one store, which do not publish them yet (docs/scale.md)",
+                code="unavailable",
+            )
+        self._reserve_ids(2)
+        if spec.mutating and store.nonce_used(request.operator, request.req_id):
+            raise OperatorRefused(
+                f"request {request.req_id} was already received (a replay)", code="replay"
+            )
 
     def _answer(self, operator: str, req_id: str, code: str, error: str, result: Any) -> Outbound:
         body = OperatorResponse(
@@ -1858,6 +1948,21 @@ def _value(args: Mapping[str, Any]) -> Value:
     return value
 
 
+def _peek_op(payload: bytes) -> tuple[str, dict[str, Any]]:
+    """The op and args of a request, unverified (for routing among workers only)."""
+    import msgpack
+
+    try:
+        outer = msgpack.unpackb(payload, raw=False, max_bin_len=1 << 20, max_str_len=1 << 16)
+        body = msgpack.unpackb(outer[0], raw=False, max_str_len=1 << 16)[7]
+        op, args = body["op"], body["args"]
+    except Exception:
+        return "", {}
+    if not isinstance(op, str) or not isinstance(args, dict):
+        return "", {}
+    return op, args
+
+
 def _peek_req_id(payload: bytes) -> str:
     """The req_id of a request that failed verification, to address the refusal (the
     reply goes only to the operator the topic names, which the broker restricts)."""
@@ -1965,6 +2070,11 @@ def _alarm_payload(transition: Transition, instance: str) -> bytes:
 
 
 # -- the operation table --------------------------------------------------------------------------
+
+OPEN_COMMANDS_SQL = (
+    "state NOT IN ('refused', 'rejected', 'cancelled', 'expired', 'verified', "
+    "'failed_final', 'rolled_back', 'rollback_failed')"
+)
 
 _QUERIES = (
     "twin.entities",

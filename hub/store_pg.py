@@ -75,8 +75,8 @@ from fieldtwin.protocol.tracker import DeliveryTracker
 SCHEMA_LOCK = 0x66_74_77_69_6E  # "ftwin": serialises schema creation across hubs
 AUDIT_LOCK = SCHEMA_LOCK + 1  # serialises audit appends of workers sharing a store
 FRAME_BLOCK = 1_000_000  # frame ids a worker takes at once (``frame_block``)
-ID_BLOCK = 10_000  # alarm, drift event and investigation numbers a worker takes at once
-ID_BLOCK_KINDS = ("alarm", "drift", "investigation")
+ID_BLOCK = 10_000  # alarm, drift event, investigation, command numbers a worker takes at once
+ID_BLOCK_KINDS = ("alarm", "drift", "investigation", "command")
 
 _TYPES = (
     (re.compile(r"\bVARCHAR\b"), 'TEXT COLLATE "C"'),
@@ -694,7 +694,7 @@ GROUP BY b ORDER BY b"""
                 [FRAME_BLOCK],
             )
             # Alarm, drift event and investigation numbers come in blocks too (id_block).
-            stored = self.next_ids()
+            stored = {**self.next_ids(), "command": self.next_command_number()}
             for kind in ID_BLOCK_KINDS:
                 con.execute(f"CREATE SEQUENCE IF NOT EXISTS {kind}_blocks")
                 con.execute(
@@ -704,9 +704,17 @@ GROUP BY b ORDER BY b"""
                 )
         self.fence = fence
 
+    def nonce_used(self, operator: str, req_id: str) -> bool:
+        """Whether a mutating request with this nonce was stored (by any worker)."""
+        rows = self.query(
+            "SELECT 1 FROM operator_requests WHERE operator = ? AND req_id = ? LIMIT 1",
+            [operator, req_id],
+        )
+        return bool(rows)
+
     def id_block(self, kind: str) -> int:
-        """The first number of a fresh block of ``ID_BLOCK`` alarm, drift event or
-        investigation numbers for this worker (``kind`` names which), above every number
+        """The first number of a fresh block of ``ID_BLOCK`` alarm, drift event,
+        investigation or command numbers for this worker (``kind`` names which), above every number
         stored and every block taken before, so workers never allocate the same id."""
         if kind not in ID_BLOCK_KINDS:
             raise StoreError(f"no id blocks for {kind!r}")

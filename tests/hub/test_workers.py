@@ -19,12 +19,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import aiomqtt
 import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.broker import MosquittoBroker
-from support.hub_env import write_hub_config
+from support.hub_env import (
+    GatewaySigner,
+    HubFiles,
+    now_ms,
+    register_operators,
+    write_hub_config,
+)
 from support.pg import pg_database
 
 from fieldtwin.hub.config import load_hub_config
@@ -42,6 +49,17 @@ from fieldtwin.hub.workers import (
 )
 from fieldtwin.protocol.aio import within
 from fieldtwin.protocol.config import ConfigError
+from fieldtwin.protocol.frames import decode_frame
+from fieldtwin.protocol.keys import KeyRegistry
+from fieldtwin.protocol.messages import (
+    Command,
+    CommandResult,
+    PointMeta,
+    Quality,
+    Rebirth,
+    Sample,
+)
+from fieldtwin.protocol.topics import downlink_filter, uplink_topic
 from fieldtwin.sim.loadgen import (
     LoadGenerator,
     LoadOptions,
@@ -389,6 +407,19 @@ def _open_alarms(url: str) -> list[tuple[str, str, str, str]]:
     return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FIELDTWIN, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _cli_json(*args: str) -> dict[str, object]:
+    out = _cli(*args, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
 def _open_alarm_count(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as con:
         row = con.execute("SELECT count(*) FROM alarms WHERE state <> 'cleared'").fetchone()
@@ -430,6 +461,7 @@ async def test_each_entity_is_judged_once_by_its_partition_owner(
         silent_s=4.0,
         missing_s=4.0,
     )
+    register_operators(broker, files)
     ghosts = [f"gh-{i:04d}" for i in range(1, GHOSTS + 1)]
     procs: dict[str, asyncio.subprocess.Process] = {}
     configs: dict[str, Path] = {}
@@ -480,6 +512,48 @@ async def test_each_entity_is_judged_once_by_its_partition_owner(
                 # the CLI through either worker lists the site's alarms
                 assert await asyncio.to_thread(_cli_alarms, configs[name]) == ids
             assert own_total == site
+            # operators act through the broker: every worker receives each request and
+            # one answers it; an alarm action is applied by the owner of the alarm's entity
+            by_owner = {
+                name: [
+                    a[0]
+                    for a in before
+                    if a[1] == "temporal.gateway_silent" and owners[a[2]] == name
+                ]
+                for name in ("w1", "w2")
+            }
+            picked = by_owner["w2"][:2] + by_owner["w1"][:2]
+            for alarm_id in picked:
+                acked = await asyncio.to_thread(
+                    _cli_json,
+                    "twin",
+                    "alarms",
+                    "ack",
+                    alarm_id,
+                    "-c",
+                    str(configs["w1"]),
+                    "--operator",
+                    "olga",
+                    "--reason",
+                    "ghost gateway, known",
+                )
+                assert (acked["id"], acked["state"], acked["acked_by"]) == (
+                    alarm_id,
+                    "acknowledged",
+                    "olga",
+                )
+            # each acknowledgement was applied by the owner of the alarm's entity only
+            logs = {n: (tmp_path / f"{n}.log").read_text() for n in ("w1", "w2")}
+            for name, other in (("w1", "w2"), ("w2", "w1")):
+                for alarm_id in by_owner[name][:2]:
+                    line = f'msg="alarm acknowledged" alarm={alarm_id} '
+                    assert line in logs[name], (name, alarm_id)
+                    assert line not in logs[other], (other, alarm_id)
+            await asyncio.sleep(1.0)  # the owners' next cycles keep the acknowledgements
+            states = {
+                a["id"]: a["state"] for a in json.loads(await _api(configs["w2"], "/api/alarms"))
+            }
+            assert all(states[a] == "acknowledged" for a in picked), states
             procs["w2"].send_signal(signal.SIGKILL)
             await procs["w2"].wait()
             await _until(lambda: _holders(url) == Counter({"w1": 16}), 15, "w1 takes all 16")
@@ -518,3 +592,220 @@ async def _api(config: Path, path: str) -> str:
             return str(r.read().decode())
 
     return await asyncio.to_thread(get)
+
+
+# -- commands by the partition owner ---------------------------------------------------------
+
+
+class PumpGateway:
+    """gw-01 as an agent would behave for this test: tank level and pump setpoint every
+    0.3 s, a birth when asked, and each command written, answered and read back (the
+    commands it received are kept, to prove each was written at most once)."""
+
+    def __init__(self, broker: MosquittoBroker, files: HubFiles) -> None:
+        self.broker = broker
+        self.signer = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
+        self.hub_keys = KeyRegistry.of({"hub": files.hub_key.public})
+        self.speed_sp: float = 900.0
+        self.commands: list[Command] = []
+        self.client: aiomqtt.Client | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> PumpGateway:
+        password = self.broker.passwords.get("gw-01") or self.broker.add_user("gw-01")
+        self.client = aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            username="gw-01",
+            password=password,
+            identifier="gw-01",
+            timeout=10,
+        )
+        await self.client.__aenter__()
+        await self.client.subscribe(downlink_filter("gw-01"), qos=1)
+        await self._birth()
+        self.tasks = [
+            asyncio.create_task(self._receive(), name="test-gw-receive"),
+            asyncio.create_task(self._report(), name="test-gw-report"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        assert self.client is not None
+        await self.client.__aexit__(None, None, None)
+
+    def _samples(self) -> list[Sample]:
+        now = now_ms()
+        level = 2.5 + (now % 1000) / 10_000  # moves a little: not frozen
+        return [
+            Sample("pump-1", "speed_sp", self.speed_sp, now, Quality.GOOD),
+            Sample("tank-1", "level", level, now, Quality.GOOD),
+        ]
+
+    async def _send(self, message: tuple[str, bytes]) -> None:
+        assert self.client is not None
+        await self.client.publish(message[0], message[1], qos=1)
+
+    async def _birth(self) -> None:
+        points = [
+            PointMeta("pump-1", "speed_sp", "float32", "rpm", writable=True, min=0, max=1800),
+            PointMeta("tank-1", "level", "float32", "m"),
+        ]
+        await self._send(self.signer.birth(points, rebirth=bool(self.signer.session)))
+        await self._send(self.signer.data(self._samples()))
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(0.3)
+            await self._send(self.signer.data(self._samples()))
+
+    async def _receive(self) -> None:
+        assert self.client is not None
+        async for message in self.client.messages:
+            frame = decode_frame(bytes(message.payload), self.hub_keys)  # type: ignore[arg-type]
+            body = frame.body
+            if isinstance(body, Rebirth):
+                await self._birth()
+            elif isinstance(body, Command):
+                self.commands.append(body)
+                assert isinstance(body.value, int | float)
+                self.speed_sp = float(body.value)
+                result = CommandResult(body.cmd_id, "ok", "", self.speed_sp, now_ms())
+                seq = self.signer.next_seq()
+                await self._send(
+                    (
+                        uplink_topic("gw-01", "cmd_result"),
+                        self.signer.signer.encode(self.signer.epoch, seq, now_ms(), result),
+                    )
+                )
+                await self._send(self.signer.data(self._samples()))
+
+
+@pytest.mark.timeout(120)
+async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """A proposal through either worker lands with the owner of the target's partition
+    (ids from its block); the owner is SIGKILLed while the command awaits approval; the
+    survivor adopts it, the approval through the other worker's config reaches the
+    survivor, which sends it: written once, read back, verified."""
+    files = write_hub_config(
+        tmp_path / "hub",
+        broker_url=broker.url,
+        password=broker.passwords["hub"],
+        client_id=f"ft-hub-{tmp_path.name[-12:]}",
+        silent_s=30.0,
+        missing_s=60.0,
+        stale_s=10.0,
+        frozen_s=60.0,
+    )
+    register_operators(broker, files)
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    configs: dict[str, Path] = {}
+    with pg_database() as url:
+        try:
+            for name in ("w1", "w2"):
+                configs[name] = _worker_config(files.config, name, url)
+                with (tmp_path / f"{name}.log").open("wb") as log:
+                    procs[name] = await asyncio.create_subprocess_exec(
+                        *FIELDTWIN,
+                        "hub",
+                        "run",
+                        "-c",
+                        str(configs[name]),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    )
+                await _until(lambda: sum(_holders(url).values()) == 16, 30, "16 partitions held")
+            await _until(lambda: _holders(url) == Counter({"w1": 8, "w2": 8}), 15, "an 8/8 split")
+            owner = "w1" if partition_of("gw-01", 16) in _partitions_of(url, "w1") else "w2"
+            other = "w2" if owner == "w1" else "w1"
+            async with PumpGateway(broker, files) as gw:
+                identity = ("--operator", "olga")
+
+                def dry_run_ok() -> bool:
+                    out = _cli(
+                        "cmd",
+                        "propose",
+                        "pump-1.speed_sp",
+                        "1200",
+                        "--dry-run",
+                        "-c",
+                        str(configs[other]),
+                        *identity,
+                        "--format",
+                        "json",
+                    )
+                    return out.returncode == 0 and bool(json.loads(out.stdout)["allowed"])
+
+                await _until(dry_run_ok, 30, "the policy allows the command (gateway online)")
+                proposed = await asyncio.to_thread(
+                    _cli_json,
+                    "cmd",
+                    "propose",
+                    "pump-1.speed_sp",
+                    "1200",
+                    "-c",
+                    str(configs[other]),
+                    *identity,
+                    "--reason",
+                    "more flow",
+                )
+                cmd_id = str(proposed["id"])
+                assert proposed["state"] == "awaiting_approval", proposed
+                # proposed through the other worker's config, run by the owner only
+                line = f'msg="command proposed" cmd={cmd_id} '
+                assert line in (tmp_path / f"{owner}.log").read_text()
+                assert line not in (tmp_path / f"{other}.log").read_text()
+                procs[owner].send_signal(signal.SIGKILL)
+                await procs[owner].wait()
+                survivor = other
+                await _until(
+                    lambda: _holders(url) == Counter({survivor: 16}), 15, "the survivor takes all"
+                )
+                approved = await asyncio.to_thread(
+                    _cli,
+                    "cmd",
+                    "approve",
+                    cmd_id,
+                    "-c",
+                    str(configs[survivor]),
+                    "--operator",
+                    "piet",
+                )
+                assert approved.returncode == 0, approved.stderr
+
+                def state() -> str:
+                    out = _cli(
+                        "cmd",
+                        "show",
+                        cmd_id,
+                        "-c",
+                        str(configs[survivor]),
+                        *identity,
+                        "--format",
+                        "json",
+                    )
+                    return str(json.loads(out.stdout)["state"]) if out.returncode == 0 else ""
+
+                await _until(lambda: state() == "verified", 30, f"{cmd_id} verified")
+                assert [c.cmd_id for c in gw.commands] == [cmd_id], "written more than once"
+                assert gw.speed_sp == 1200.0
+        finally:
+            for name in procs:  # shown when the test fails
+                lines = (tmp_path / f"{name}.log").read_text(errors="replace").splitlines()
+                notable = [line for line in lines if "level=info" not in line]
+                print(f"--- {name}: {len(lines)} lines, not info:", *notable[-30:], sep="\n")
+            for proc in procs.values():
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs.values():
+                try:
+                    await within(15, proc.wait())
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
