@@ -32,7 +32,6 @@ from fieldtwin.protocol.frames import decode_frame
 from fieldtwin.protocol.keys import KeyRegistry
 from fieldtwin.protocol.logfmt import _FIELDS_ATTR
 from fieldtwin.protocol.messages import Ack, PointMeta, Quality, Sample
-from fieldtwin.protocol.topics import downlink_filter
 
 pytestmark = pytest.mark.slow
 
@@ -219,17 +218,7 @@ class Gateway:
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Gateway:
-        password = self.broker.passwords.get("gw-01") or self.broker.add_user("gw-01")
-        self.client = aiomqtt.Client(
-            self.broker.host,
-            self.broker.port,
-            username="gw-01",
-            password=password,
-            identifier="disk-gw-01",
-            timeout=10,
-        )
-        await self.client.__aenter__()
-        await self.client.subscribe(downlink_filter("gw-01"), qos=1)
+        self.client = await self.broker.gateway_session("gw-01", "disk-gw-01")
         self.task = asyncio.create_task(self._receive())
         return self
 

@@ -10,6 +10,7 @@ what the generator sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiomqtt
@@ -59,7 +62,7 @@ from fieldtwin.protocol.messages import (
     Rebirth,
     Sample,
 )
-from fieldtwin.protocol.topics import downlink_filter, uplink_topic
+from fieldtwin.protocol.topics import uplink_topic
 from fieldtwin.sim.loadgen import (
     LoadGenerator,
     LoadOptions,
@@ -251,6 +254,56 @@ async def _until(check: object, within: float, what: str) -> float:
     raise AssertionError(f"not within {within} s: {what}")
 
 
+@dataclass
+class Workers:
+    """Two ``fieldtwin hub run`` worker processes on one store, as a test drives them."""
+
+    folder: Path
+    procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    configs: dict[str, Path] = field(default_factory=dict)
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text(errors="replace")
+
+
+@contextlib.asynccontextmanager
+async def two_workers(folder: Path, base: Path, url: str) -> AsyncIterator[Workers]:
+    """Start w1 (it takes all 16 partitions), then w2, until they split 8/8; on exit
+    print what they logged above info and stop them (SIGTERM, then SIGKILL)."""
+    workers = Workers(folder)
+    try:
+        for name in ("w1", "w2"):
+            workers.configs[name] = _worker_config(base, name, url)
+            with (folder / f"{name}.log").open("wb") as log:
+                workers.procs[name] = await asyncio.create_subprocess_exec(
+                    *FIELDTWIN,
+                    "hub",
+                    "run",
+                    "-c",
+                    str(workers.configs[name]),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+            await _until(lambda: sum(_holders(url).values()) == 16, 30, "16 partitions held")
+        await _until(lambda: _holders(url) == Counter({"w1": 8, "w2": 8}), 15, "an 8/8 split")
+        yield workers
+    finally:
+        for name in workers.procs:  # shown when the test fails
+            lines = workers.log(name).splitlines()
+            notable = [line for line in lines if "level=info" not in line]
+            print(f"--- {name}: {len(lines)} lines, not info:", *notable[-30:], sep="\n")
+        for proc in workers.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in workers.procs.values():
+            try:
+                await within(15, proc.wait())
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 @pytest.mark.timeout(90)
 async def test_two_workers_split_the_fleet_and_one_survives_a_sigkill(
     tmp_path: Path, broker: MosquittoBroker
@@ -266,27 +319,8 @@ async def test_two_workers_split_the_fleet_and_one_survives_a_sigkill(
         silent_s=30.0,
     )
     password = broker.passwords.get("loadgen") or broker.add_user("loadgen", role="loadgen")
-    procs: dict[str, asyncio.subprocess.Process] = {}
     with pg_database() as url:
-        try:
-            for name in ("w1", "w2"):
-                config = _worker_config(files.config, name, url)
-                with (tmp_path / f"{name}.log").open("wb") as log:
-                    procs[name] = await asyncio.create_subprocess_exec(
-                        *FIELDTWIN,
-                        "hub",
-                        "run",
-                        "-c",
-                        str(config),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    )
-                if name == "w1":
-                    await _until(
-                        lambda: _holders(url)["w1"] == 16, 30, "w1 holds all 16 partitions"
-                    )
-            await _until(lambda: _holders(url) == Counter({"w1": 8, "w2": 8}), 15, "an 8/8 split")
+        async with two_workers(tmp_path, files.config, url) as workers:
             fleet = load_fleet(tmp_path / "fleet", files.keys / "hub.pub")
             gen = LoadGenerator(
                 fleet,
@@ -305,8 +339,8 @@ async def test_two_workers_split_the_fleet_and_one_survives_a_sigkill(
             await _until(lambda: gen.stats.frames_acked >= GATEWAYS * 4, 20, "acks flow")
             victims = gateways_of(fleet.spec.gateways, 16, _partitions_of(url, "w2"))
             assert victims
-            procs["w2"].send_signal(signal.SIGKILL)
-            await procs["w2"].wait()
+            workers.procs["w2"].send_signal(signal.SIGKILL)
+            await workers.procs["w2"].wait()
             killed = time.monotonic()
             sent_at_kill = {gw.id: gw.seq for gw in gen.gateways if gw.id in victims}
             takeover = await _until(
@@ -367,20 +401,6 @@ async def test_two_workers_split_the_fleet_and_one_survives_a_sigkill(
             assert history - expected == Counter(), "duplicated or unknown samples"
             assert expected - history == Counter(), "lost samples"
             assert [s for (s,) in chain] == list(range(1, len(chain) + 1))
-        finally:
-            for name in procs:  # shown when the test fails
-                lines = (tmp_path / f"{name}.log").read_text(errors="replace").splitlines()
-                notable = [line for line in lines if "level=info" not in line]
-                print(f"--- {name}: {len(lines)} lines, not info:", *notable[-30:], sep="\n")
-            for proc in procs.values():
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs.values():
-                try:
-                    await within(15, proc.wait())
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
 
 
 def _partitions_of(url: str, holder: str) -> list[int]:
@@ -463,25 +483,8 @@ async def test_each_entity_is_judged_once_by_its_partition_owner(
     )
     register_operators(broker, files)
     ghosts = [f"gh-{i:04d}" for i in range(1, GHOSTS + 1)]
-    procs: dict[str, asyncio.subprocess.Process] = {}
-    configs: dict[str, Path] = {}
     with pg_database() as url:
-        try:
-            for name in ("w1", "w2"):
-                configs[name] = _worker_config(files.config, name, url)
-                with (tmp_path / f"{name}.log").open("wb") as log:
-                    procs[name] = await asyncio.create_subprocess_exec(
-                        *FIELDTWIN,
-                        "hub",
-                        "run",
-                        "-c",
-                        str(configs[name]),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    )
-                await _until(lambda: sum(_holders(url).values()) == 16, 30, "16 partitions held")
-            await _until(lambda: _holders(url) == Counter({"w1": 8, "w2": 8}), 15, "an 8/8 split")
+        async with two_workers(tmp_path, files.config, url) as workers:
             owners = {
                 g: "w1" if partition_of(g, 16) in _partitions_of(url, "w1") else "w2"
                 for g in ghosts
@@ -504,13 +507,13 @@ async def test_each_entity_is_judged_once_by_its_partition_owner(
             site = _open_alarm_count(url)
             own_total = 0
             for name in ("w1", "w2"):
-                status = json.loads(await _api(configs[name], "/api/status"))
+                status = json.loads(await _api(workers.configs[name], "/api/status"))
                 mine = sorted(g for g in ghosts if owners[g] == name)
                 assert [g for g in status["worker"]["gateways"] if g.startswith("gh-")] == mine
                 own_total += sum(status["worker"]["alarms_active_own"].values())
                 assert sum(status["alarms_active"].values()) == site
                 # the CLI through either worker lists the site's alarms
-                assert await asyncio.to_thread(_cli_alarms, configs[name]) == ids
+                assert await asyncio.to_thread(_cli_alarms, workers.configs[name]) == ids
             assert own_total == site
             # operators act through the broker: every worker receives each request and
             # one answers it; an alarm action is applied by the owner of the alarm's entity
@@ -531,7 +534,7 @@ async def test_each_entity_is_judged_once_by_its_partition_owner(
                     "ack",
                     alarm_id,
                     "-c",
-                    str(configs["w1"]),
+                    str(workers.configs["w1"]),
                     "--operator",
                     "olga",
                     "--reason",
@@ -543,7 +546,7 @@ async def test_each_entity_is_judged_once_by_its_partition_owner(
                     "olga",
                 )
             # each acknowledgement was applied by the owner of the alarm's entity only
-            logs = {n: (tmp_path / f"{n}.log").read_text() for n in ("w1", "w2")}
+            logs = {n: workers.log(n) for n in ("w1", "w2")}
             for name, other in (("w1", "w2"), ("w2", "w1")):
                 for alarm_id in by_owner[name][:2]:
                     line = f'msg="alarm acknowledged" alarm={alarm_id} '
@@ -551,31 +554,18 @@ async def test_each_entity_is_judged_once_by_its_partition_owner(
                     assert line not in logs[other], (other, alarm_id)
             await asyncio.sleep(1.0)  # the owners' next cycles keep the acknowledgements
             states = {
-                a["id"]: a["state"] for a in json.loads(await _api(configs["w2"], "/api/alarms"))
+                a["id"]: a["state"]
+                for a in json.loads(await _api(workers.configs["w2"], "/api/alarms"))
             }
             assert all(states[a] == "acknowledged" for a in picked), states
-            procs["w2"].send_signal(signal.SIGKILL)
-            await procs["w2"].wait()
+            workers.procs["w2"].send_signal(signal.SIGKILL)
+            await workers.procs["w2"].wait()
             await _until(lambda: _holders(url) == Counter({"w1": 16}), 15, "w1 takes all 16")
             await asyncio.sleep(3.0)  # w1 judges the victim's entities for a few cycles
             after = _open_alarms(url)
             assert sorted(a[0] for a in after) == ids, "the survivor raised alarms again"
-            status = json.loads(await _api(configs["w1"], "/api/status"))
+            status = json.loads(await _api(workers.configs["w1"], "/api/status"))
             assert sum(status["worker"]["alarms_active_own"].values()) == _open_alarm_count(url)
-        finally:
-            for name in procs:  # shown when the test fails
-                lines = (tmp_path / f"{name}.log").read_text(errors="replace").splitlines()
-                notable = [line for line in lines if "level=info" not in line]
-                print(f"--- {name}: {len(lines)} lines, not info:", *notable[-30:], sep="\n")
-            for proc in procs.values():
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs.values():
-                try:
-                    await within(15, proc.wait())
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
 
 
 async def _api(config: Path, path: str) -> str:
@@ -612,17 +602,7 @@ class PumpGateway:
         self.tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> PumpGateway:
-        password = self.broker.passwords.get("gw-01") or self.broker.add_user("gw-01")
-        self.client = aiomqtt.Client(
-            self.broker.host,
-            self.broker.port,
-            username="gw-01",
-            password=password,
-            identifier="gw-01",
-            timeout=10,
-        )
-        await self.client.__aenter__()
-        await self.client.subscribe(downlink_filter("gw-01"), qos=1)
+        self.client = await self.broker.gateway_session("gw-01", "gw-01")
         await self._birth()
         self.tasks = [
             asyncio.create_task(self._receive(), name="test-gw-receive"),
@@ -703,25 +683,8 @@ async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
         frozen_s=60.0,
     )
     register_operators(broker, files)
-    procs: dict[str, asyncio.subprocess.Process] = {}
-    configs: dict[str, Path] = {}
     with pg_database() as url:
-        try:
-            for name in ("w1", "w2"):
-                configs[name] = _worker_config(files.config, name, url)
-                with (tmp_path / f"{name}.log").open("wb") as log:
-                    procs[name] = await asyncio.create_subprocess_exec(
-                        *FIELDTWIN,
-                        "hub",
-                        "run",
-                        "-c",
-                        str(configs[name]),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    )
-                await _until(lambda: sum(_holders(url).values()) == 16, 30, "16 partitions held")
-            await _until(lambda: _holders(url) == Counter({"w1": 8, "w2": 8}), 15, "an 8/8 split")
+        async with two_workers(tmp_path, files.config, url) as workers:
             owner = "w1" if partition_of("gw-01", 16) in _partitions_of(url, "w1") else "w2"
             other = "w2" if owner == "w1" else "w1"
             async with PumpGateway(broker, files) as gw:
@@ -735,7 +698,7 @@ async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
                         "1200",
                         "--dry-run",
                         "-c",
-                        str(configs[other]),
+                        str(workers.configs[other]),
                         *identity,
                         "--format",
                         "json",
@@ -750,7 +713,7 @@ async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
                     "pump-1.speed_sp",
                     "1200",
                     "-c",
-                    str(configs[other]),
+                    str(workers.configs[other]),
                     *identity,
                     "--reason",
                     "more flow",
@@ -759,10 +722,10 @@ async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
                 assert proposed["state"] == "awaiting_approval", proposed
                 # proposed through the other worker's config, run by the owner only
                 line = f'msg="command proposed" cmd={cmd_id} '
-                assert line in (tmp_path / f"{owner}.log").read_text()
-                assert line not in (tmp_path / f"{other}.log").read_text()
-                procs[owner].send_signal(signal.SIGKILL)
-                await procs[owner].wait()
+                assert line in workers.log(owner)
+                assert line not in workers.log(other)
+                workers.procs[owner].send_signal(signal.SIGKILL)
+                await workers.procs[owner].wait()
                 survivor = other
                 await _until(
                     lambda: _holders(url) == Counter({survivor: 16}), 15, "the survivor takes all"
@@ -773,7 +736,7 @@ async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
                     "approve",
                     cmd_id,
                     "-c",
-                    str(configs[survivor]),
+                    str(workers.configs[survivor]),
                     "--operator",
                     "piet",
                 )
@@ -785,7 +748,7 @@ async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
                         "show",
                         cmd_id,
                         "-c",
-                        str(configs[survivor]),
+                        str(workers.configs[survivor]),
                         *identity,
                         "--format",
                         "json",
@@ -795,17 +758,3 @@ async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
                 await _until(lambda: state() == "verified", 30, f"{cmd_id} verified")
                 assert [c.cmd_id for c in gw.commands] == [cmd_id], "written more than once"
                 assert gw.speed_sp == 1200.0
-        finally:
-            for name in procs:  # shown when the test fails
-                lines = (tmp_path / f"{name}.log").read_text(errors="replace").splitlines()
-                notable = [line for line in lines if "level=info" not in line]
-                print(f"--- {name}: {len(lines)} lines, not info:", *notable[-30:], sep="\n")
-            for proc in procs.values():
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs.values():
-                try:
-                    await within(15, proc.wait())
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()

@@ -24,6 +24,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import aiomqtt
+
 from fieldtwin.hub.broker import BrokerFiles, BrokerOptions, BrokerUser, generate, registry_users
 from support.tls import TlsFiles
 
@@ -123,6 +125,25 @@ class MosquittoBroker:
         assert files.server_cert is not None
         assert files.server_key is not None
         return TlsFiles(files.ca_cert, files.server_cert, files.server_key)
+
+    async def gateway_session(self, gateway: str, identifier: str) -> aiomqtt.Client:
+        """A connected client logged in as ``gateway`` (registered if need be) and
+        subscribed to its downlink, as a test's stand-in agent uses; leave it with
+        ``await client.__aexit__(None, None, None)``."""
+        from fieldtwin.protocol.topics import downlink_filter
+
+        password = self.passwords.get(gateway) or self.add_user(gateway)
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            username=gateway,
+            password=password,
+            identifier=identifier,
+            timeout=10,
+        )
+        await client.__aenter__()
+        await client.subscribe(downlink_filter(gateway), qos=1)
+        return client
 
     def client_cert(self, user: str) -> tuple[Path, Path]:
         """(certificate, key) the generator issued for ``user``."""
