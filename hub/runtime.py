@@ -214,6 +214,7 @@ class Hub:
                     group.create_task(self._lease_loop(), name="hub-leases")
                     group.create_task(self._drift_loop(), name="hub-drift")
                     group.create_task(self._command_loop(), name="hub-commands")
+                    group.create_task(self._view_loop(), name="hub-views")
                     if self.config.operators:
                         group.create_task(self._operator_loop(), name="hub-operators")
                 else:

@@ -200,6 +200,11 @@ class HubService:
         self._fence: Fence | None = None
         """A worker's partitions: it evaluates drift and alarms of their entities only."""
         self._id_block_end: dict[str, int] = {}
+        self._mirrored_ms = 0
+        self._command_mirror: dict[str, CommandRecord] = {}
+        self.mirrored_silent: set[str] = set()
+        """Other workers' silent gateways, as the view leader last mirrored them."""
+        self._view_feed: ViewFeed | None = None
         self._block_end = 0
         registry = config.registry()
         operator_registry = config.operator_registry()
@@ -1294,6 +1299,8 @@ class HubService:
                 return self.evaluates(str(rows[0]["entity"]))
         elif op in ("cmd.propose", "cmd.dry_run") and isinstance(target, str) and "." in target:
             return self.evaluates(target.rpartition(".")[0])
+        elif op.startswith("view."):
+            return self.view_leader()
         elif op.startswith("cmd.") and isinstance(cmd_id, str):
             command = self.commands.commands.get(cmd_id)
             if command is not None:
@@ -1304,18 +1311,10 @@ class HubService:
         return zlib.crc32(payload) % fence.partitions in fence.held
 
     def _worker_check(self, request: VerifiedRequest, spec: Operation) -> None:
-        """On a worker: refuse what workers do not run, and a mutating request another
-        worker already stored (its nonce is in the shared store)."""
-        store, fence = self._shared, self._fence
+        """On a worker: room for new ids, and refuse a mutating request another worker
+        already stored (its nonce is in the shared store)."""
+        store = self._shared
         assert store is not None
-        assert fence is not None
-        op = request.op
-        if op.startswith("view."):
-            raise OperatorRefused(
-                f"console views need a single hub: this hub is worker {fence.holder} of "
-                "several sharing one store, which do not publish them yet (docs/scale.md)",
-                code="unavailable",
-            )
         self._reserve_ids(2)
         if spec.mutating and store.nonce_used(request.operator, request.req_id):
             raise OperatorRefused(
@@ -1598,14 +1597,87 @@ class HubService:
         """The console feed (hub/views.py), created on first use."""
         from fieldtwin.hub.views import ViewFeed
 
-        feed: ViewFeed | None = getattr(self, "_view_feed", None)
+        feed = self._view_feed
         if feed is None:
             feed = self._view_feed = ViewFeed(self)
         return feed
 
     def view_tick(self) -> list[Outbound]:
-        """Signed view deltas since the last tick, for the runtime to publish (QoS 0)."""
-        return self.view_feed().tick(self.now_ms())
+        """Signed view deltas since the last tick, for the runtime to publish (QoS 0).
+
+        Of several workers only the view leader (the holder of partition 0) publishes,
+        its view of the other workers' entities mirrored from the shared store; a worker
+        that is not (or no longer) the leader drops its feed, so a later leadership
+        starts fresh and consoles, seeing a new instance, take a new snapshot."""
+        now = self.now_ms()
+        if self._fence is not None:
+            if not self.view_leader():
+                self._view_feed = None
+                return []
+            if now - self._mirrored_ms >= MIRROR_INTERVAL_MS:
+                self.mirror(now)
+        return self.view_feed().tick(now)
+
+    def view_leader(self) -> bool:
+        """Whether this hub publishes the console views: a single hub always; of several
+        workers the one holding partition 0 (every worker computes the same)."""
+        fence = self._fence
+        return fence is None or 0 in fence.held
+
+    def visible_commands(self) -> Mapping[str, CommandRecord]:
+        """Commands consoles see: this hub's book, plus (on a worker) the other workers'
+        recent commands as last mirrored from the store."""
+        if not self._command_mirror:
+            return self.commands.commands
+        return {**self._command_mirror, **self.commands.commands}
+
+    def mirror(self, now: int) -> None:
+        """The view leader's copy of what other workers own, from the shared store:
+        attribute values newer than it holds, point metadata, gateway links, health,
+        open alarms and recent commands. Nothing mirrored is judged here: drift, alarm
+        and command decisions stay with each entity's owner."""
+        store = self._shared
+        assert store is not None
+        self._mirrored_ms = now
+        state = self.ingest.state
+        mine = self.evaluates
+        fresh: dict[tuple[str, str], CurrentValue] = {}
+        for row in store.current_rows():
+            entity, attribute, kind, num, txt, ts_ms, quality, gateway, received, changed = row
+            if mine(entity):
+                continue
+            held = state.current.get((entity, attribute))
+            if held is None or (held.ts_ms, held.received_ms) < (ts_ms, received):
+                fresh[(entity, attribute)] = CurrentValue(
+                    decode_value(kind, num, txt), ts_ms, quality, gateway, received, changed
+                )
+        state.current.update(fresh)  # the view feed sees these keys as changed
+        points, links = store.points_and_links()
+        state.points.update({(p.entity, p.attribute): p for p in points if not mine(p.entity)})
+        fence = self._fence
+        assert fence is not None
+        for link in links:
+            if not fence.owns(link.gateway):
+                state.gateways[link.gateway] = link
+        for entity, health in store.entity_health().items():
+            if not mine(entity):
+                self._health[entity] = health
+        self.alarm_book.adopt(
+            [Alarm.from_row(r) for r in store.open_alarms() if not mine(str(r["entity"]))],
+            lambda entity: not mine(entity),
+        )
+        self.mirrored_silent = {
+            alarm.entity
+            for alarm in self.alarm_book.open.values()
+            if alarm.rule == "temporal.gateway_silent"
+            and alarm.state in ("active", "acknowledged", "shelved")
+            and not mine(alarm.entity)
+        }
+        self._command_mirror = {
+            c.id: c
+            for c in map(CommandRecord.from_row, store.command_rows(limit=200))
+            if not fence.owns(c.gateway)
+        }
 
     def op_view_snapshot(self, request: VerifiedRequest, args: Mapping[str, Any], now: int) -> Any:
         return self.view_feed().snapshot(request.operator, args, now)
@@ -2070,6 +2142,10 @@ def _alarm_payload(transition: Transition, instance: str) -> bytes:
 
 
 # -- the operation table --------------------------------------------------------------------------
+
+MIRROR_INTERVAL_MS = 1000
+"""How often the view leader among workers mirrors the others' state (about one flush
+interval: the shared ``current`` table is no fresher)."""
 
 OPEN_COMMANDS_SQL = (
     "state NOT IN ('refused', 'rejected', 'cancelled', 'expired', 'verified', "

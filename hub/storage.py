@@ -149,6 +149,7 @@ class TwinStorePort(Protocol):
 
     # reads at start
     def load_state(self) -> tuple[TwinState, DeliveryTracker]: ...
+    def points_and_links(self) -> tuple[list[PointInfo], list[GatewayLink]]: ...
     def next_ids(self) -> dict[str, int]: ...
     def next_command_number(self) -> int: ...
     def live_nonces(self, now_ms: int) -> list[tuple[str, str, int]]: ...
@@ -297,6 +298,19 @@ class StoreReads:
                 link.online = True
                 link.last_birth_ms = received
         return state, tracker
+
+    def points_and_links(self) -> tuple[list[PointInfo], list[GatewayLink]]:
+        """Point metadata (from births) and gateway links, as stored (by several
+        workers: each stores its own gateways')."""
+        points = [
+            PointInfo(*row)
+            for row in self.query(
+                "SELECT entity, attribute, gateway, dtype, unit, writable, min, max, "
+                "interval_ms, source, updated_ms FROM points"
+            )
+        ]
+        links = [link_of_row(row) for row in self.query(f"SELECT {GATEWAY_COLUMNS} FROM gateways")]
+        return points, links
 
     def next_ids(self) -> dict[str, int]:
         """Next free frame id, drift event id and alarm/investigation/proposal numbers."""

@@ -219,7 +219,7 @@ class ViewFeed:
         }
         self._sent_commands: dict[str, tuple[Any, ...]] = {
             c.id: (c.state, c.updated_ms, len(c.approvals))
-            for c in service.commands.commands.values()
+            for c in service.visible_commands().values()
         }
         self.frames_published = 0
 
@@ -298,6 +298,7 @@ class ViewFeed:
         service = self.service
         state = service.ingest.state
         silent = service.last_report.silent_gateways if service.last_report else set()
+        silent = silent | service.mirrored_silent
         rows = []
         for gateway in sorted(set(service.config.gateways) | set(state.gateways)):
             link = state.gateways.get(gateway)
@@ -361,7 +362,7 @@ class ViewFeed:
             metrics.points_applied,
             sum(metrics.frames_accepted.values()),
             round(metrics.ingest_lag_s, 3),
-            len(service.commands.active()),
+            sum(not c.terminal for c in service.visible_commands().values()),
             len(service.alarm_book.open),
             int(INTERVAL_S * 1000),
             HEARTBEAT_MS,
@@ -468,12 +469,12 @@ class ViewFeed:
 
     def _command_delta(self, now_ms: int) -> list[Outbound]:
         rows = []
-        for command in self.service.commands.commands.values():
+        known = self.service.visible_commands()
+        for command in known.values():
             key = (command.state, command.updated_ms, len(command.approvals))
             if self._sent_commands.get(command.id) != key:
                 self._sent_commands[command.id] = key
                 rows.append(_command_row(command.row()))
-        known = self.service.commands.commands
         for command_id in [c for c in self._sent_commands if c not in known]:
             del self._sent_commands[command_id]  # forgotten once settled; the store keeps it
         if not rows:
@@ -488,7 +489,7 @@ class ViewFeed:
         state = service.ingest.state
         current = state.current
         alarms = [a.row() for a in service.alarm_book.open.values()]
-        commands = sorted(service.commands.commands.values(), key=lambda c: c.id)
+        commands = sorted(service.visible_commands().values(), key=lambda c: c.id)
         return {
             "hub": table(HUB_COLS, [self._hub_row()]),
             "schema": table(SCHEMA_COLS, self._schema_rows()),

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -597,6 +597,7 @@ class PumpGateway:
         self.signer = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
         self.hub_keys = KeyRegistry.of({"hub": files.hub_key.public})
         self.speed_sp: float = 900.0
+        self.level: float = 2.5
         self.commands: list[Command] = []
         self.client: aiomqtt.Client | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -619,7 +620,7 @@ class PumpGateway:
 
     def _samples(self) -> list[Sample]:
         now = now_ms()
-        level = 2.5 + (now % 1000) / 10_000  # moves a little: not frozen
+        level = self.level + (now % 1000) / 10_000  # moves a little: not frozen
         return [
             Sample("pump-1", "speed_sp", self.speed_sp, now, Quality.GOOD),
             Sample("tank-1", "level", level, now, Quality.GOOD),
@@ -758,3 +759,91 @@ async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
                 await _until(lambda: state() == "verified", 30, f"{cmd_id} verified")
                 assert [c.cmd_id for c in gw.commands] == [cmd_id], "written more than once"
                 assert gw.speed_sp == 1200.0
+
+
+@pytest.mark.timeout(120)
+async def test_the_console_sees_the_whole_site_through_the_workers(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """The console (Textual, run_test) logged in as an operator: its snapshot and deltas
+    come from the view leader (w1, partition 0), while gw-01's values and the alarms on
+    its entities are w2's (partition 15): a changed level and both workers' alarms reach
+    the console."""
+    from fieldtwin.hub.console.app import ConsoleApp
+    from fieldtwin.hub.opclient import OperatorClient, OperatorProfile
+
+    assert partition_of("gw-01", 16) >= 8  # w2's half; w1 keeps 0-7 after the split
+    files = write_hub_config(
+        tmp_path / "hub",
+        broker_url=broker.url,
+        password=broker.passwords["hub"],
+        client_id=f"ft-hub-{tmp_path.name[-12:]}",
+        silent_s=4.0,
+        missing_s=4.0,
+        stale_s=10.0,
+        frozen_s=60.0,
+    )
+    register_operators(broker, files)
+    profile = OperatorProfile(
+        operator="olga",
+        key_file=files.keys / "olga.key",
+        hub_key_file=files.keys / "hub.pub",
+        broker_url=broker.url,
+        username="olga",
+        password=broker.passwords["olga"],
+    )
+    with pg_database() as url:
+        async with (
+            two_workers(tmp_path, files.config, url) as workers,
+            PumpGateway(broker, files) as gw,
+        ):
+            assert partition_of("gw-01", 16) in _partitions_of(url, "w2")
+            app = ConsoleApp(lambda: OperatorClient(profile))
+            async with app.run_test(size=(120, 40)) as pilot:
+                model = app.model
+
+                def level() -> float | None:
+                    tank = model.entities.get("tank-1")
+                    attr = tank.attrs.get("level") if tank else None
+                    return float(attr.value) if attr else None
+
+                async def until(check: Callable[[], object], within: float, what: str) -> None:
+                    deadline = time.monotonic() + within
+                    while not check():
+                        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+                        await pilot.pause(0.1)
+
+                await until(lambda: model.synced and (level() or 0) > 2.4, 30, "tank-1.level")
+                instance = model.instance
+                gw.level = 3.5  # on w2's gateway; the console follows w1's deltas
+                await until(lambda: (level() or 0) > 3.4, 15, "the new level")
+                assert model.instance == instance, "a fresh snapshot, not a delta"
+
+                # alarms of both workers: gw-02 is silent (w1's), pump-1.running was
+                # never reported (w2's)
+                def alarmed(rule: str, entity: str) -> bool:
+                    return any(
+                        a.get("rule") == rule and a.get("entity") == entity
+                        for a in model.alarms.values()
+                    )
+
+                await until(
+                    lambda: (
+                        alarmed("temporal.gateway_silent", "gw-02")
+                        and alarmed("structural.missing", "pump-1")
+                    ),
+                    30,
+                    "both workers' alarms",
+                )
+                # the view leader dies: w2 takes partition 0 and with it the views; the
+                # console sees a new instance and takes a fresh snapshot from w2
+                workers.procs["w1"].send_signal(signal.SIGKILL)
+                await workers.procs["w1"].wait()
+                await until(
+                    lambda: model.synced and model.instance != instance,
+                    30,
+                    "a snapshot from the new view leader",
+                )
+                gw.level = 1.5
+                await until(lambda: 0 < (level() or 0) < 1.6, 15, "the level through w2")
+                assert alarmed("temporal.gateway_silent", "gw-02")
