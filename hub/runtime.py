@@ -215,6 +215,8 @@ class Hub:
                     group.create_task(self._drift_loop(), name="hub-drift")
                     group.create_task(self._command_loop(), name="hub-commands")
                     group.create_task(self._view_loop(), name="hub-views")
+                    if self.config.prediction.enabled:
+                        group.create_task(self._model_loop(), name="hub-models")
                     if self.config.operators:
                         group.create_task(self._operator_loop(), name="hub-operators")
                 else:
@@ -679,7 +681,7 @@ class Hub:
             try:
                 if await self.db(service.models_due, now):
                     _, grids = await self.db(service.models.load, service.store, now)
-                    fitted, errors = await asyncio.to_thread(service.models.fit_all, grids, now)
+                    fitted, errors = await asyncio.to_thread(service.fit_models, grids, now)
                     known = set(service.models.errors) | set(service.models.models)
                     await self.db(service.install_models, fitted, errors, now)
                     for target, error in sorted(errors.items()):

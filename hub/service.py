@@ -201,6 +201,7 @@ class HubService:
         """A worker's partitions: it evaluates drift and alarms of their entities only."""
         self._id_block_end: dict[str, int] = {}
         self._mirrored_ms = 0
+        self._models_read_ms = 0
         self._command_mirror: dict[str, CommandRecord] = {}
         self.mirrored_silent: set[str] = set()
         """Other workers' silent gateways, as the view leader last mirrored them."""
@@ -352,6 +353,7 @@ class HubService:
         self.commands = CommandBook([], self.commands.next_number)
         for kind in ("alarm", "drift", "investigation", "command"):
             self._next_id_block(kind)
+        self.models.refitted_ms = 0  # its own targets' models: fit when due from now on
 
     def _next_block(self) -> None:
         from fieldtwin.hub.store_pg import FRAME_BLOCK
@@ -906,6 +908,7 @@ class HubService:
             return {}
         if not self.models.downstream([(entity, attribute)]):
             return {}
+        self._shared_models()
         try:
             result = predict.simulate(
                 self.models,
@@ -929,6 +932,7 @@ class HubService:
 
     def predict(self, target: str, horizon: str = "", at: str = "") -> dict[str, Any]:
         self._queried()
+        self._shared_models()
         now = self.now_ms()
         horizon_ms = (
             queries.parse_duration_ms(horizon)
@@ -940,6 +944,7 @@ class HubService:
 
     def simulate(self, sets: Mapping[str, float], horizon: str = "") -> dict[str, Any]:
         self._queried()
+        self._shared_models()
         horizon_ms = (
             queries.parse_duration_ms(horizon)
             if horizon
@@ -961,9 +966,11 @@ class HubService:
         return result
 
     def risk(self) -> dict[str, Any]:
+        self._shared_models()
         return predict.risk(self.models, self._predict_context())
 
     def model_list(self) -> list[dict[str, Any]]:
+        self._shared_models()
         return predict.model_rows(self.models)
 
     def models_due(self, now: int) -> bool:
@@ -974,8 +981,45 @@ class HubService:
     ) -> None:
         self.models.install(self.store, fitted, errors, now)
 
+    def fit_models(
+        self, grids: Mapping[str, Any], now: int
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """Fit the models (pure CPU: the runtime calls this on a worker thread). A worker
+        keeps the fits of its own entities' targets only; the other workers fit and
+        store theirs, and it reads those from the store (``_shared_models``). (It still
+        fits every target and drops the rest: simpler, and costs CPU only.)"""
+        fitted, errors = self.models.fit_all(grids, now)
+        if self._fence is None:
+            return fitted, errors
+
+        def mine(target: str) -> bool:
+            return self.evaluates(target.rpartition(".")[0])
+
+        return (
+            {t: m for t, m in fitted.items() if mine(t)},
+            {t: e for t, e in errors.items() if mine(t)},
+        )
+
+    def _shared_models(self) -> None:
+        """On a worker: the other workers' models, as they stored them (every 5 s at
+        most), for forecasts, what-ifs, risk and model drift that chain across them."""
+        if self._fence is None:
+            return
+        now = self.now_ms()
+        if now - self._models_read_ms < 5000:
+            return
+        self._models_read_ms = now
+        refitted = self.models.refitted_ms  # this worker's own refit schedule
+        self.models.restore(
+            row
+            for row in self.store.load_models()
+            if not self.evaluates(str(row.get("target", "")).rpartition(".")[0])
+        )
+        self.models.refitted_ms = refitted
+
     def measure_models(self, now: int) -> int:
         """Recompute the models' sustained misses for the drift engine; returns how many."""
+        self._shared_models()
         if not self.config.prediction.enabled or not self.models.models:
             self.engine.model_misses = {}
             return 0

@@ -782,6 +782,7 @@ async def test_the_console_sees_the_whole_site_through_the_workers(
         missing_s=4.0,
         stale_s=10.0,
         frozen_s=60.0,
+        extra="[prediction]\nstep_s = 0.2\nrefit_s = 3.0\nhistory_s = 600.0\n",
     )
     register_operators(broker, files)
     profile = OperatorProfile(
@@ -835,6 +836,32 @@ async def test_the_console_sees_the_whole_site_through_the_workers(
                     30,
                     "both workers' alarms",
                 )
+
+                # tank-1.level's model is fitted and stored by w2 (its owner) only, and
+                # w1 lists it and forecasts with it, reading it from the store
+                fitted = 'msg="model fitted" target=tank-1.level '
+                await until(lambda: fitted in workers.log("w2"), 40, "w2 fits tank-1.level")
+                assert fitted not in workers.log("w1")
+
+                def listed() -> bool:
+                    out = _cli(
+                        "twin", "models", "-c", str(workers.configs["w1"]), "--format", "json"
+                    )
+                    rows = json.loads(out.stdout) if out.returncode == 0 else []
+                    return any(r.get("target") == "tank-1.level" and "error" not in r for r in rows)
+
+                await until(listed, 15, "w1 lists w2's model")
+                predicted = await asyncio.to_thread(
+                    _cli_json,
+                    "twin",
+                    "predict",
+                    "tank-1.level",
+                    "--horizon",
+                    "5s",
+                    "-c",
+                    str(workers.configs["w1"]),
+                )
+                assert predicted["forecast"]
                 # the view leader dies: w2 takes partition 0 and with it the views; the
                 # console sees a new instance and takes a fresh snapshot from w2
                 workers.procs["w1"].send_signal(signal.SIGKILL)
