@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import msgpack
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -583,6 +584,7 @@ GROUP BY b ORDER BY b"""
     def _write_flush(self, con: psycopg.Connection[Any], flush: Flush) -> None:
         if self.fence is not None:
             self._upsert_current(con, {**flush.current_new, **flush.current_changed})
+            self._write_gateway_trackers(con, flush)
         elif flush.current_changed:
             con.execute(
                 """UPDATE current SET kind = u.kind, num = u.num, txt = u.txt,
@@ -702,6 +704,11 @@ GROUP BY b ORDER BY b"""
                     f"{kind}_blocks), %s / %s + 1))",
                     [stored[kind], ID_BLOCK],
                 )
+            # Per gateway: its delivery tracker as of its owner's last flush.
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS gateway_trackers (gateway TEXT PRIMARY KEY, "
+                "upto_frame BIGINT NOT NULL, tracker BYTEA NOT NULL)"
+            )
         self.fence = fence
 
     def nonce_used(self, operator: str, req_id: str) -> bool:
@@ -727,12 +734,36 @@ GROUP BY b ORDER BY b"""
         rows = self.query("SELECT nextval('frame_blocks')")
         return int(rows[0][0]) * FRAME_BLOCK
 
+    def _write_gateway_trackers(self, con: psycopg.Connection[Any], flush: Flush) -> None:
+        """Each owned gateway's delivery tracker as of ``flush.upto_frame``, so the next
+        owner replays only the frames after it (``load_gateways``). A slower former owner
+        never replaces a newer snapshot: frame ids grow across owners."""
+        fence = self.fence
+        assert fence is not None
+        senders = DeliveryTracker.loads(flush.tracker).to_dict()["senders"]
+        rows = [
+            (gateway, flush.upto_frame, msgpack.packb(entry, use_bin_type=True))
+            for gateway, entry in senders.items()
+            if fence.owns(gateway)
+        ]
+        if not rows:
+            return
+        with con.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO gateway_trackers (gateway, upto_frame, tracker) VALUES (%s, %s, %s) "
+                "ON CONFLICT (gateway) DO UPDATE SET upto_frame = excluded.upto_frame, "
+                "tracker = excluded.tracker "
+                "WHERE gateway_trackers.upto_frame <= excluded.upto_frame",
+                rows,
+            )
+
     def load_gateways(
         self, gateways: Sequence[str]
     ) -> tuple[dict[str, GatewayLink], DeliveryTracker]:
-        """The links and the delivery tracker of ``gateways`` as committed, rebuilt from
-        the gateways table and every stored frame of theirs (the shared checkpoint's
-        tracker is not theirs to trust: other workers flush it)."""
+        """The links and the delivery tracker of ``gateways`` as committed: the gateways
+        table, each gateway's tracker snapshot (written with its owner's flushes) and
+        the frames stored after it (the shared checkpoint's tracker is not theirs to
+        trust: other workers flush it)."""
         links = {
             row[0]: link_of_row(row)
             for row in self.query(
@@ -740,10 +771,19 @@ GROUP BY b ORDER BY b"""
                 [list(gateways)],
             )
         }
-        tracker = DeliveryTracker()
+        senders = {
+            str(gateway): msgpack.unpackb(bytes(blob), raw=False, strict_map_key=False)
+            for gateway, blob in self.query(
+                "SELECT gateway, tracker FROM gateway_trackers WHERE gateway = ANY(?::text[])",
+                [list(gateways)],
+            )
+        }
+        tracker = DeliveryTracker.from_dict({**DeliveryTracker().to_dict(), "senders": senders})
         for frame_id, gateway, kind, epoch, seq, received, samples, low_water in self.query(
-            "SELECT id, gateway, kind, epoch, seq, received_ms, samples, low_water FROM frames "
-            "WHERE gateway = ANY(?::text[]) ORDER BY id",
+            "SELECT f.id, f.gateway, f.kind, f.epoch, f.seq, f.received_ms, f.samples, "
+            "f.low_water FROM frames f LEFT JOIN gateway_trackers t ON t.gateway = f.gateway "
+            "WHERE f.gateway = ANY(?::text[]) AND f.id > coalesce(t.upto_frame, 0) "
+            "ORDER BY f.id",
             [list(gateways)],
         ):
             try:

@@ -39,7 +39,7 @@ from support.pg import pg_database
 
 from fieldtwin.hub.config import load_hub_config
 from fieldtwin.hub.errors import StoreError
-from fieldtwin.hub.store import FrameRow, IngestWrite
+from fieldtwin.hub.store import Flush, FrameRow, IngestWrite, SyncWrite
 from fieldtwin.hub.store_pg import FRAME_BLOCK, PgTwinStore
 from fieldtwin.hub.workers import (
     Fence,
@@ -63,6 +63,7 @@ from fieldtwin.protocol.messages import (
     Sample,
 )
 from fieldtwin.protocol.topics import uplink_topic
+from fieldtwin.protocol.tracker import DeliveryTracker
 from fieldtwin.sim.loadgen import (
     LoadGenerator,
     LoadOptions,
@@ -207,6 +208,41 @@ def test_a_worker_whose_lease_was_taken_commits_nothing(tmp_path: Path) -> None:
         finally:
             a.close()
             b.close()
+            store.close()
+
+
+def test_adoption_replays_only_the_frames_after_a_gateways_tracker_snapshot(
+    tmp_path: Path,
+) -> None:
+    """A worker's flush stores each owned gateway's tracker; the next owner starts from
+    it and replays only later frames: frames before the snapshot may be gone (pruned)
+    and the tracker is still whole."""
+    with pg_database() as url:
+        store = PgTwinStore.open(url)
+        leases = LeaseTable(url, "a", 2, 30.0)
+        try:
+            leases.create()
+            fence = Fence("a", 2)
+            store.share(fence)
+            fence.held = leases.cycle()
+            gateway = "gw-a"
+            first = store.frame_block()
+            tracker = DeliveryTracker()
+            for seq in range(1, 6):
+                store.write_ingest(_one_frame(first + seq, gateway, seq))
+                tracker.record(gateway, 1, seq)
+            store.write_sync(SyncWrite(flush=Flush(first + 5, tracker.dumps())))
+            store.write_ingest(_one_frame(first + 6, gateway, 7))  # seq 6 still missing
+            store.query("DELETE FROM frames WHERE id <= ?", [first + 5])  # pruned
+            _, adopted = store.load_gateways([gateway])
+            assert adopted.ranges(gateway) == [(1, 5), (7, 7)]
+            assert adopted.gaps(gateway) == [(6, 6)]
+            # a former owner flushing late cannot put an older snapshot back
+            store.write_sync(SyncWrite(flush=Flush(first + 2, DeliveryTracker().dumps())))
+            _, again = store.load_gateways([gateway])
+            assert again.ranges(gateway) == [(1, 5), (7, 7)]
+        finally:
+            leases.close()
             store.close()
 
 
