@@ -209,6 +209,15 @@ class HubService:
         self._block_end = 0
         registry = config.registry()
         operator_registry = config.operator_registry()
+        if config.workers is None and store.meta("run_by_workers"):
+            # Its shared checkpoint (tracker, upto_frame) was written by every worker and
+            # is nobody's to trust: a single hub would acknowledge and replay wrongly.
+            raise StoreError(
+                f"{store.location} is run by hub workers (first: "
+                f"{store.meta('run_by_workers')}); start this hub as one of them: add a "
+                "[workers] section to its config (docs/hub.md, 'Workers sharing the "
+                "gateways')"
+            )
         state, tracker = store.load_state()
         ids = store.next_ids()
         head_seq, head_hash = store.audit_head()

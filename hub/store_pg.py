@@ -704,6 +704,10 @@ GROUP BY b ORDER BY b"""
                     f"{kind}_blocks), %s / %s + 1))",
                     [stored[kind], ID_BLOCK],
                 )
+            con.execute(
+                "INSERT INTO meta VALUES ('run_by_workers', %s) ON CONFLICT (key) DO NOTHING",
+                [fence.holder],
+            )
             # Per gateway: its delivery tracker as of its owner's last flush.
             con.execute(
                 "CREATE TABLE IF NOT EXISTS gateway_trackers (gateway TEXT PRIMARY KEY, "

@@ -246,6 +246,24 @@ def test_adoption_replays_only_the_frames_after_a_gateways_tracker_snapshot(
             store.close()
 
 
+def test_a_store_run_by_workers_refuses_a_single_hub(tmp_path: Path) -> None:
+    from fieldtwin.hub.metrics import HubMetrics
+    from fieldtwin.hub.service import HubService
+
+    files = write_hub_config(tmp_path)
+    with pg_database() as url:
+        text = files.config.read_text()
+        files.config.write_text(text.replace("[hub]\n", f'[hub]\nstore = "{url}"\n', 1))
+        config = load_hub_config(files.config)
+        store = PgTwinStore.open(url)
+        try:
+            store.share(Fence("w7", 2))
+            with pytest.raises(StoreError, match=r"run by hub workers \(first: w7\).*\[workers\]"):
+                HubService(config, store, instance="single", metrics=HubMetrics())
+        finally:
+            store.close()
+
+
 # -- two worker processes and a load generator -------------------------------------------------
 
 GATEWAYS = 20
