@@ -206,19 +206,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stored = Counter((e, a, int(ts), float(v)) for e, a, ts, v in store.query(sql, params))
     finally:
         store.close()
-    expected = expected_history(generator.ledger)
-    # Only an acked sample can be lost: the hub acks after the commit. A frame still
-    # unacked at the end was not lost, the hub had not taken it yet (the generator, like
-    # an agent, still holds it and would resend it): that is the backlog.
-    unacked = {(gw.id, seq) for gw in generator.gateways for seq in gw.unacked}
-    acked_ledger = Ledger(
-        spec, [f for f in generator.ledger.frames if (f.gateway, f.seq) not in unacked]
-    )
-    acked = expected_history(acked_ledger)
-    lost = sum((acked - stored).values())
-    backlog = sum(expected.values()) - sum(acked.values())
-    duplicated = sum(n - 1 for n in stored.values() if n > 1)
-    unexpected = sum((stored - expected).values()) - duplicated
+    expected, lost, backlog, duplicated, unexpected = checked(spec, generator, stored)
     return {
         "gateways": args.gateways,
         "points_per_gateway": args.points,
@@ -384,7 +372,7 @@ async def run_workers(
     finally:
         with psycopg.connect(args.store, autocommit=True) as con:
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    expected = expected_history(generator.ledger)
+    expected, lost, backlog, duplicated, unexpected = checked(spec, generator, stored)
     return {
         "workers": count,
         "ingest": None if ingest is None else round(ingest),
@@ -394,8 +382,10 @@ async def run_workers(
         "in_flight": stats["in_flight"],
         "failover_s": None if failover is None else round(failover, 2),
         "killed": kill,
-        "lost": sum((expected - stored).values()),
-        "duplicated": sum(n - 1 for n in stored.values() if n > 1),
+        "lost": lost,
+        "duplicated": duplicated,
+        "unexpected": unexpected,
+        "backlog": backlog,
         "samples_sent": sum(expected.values()),
     }
 
@@ -406,6 +396,28 @@ def served_again(gw: Any, seq_at_kill: int) -> bool:
     unacked = gw.unacked
     return not any(seq <= seq_at_kill for seq in unacked) and any(
         seq not in unacked for seq in range(seq_at_kill + 1, gw.seq + 1)
+    )
+
+
+def checked(
+    spec: Any, generator: LoadGenerator, stored: Counter[tuple[str, str, int, float]]
+) -> tuple[Counter[tuple[str, str, int, float]], int, int, int, int]:
+    """The generator's ledger against the stored history: (expected, lost, backlog,
+    duplicated, unexpected). Only an acked sample can be lost: the hub acks after the
+    commit. A frame still unacked at the end was not lost, the hub had not taken it yet
+    (the generator, like an agent, still holds it and would resend it): the backlog."""
+    expected = expected_history(generator.ledger)
+    unacked = {(gw.id, seq) for gw in generator.gateways for seq in gw.unacked}
+    acked = expected_history(
+        Ledger(spec, [f for f in generator.ledger.frames if (f.gateway, f.seq) not in unacked])
+    )
+    duplicated = sum(n - 1 for n in stored.values() if n > 1)
+    return (
+        expected,
+        sum((acked - stored).values()),
+        sum(expected.values()) - sum(acked.values()),
+        duplicated,
+        sum((stored - expected).values()) - duplicated,
     )
 
 
@@ -421,6 +433,7 @@ def main_workers(args: argparse.Namespace) -> None:
         "lease_s": LEASE_S,
         "lost": 0,
         "duplicated": 0,
+        "unexpected": 0,
         "failover_s": None,
     }
     rows: list[tuple[str, Any]] = [
@@ -438,6 +451,8 @@ def main_workers(args: argparse.Namespace) -> None:
         result["offered_points_per_s"] = one["offered"]
         result["lost"] += one["lost"]
         result["duplicated"] += one["duplicated"]
+        result["unexpected"] += one["unexpected"]
+        result[f"pg_unacked_samples_at_end_{n}"] = one["backlog"]
         if kill:
             result["failover_s"] = one["failover_s"]
         rows.append(
@@ -448,8 +463,9 @@ def main_workers(args: argparse.Namespace) -> None:
         )
         rows.append(
             (
-                f"{count} worker(s): sent / lost / duplicated" + (", failover" if kill else ""),
-                f"{one['samples_sent']} / {one['lost']} / {one['duplicated']}"
+                f"{count} worker(s): sent / unacked at end / lost / duplicated"
+                + (", failover" if kill else ""),
+                f"{one['samples_sent']} / {one['backlog']} / {one['lost']} / {one['duplicated']}"
                 + (f", {one['failover_s']} s" if kill else ""),
             )
         )
