@@ -109,7 +109,7 @@ class InputChanges:
         likely to move it again at once), or, with the weight of one more hold, a
         memoryless wait at the history's rate (the present hold may outlast all seen
         ones). Later holds likewise. Each new value is one the input held, smoothed by
-        ``bandwidth`` and kept within ``bounds``."""
+        ``bandwidth``, kept within ``bounds``, and away from the value it replaces."""
         if self.rate <= 0 or steps <= 0 or not self.levels:
             return np.full((count, steps), current)
         holds = np.asarray(self.holds, dtype=np.float64)
@@ -126,17 +126,46 @@ class InputChanges:
             drawn = holds[rng.integers(len(holds), size=(count, most - 1))]
             waits[:, 1:] = np.where(take, drawn, waits[:, 1:])
         times = np.cumsum(np.maximum(waits, 1.0), axis=1)
-        levels = np.asarray(self.levels)
-        values = levels[rng.integers(len(levels), size=(count, most))]
-        width = self.bandwidth
-        if width > 0:
-            values = values + rng.normal(0.0, width, (count, most))
-        low, high = bounds
-        values = np.clip(values, -np.inf if low is None else low, np.inf if high is None else high)
+        values = self._new_values(current, rng, count, most, bounds)
         ahead = np.arange(1, steps + 1, dtype=np.float64)
         done = (times[:, None, :] <= ahead[None, :, None]).sum(axis=2)
         picked = np.take_along_axis(values, np.maximum(done - 1, 0), axis=1)
         return np.where(done > 0, picked, current)
+
+    def _new_values(
+        self,
+        current: float,
+        rng: np.random.Generator,
+        count: int,
+        most: int,
+        bounds: tuple[float | None, float | None],
+    ) -> Array:
+        """Values after each of ``most`` changes (count × most). A change moves the
+        input: a draw nearer the value it leaves than half the smallest step seen is
+        drawn again (a few times), so a switch goes to its other state."""
+        levels = np.asarray(self.levels)
+        steps = np.abs(np.diff(levels))
+        steps = steps[steps > self.tolerance]
+        near = 0.5 * float(steps.min()) if len(steps) else self.tolerance
+        width = self.bandwidth
+        low = -np.inf if bounds[0] is None else bounds[0]
+        high = np.inf if bounds[1] is None else bounds[1]
+        out = np.empty((count, most))
+        previous = np.full(count, current)
+        for k in range(most):
+            drawn = np.empty(count)
+            redo = np.ones(count, dtype=np.bool_)
+            for _ in range(5):
+                fresh = levels[rng.integers(len(levels), size=int(redo.sum()))]
+                if width > 0:
+                    fresh = fresh + rng.normal(0.0, width, len(fresh))
+                drawn[redo] = np.clip(fresh, low, high)
+                redo = np.abs(drawn - previous) < near
+                if not redo.any():
+                    break
+            out[:, k] = drawn
+            previous = drawn
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -685,6 +714,7 @@ def simulate(
     paths: int = PATHS,
     bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
     seed: int = 0,
+    lag: Mapping[str, float] | None = None,
 ) -> dict[str, Trajectory]:
     """Run every model forward together from the end of ``history`` (series aligned at
     their ends, one grid). A point in ``overrides`` holds that value from the first step
@@ -698,7 +728,12 @@ def simulate(
     its longest hold, so the present hold's age is known); each modelled point adds its
     calibrated error per step. The forecast's central value is the median of those
     futures, its bands their quantiles. Without input changes to draw (none seen, or
-    all overridden) the bands are the calibrated ``held ± z·σ``."""
+    all overridden) the bands are the calibrated ``held ± z·σ``.
+
+    ``lag``: per modelled point, how many grid steps before the end of its history its
+    last sample was taken. The held grid value is that sample, so the model runs from
+    then, and each forecast step is read that much further along its run (interpolated):
+    the forecast is of the value at the step's time, not of a reading that lags it."""
     overrides = dict(overrides or {})
     bounds = dict(bounds or {})
     points = set(history) | set(overrides)
@@ -720,6 +755,8 @@ def simulate(
         if point not in overrides and all(i in last for i in model.inputs)
     }
     keep = max((m.lags for m in running.values()), default=1) + 1
+    shift = {p: max(0.0, float((lag or {}).get(p, 0.0))) for p in running}
+    extra = math.ceil(max(shift.values(), default=0.0))
     rng = np.random.default_rng(seed)
     varied: dict[str, Array] = {}
     for point in sorted(last):
@@ -740,13 +777,13 @@ def simulate(
         varied[point] = record.sample(
             float(series[-1]),
             record.age(series),
-            steps,
+            steps + extra,
             rng,
             paths,
             bounds.get(point, (None, None)),
         )
     rows = 1 + (paths if varied else 0)  # row 0: every input held
-    width = keep + steps
+    width = keep + steps + extra
     arrays: dict[str, Array] = {}
     for point, series in last.items():
         recent = series[-keep:]
@@ -771,8 +808,12 @@ def simulate(
             arrays[point][:, t + 1] = value
     out: dict[str, Trajectory] = {}
     for point, block in arrays.items():
-        held = block[0, keep:]
         found = running.get(point)
+        if found is not None and shift[point] > 0:
+            block = _advance(block[:, keep - 1 :], shift[point], steps)
+        else:
+            block = block[:, keep - 1 : keep + steps]
+        held = block[0, 1:]
         if found is None:
             flat = _tuple(held)
             out[point] = Trajectory(point, start_ms, step_ms, flat, (0.0,) * steps, False, flat)
@@ -780,7 +821,7 @@ def simulate(
         ahead = np.arange(1, steps + 1)
         s95 = np.asarray([found.sigma_at(int(h)) for h in ahead])
         s80 = np.asarray([found.sigma80_at(int(h)) for h in ahead])
-        futures = block[1:, keep:]
+        futures = block[1:, 1:]
         if len(futures) == 0 or np.ptp(futures, axis=0).max(initial=0.0) == 0:
             out[point] = Trajectory(
                 point,
@@ -814,6 +855,16 @@ def simulate(
             samples,
         )
     return out
+
+
+def _advance(run: Array, shift: float, steps: int) -> Array:
+    """``run`` (rows × origin and later steps) read ``shift`` steps further along:
+    column h is the value at position h + shift (linear between steps)."""
+    position = np.arange(steps + 1) + shift
+    below = np.floor(position).astype(np.int64)
+    above = np.minimum(below + 1, run.shape[1] - 1)
+    weight = position - below
+    return np.asarray(run[:, below] * (1 - weight) + run[:, above] * weight)
 
 
 def _tuple(values: Array) -> tuple[float, ...]:

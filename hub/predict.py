@@ -73,11 +73,22 @@ def load_grids(
 ) -> tuple[Array, dict[str, Array]]:
     """Each point's good/uncertain numeric history on one grid (zero-order hold), with the
     last sample before the window as its starting value."""
+    times, out, _ = load_sampled(store, points, start_ms, end_ms, step_ms)
+    return times, out
+
+
+def load_sampled(
+    store: TwinStorePort, points: Iterable[Point], start_ms: int, end_ms: int, step_ms: int
+) -> tuple[Array, dict[str, Array], dict[str, float]]:
+    """``load_grids``, and per point how many grid steps before ``end_ms`` its last
+    sample was taken, at most its usual gap between samples within the window (a point
+    reported on change that did not change is not late; 0 with fewer than 3 samples)."""
     times = models.grid(start_ms, end_ms, step_ms)
     out: dict[str, Array] = {}
+    late: dict[str, float] = {}
     wanted = sorted(set(points))
     if not wanted:
-        return times, out
+        return times, out, late
     entities = sorted({e for e, _ in wanted})
     attributes = sorted({a for _, a in wanted})
     rows = store.numeric_samples(entities, attributes, start_ms, end_ms)
@@ -94,7 +105,13 @@ def load_grids(
             target[1].append(float(v))
     for point, (ts, vals) in series.items():
         out[label(point)] = models.resample(ts, vals, times)
-    return times, out
+        inside = [t for t in ts if start_ms <= t <= end_ms]
+        if len(inside) >= 3:
+            usual = float(np.median(np.diff(inside)))
+            late[label(point)] = min(end_ms - inside[-1], usual) / step_ms
+        else:
+            late[label(point)] = 0.0
+    return times, out, late
 
 
 @dataclass(slots=True)
@@ -428,7 +445,7 @@ def _trajectories(
     fitted, errors = _models_for(bank, ctx, chain, points, at_ms, fit_missing)
     lags = max((m.lags for m in fitted.values()), default=1) + 2
     start = origin_ms - lags * bank.step_ms
-    _, history = load_grids(ctx.store, chain, start, origin_ms, bank.step_ms)
+    _, history, late = load_sampled(ctx.store, chain, start, origin_ms, bank.step_ms)
     # inputs nobody models change in the forecast as they did in the history; how long
     # the present value has been held matters (a renewal), so read back over the
     # longest hold seen (capped by the history window)
@@ -476,6 +493,7 @@ def _trajectories(
         step_ms=bank.step_ms,
         overrides=overrides,
         bounds=bounds,
+        lag={name: late.get(name, 0.0) for name in runnable},
     )
     for name, trajectory in list(trajectories.items()):
         found = physical.get(parse_point(name))

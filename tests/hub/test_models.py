@@ -254,6 +254,35 @@ def test_an_overridden_input_does_not_vary_and_the_band_is_calibrated() -> None:
     assert Model.from_dict(model.to_dict()) == model
 
 
+def test_a_late_sample_is_carried_forward_to_the_forecast_times() -> None:
+    """The level rises 1 cm a step; its last sample was taken 1.5 steps before the
+    forecast's origin (polled, held on the grid): the forecast is of the level at each
+    step's time, not of a reading 1.5 steps behind."""
+    model = Model(
+        target="x.y",
+        inputs=("x.u",),
+        structure="integrating",
+        step_ms=STEP_MS,
+        dead_time=0,
+        a=(1.0,),
+        b=((0.01,),),
+        c=0.0,
+        r2=1.0,
+        sigma=0.001,
+        samples=100,
+        fitted_ms=0,
+        horizon_sigma=(0.001,) * 10,
+    )
+    history = {"x.y": np.asarray([0.97, 0.98, 0.99, 1.0, 1.0]), "x.u": np.ones(5)}
+    plain = models.simulate({"x.y": model}, history, 10, start_ms=0, step_ms=STEP_MS)["x.y"]
+    late = models.simulate(
+        {"x.y": model}, history, 10, start_ms=0, step_ms=STEP_MS, lag={"x.y": 1.5}
+    )["x.y"]
+    assert plain.mean == pytest.approx([1.0 + 0.01 * h for h in range(1, 11)])
+    assert late.mean == pytest.approx([1.0 + 0.01 * (h + 1.5) for h in range(1, 11)])
+    assert late.held == late.mean
+
+
 def test_a_what_if_runs_through_a_chain_of_models() -> None:
     """speed follows its setpoint, the level integrates speed: set the setpoint, the
     level moves; without the change it does not."""
@@ -280,7 +309,9 @@ def test_a_what_if_runs_through_a_chain_of_models() -> None:
         bank, history, 120, start_ms=0, step_ms=STEP_MS, overrides={"p.sp": 1400.0}
     )
     assert changed["p.speed"].mean[-1] == pytest.approx(1400, abs=5)
-    rise = changed["t.level"].mean[-1] - base["t.level"].mean[-1]
+    # without the change, held: the setpoint stays (the forecast proper weighs the
+    # history's 900 ↔ 1100 steps every 100 s)
+    rise = changed["t.level"].mean[-1] - base["t.level"].held[-1]
     assert rise == pytest.approx(2e-5 * (1400 - sp[-1]) * 120, rel=0.1)
     assert changed["t.level"].modelled
     assert not changed["p.sp"].modelled

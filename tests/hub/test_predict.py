@@ -289,3 +289,36 @@ def test_an_approver_is_not_shown_a_guess_from_a_weak_model(rig: Rig) -> None:
     assert "explains too little yet" in verdict["prediction_unavailable"]
     forecast = rig.ok("vic", "twin.predict", {"target": "tank-1.level", "horizon": "1m"})
     assert "explains too little yet" in forecast["untrusted"]
+
+
+class Samples:
+    """A store holding a few samples of one point (the two reads load_sampled makes)."""
+
+    def __init__(self, rows: list[tuple[int, float]]) -> None:
+        self.rows = rows
+
+    def numeric_samples(
+        self, entities: list[str], attributes: list[str], start_ms: int, end_ms: int
+    ) -> list[tuple[str, str, int, float]]:
+        return [("t", "x", ts, v) for ts, v in self.rows if start_ms <= ts <= end_ms]
+
+    def numeric_before(
+        self, entities: list[str], attributes: list[str], start_ms: int
+    ) -> list[tuple[str, str, int, float]]:
+        older = [(ts, v) for ts, v in self.rows if ts < start_ms]
+        return [("t", "x", *older[-1])] if older else []
+
+
+def test_how_late_the_last_sample_is_counts_in_grid_steps_up_to_the_usual_gap() -> None:
+    from fieldtwin.hub.predict import load_sampled
+
+    polled = Samples([(t, 1.0) for t in range(0, 9001, 1000)])  # every second
+    _, grids, late = load_sampled(polled, [("t", "x")], 0, 9600, 500)  # type: ignore[arg-type]
+    assert late["t.x"] == pytest.approx(600 / 500)
+    assert grids["t.x"][-1] == 1.0
+    # reported on change and nothing changed for long: not late beyond the usual gap
+    quiet = Samples([(0, 1.0), (1000, 1.0), (2000, 1.0)])
+    _, _, late = load_sampled(quiet, [("t", "x")], 0, 60_000, 500)  # type: ignore[arg-type]
+    assert late["t.x"] == pytest.approx(1000 / 500)
+    _, _, late = load_sampled(Samples([(0, 1.0)]), [("t", "x")], 0, 9000, 500)  # type: ignore[arg-type]
+    assert late["t.x"] == 0.0
