@@ -2,6 +2,7 @@
 what-if accuracy, on the running water plant.
 
 Run: python bench/predict.py [--plant-minutes 60] [--speed 10] [--origins 120] [--seed 7]
+     [--dump forecasts.jsonl]
 
 1. The whole pipeline as processes (``hub.demo.Plant``: embedded broker, the
    water-plant simulator at ``--speed``, the three agents, the hub), the hub's model
@@ -568,7 +569,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     result["whatif_failures"] = len(whatif_failed)
     result["whatif_write_delay_ms"] = r(mean([w.written_ms - w.asked_ms for w in whatifs]), 0)
     report(result, scored, steady, whatifs, [*whatif_failed, *forecast_failed], log)
+    if args.dump:
+        dump(Path(args.dump), found, truth, writes)
     return result
+
+
+def dump(path: Path, found: Sequence[Forecast], truth: Truth, writes: dict[str, list[int]]) -> None:
+    """One JSON line per forecast and lead: what the hub answered, what was true."""
+    with path.open("w") as out:
+        for item in found:
+            for lead in LEADS_MIN:
+                ts_ms, value, p80, p95 = item.rows[lead]
+                row = {
+                    "target": item.target,
+                    "origin_ms": item.origin_ms,
+                    "lead_min": lead,
+                    "current": item.current,
+                    "mean": value,
+                    "held": item.held.get(lead),
+                    "p80": p80,
+                    "p95": p95,
+                    "truth": truth.at(item.target, ts_ms),
+                    "reported": item.reported.get(lead),
+                    "disturbed": disturbed(item, lead, writes),
+                }
+                out.write(json.dumps(row) + "\n")
 
 
 def print_table(title: str, scored: dict[str, Any]) -> None:
@@ -664,6 +689,9 @@ def main() -> None:
         "--origins", type=int, default=120, help="forecast origins per target (default 120)"
     )
     parser.add_argument("--seed", type=int, default=7, help="setpoint schedule seed (default 7)")
+    parser.add_argument(
+        "--dump", default="", help="write every judged forecast as a JSON line to this file"
+    )
     args = parser.parse_args()
     if args.plant_minutes < 2 * WHATIF_MIN or args.origins < 1 or args.speed <= 0:
         parser.error("--plant-minutes must be at least 10, --origins at least 1, --speed > 0")
