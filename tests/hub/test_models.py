@@ -335,6 +335,43 @@ def test_crossing_times_bracket_the_expected_one() -> None:
     assert already.already
 
 
+def test_error_draws_have_the_calibrated_quantiles() -> None:
+    z = np.random.default_rng(0).standard_normal(200_000)
+    errors = models._fan(z, np.asarray(1.0), np.asarray(2.0))  # heavy tails: s95 > s80
+    size = np.abs(errors)
+    assert np.quantile(size, 0.80) == pytest.approx(models.Z80 * 1.0, rel=0.02)
+    assert np.quantile(size, 0.95) == pytest.approx(models.Z95 * 2.0, rel=0.02)
+    gaussian = models._fan(z, np.asarray(1.5), np.asarray(1.5))
+    assert np.allclose(gaussian, 1.5 * z)
+
+
+def test_a_crossing_in_simulated_futures_is_their_share_beyond_the_limit() -> None:
+    """A fifth of the futures step up past the limit after 10 steps, the rest stay:
+    the probability is that fifth, the expected value (median) never gets there."""
+    futures = np.full((100, 30), 2.0)
+    futures[:20, 10:] = 4.5
+    low95, high95 = np.quantile(futures, [0.025, 0.975], axis=0)
+    trajectory = models.Trajectory(
+        "t.level",
+        0,
+        1000,
+        (2.0,) * 30,
+        tuple((high95 - low95) / (2 * models.Z95)),
+        True,
+        (2.0,) * 30,
+        (2.0,) * 30,
+        (2.0,) * 30,
+        tuple(low95),
+        tuple(high95),
+        futures,
+    )
+    found = models.crossing(trajectory, 2.0, "warning high", 4.0, "high")
+    assert found.probability == pytest.approx(0.2)
+    assert found.eta_s is None
+    assert found.earliest_s == 11.0  # the band's upper edge: step 11
+    assert found.latest_s is None
+
+
 def test_a_leak_is_a_model_residual_far_beyond_sigma() -> None:
     y, u = integrating()
     model = fit(y, u)

@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from support.hub_env import GatewaySigner, point, sample, write_hub_config
 from support.service_rig import T0, Clock, Rig
@@ -275,6 +276,29 @@ def test_a_forecast_stops_at_the_physical_range() -> None:
     assert held.mean == (4.0, 4.8, 5.0, 5.0)
     assert max(m + 1.96 * s for m, s in zip(held.mean, held.sigma, strict=True)) <= 5.0 + 1e-6
     assert clamp(rising, 0.0, 10.0) is rising
+    # simulated futures and quantile bands are cut at the wall too
+    futures = np.asarray([[4.0, 4.9, 5.5, 6.0], [4.0, 4.6, 5.0, 5.2]])
+    fanned = Trajectory(
+        "tank-1.level",
+        0,
+        1000,
+        (4.0, 4.8, 5.2, 5.6),
+        (0.1,) * 4,
+        True,
+        (4.0, 4.8, 5.6, 6.4),
+        (3.9, 4.6, 5.0, 5.2),
+        (4.1, 4.9, 5.5, 6.0),
+        (3.8, 4.5, 4.9, 5.1),
+        (4.2, 5.0, 5.7, 6.2),
+        futures,
+    )
+    cut = clamp(fanned, 0.0, 5.0)
+    assert cut.mean == (4.0, 4.8, 5.0, 5.0)
+    assert cut.held == (4.0, 4.8, 5.0, 5.0)
+    assert max(cut.high95) <= 5.0
+    assert cut.low95 == (3.8, 4.5, 4.9, 5.0)
+    assert cut.samples is not None
+    assert cut.samples.max() <= 5.0
 
 
 def test_an_approver_is_not_shown_a_guess_from_a_weak_model(rig: Rig) -> None:
