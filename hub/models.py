@@ -14,10 +14,15 @@ value holds until the next sample). Candidate structures, one step ``t → t+1``
 Each candidate (and each dead time) is fitted by least squares on the older 75 % of
 the window and scored by its free-run (simulation) error on the newer 25 % over the
 forecast horizon, because a model is used to predict many steps ahead, where a good
-one-step fit proves little. The winner is refitted on the whole window. Its forecast
-intervals come from a backtest: the model is run from many origins in the history
-with the inputs that really happened, and the spread of its h-step errors gives
+one-step fit proves little. The winner is refitted on the whole window. Its error
+tables come from a backtest: the model is run from many origins in the history with
+the inputs that really happened (and, with a holdout, on data it never saw), and the
+80 % and 95 % quantiles of its h-step errors give ``horizon_sigma80[h]`` and
 ``horizon_sigma[h]``. So the intervals include model error, not only sensor noise.
+With each model go the inputs' change records (``InputChanges``): a forecast
+(``simulate``) draws futures in which the inputs nobody models change as often and as
+far as they did, runs the models over all of them at once, and reports their median
+and quantiles (docs/prediction.md).
 
 Everything here takes arrays and returns plain values: the hub service decides what
 history to load and when to refit (hub/predict.py does the queries).
