@@ -2,6 +2,7 @@
 what-if accuracy, on the running water plant.
 
 Run: python bench/predict.py [--plant-minutes 60] [--speed 10] [--origins 120] [--seed 7]
+     [--dump forecasts.jsonl]
 
 1. The whole pipeline as processes (``hub.demo.Plant``: embedded broker, the
    water-plant simulator at ``--speed``, the three agents, the hub), the hub's model
@@ -38,7 +39,9 @@ Run: python bench/predict.py [--plant-minutes 60] [--speed 10] [--origins 120] [
    answer's comparison rows). A second table keeps only the forecasts whose driving
    setpoint did not change between origin and lead (a change nobody could know at the
    origin). The hub's own comparison (every grid step against the values the agents
-   reported later) is shown too.
+   reported later) is shown too. "held MAE" judges the answer's ``held`` trajectory
+   (every input held at its value at T) where the hub gives one; "model MAE" judges its
+   ``mean``, the forecast proper (docs/prediction.md says how they differ).
 
 Times: agents stamp samples with this machine's wall clock and the hub's models work
 in wall milliseconds; the simulator stamps each tick with its nominal wall time
@@ -132,6 +135,8 @@ class Forecast:
     rows: dict[int, tuple[int, float, tuple[float, float], tuple[float, float]]]
     reported: dict[int, float] = field(default_factory=dict)
     """Lead → the value the agents reported then (the hub's comparison row)."""
+    held: dict[int, float] = field(default_factory=dict)
+    """Lead → the forecast with every input held at its value at the origin (``held``)."""
     hub: dict[str, Any] = field(default_factory=dict)
 
 
@@ -334,11 +339,14 @@ async def forecasts(
                 failed.append(f"{target} at {origin}: {exc}")
                 continue
             rows: dict[int, tuple[int, float, tuple[float, float], tuple[float, float]]] = {}
+            held: dict[int, float] = {}
             for lead in LEADS_MIN:
                 wanted_s = lead * 60 / speed
                 row = min(answer["forecast"], key=lambda r: abs(r["in_s"] - wanted_s))
                 if abs(row["in_s"] - wanted_s) > step_ms / 1000:
                     raise SystemExit(f"no forecast row at +{lead} plant-min: {answer['forecast']}")
+                if "held" in row:
+                    held[lead] = float(row["held"])
                 rows[lead] = (
                     int(row["ts_ms"]),
                     float(row["mean"]),
@@ -361,6 +369,7 @@ async def forecasts(
                     structure=str(model.get("structure", model.get("error", "none"))),
                     rows=rows,
                     reported=reported,
+                    held=held,
                     hub=comparison,
                 )
             )
@@ -392,6 +401,7 @@ def score(found: Sequence[Forecast], truth: Truth, keep: Any) -> dict[str, Any]:
         for lead in LEADS_MIN:
             model_err: list[float] = []
             naive_err: list[float] = []
+            held_err: list[float] = []
             in80: list[bool] = []
             in95: list[bool] = []
             rep95: list[bool] = []
@@ -404,6 +414,8 @@ def score(found: Sequence[Forecast], truth: Truth, keep: Any) -> dict[str, Any]:
                     continue
                 model_err.append(abs(value - actual))
                 naive_err.append(abs(item.current - actual))
+                if lead in item.held:
+                    held_err.append(abs(item.held[lead] - actual))
                 in80.append(p80[0] <= actual <= p80[1])
                 in95.append(p95[0] <= actual <= p95[1])
                 seen = item.reported.get(lead)
@@ -417,6 +429,7 @@ def score(found: Sequence[Forecast], truth: Truth, keep: Any) -> dict[str, Any]:
                 "n": len(model_err),
                 "mae": model_mae,
                 "naive_mae": naive_mae,
+                "held_mae": mean(held_err),
                 "ratio": naive_mae / model_mae if model_mae > 0 else math.nan,
                 "coverage_80": statistics.fmean(in80) if in80 else math.nan,
                 "coverage_95": statistics.fmean(in95) if in95 else math.nan,
@@ -524,6 +537,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result[f"mae_{lead}min_{name}"] = r(row["mae"])
             result[f"naive_mae_{lead}min_{name}"] = r(row["naive_mae"])
             result[f"ratio_{lead}min_{name}"] = r(row["ratio"], 2)
+            result[f"held_mae_{lead}min_{name}"] = r(row["held_mae"])
     result["coverage_95"] = r(scored["coverage_95"], 3)
     result["coverage_80"] = r(scored["coverage_80"], 3)
     result["coverage_95_reported"] = r(scored["coverage_95_reported"], 3)
@@ -555,14 +569,38 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     result["whatif_failures"] = len(whatif_failed)
     result["whatif_write_delay_ms"] = r(mean([w.written_ms - w.asked_ms for w in whatifs]), 0)
     report(result, scored, steady, whatifs, [*whatif_failed, *forecast_failed], log)
+    if args.dump:
+        dump(Path(args.dump), found, truth, writes)
     return result
+
+
+def dump(path: Path, found: Sequence[Forecast], truth: Truth, writes: dict[str, list[int]]) -> None:
+    """One JSON line per forecast and lead: what the hub answered, what was true."""
+    with path.open("w") as out:
+        for item in found:
+            for lead in LEADS_MIN:
+                ts_ms, value, p80, p95 = item.rows[lead]
+                row = {
+                    "target": item.target,
+                    "origin_ms": item.origin_ms,
+                    "lead_min": lead,
+                    "current": item.current,
+                    "mean": value,
+                    "held": item.held.get(lead),
+                    "p80": p80,
+                    "p95": p95,
+                    "truth": truth.at(item.target, ts_ms),
+                    "reported": item.reported.get(lead),
+                    "disturbed": disturbed(item, lead, writes),
+                }
+                out.write(json.dumps(row) + "\n")
 
 
 def print_table(title: str, scored: dict[str, Any]) -> None:
     print(title)
     print(
         f"{'target':<20} {'lead':>6} {'n':>4} {'model MAE':>10} {'naive MAE':>10} "
-        f"{'naive/model':>11} {'cov 80%':>8} {'cov 95%':>8} {'95% rep':>8}"
+        f"{'naive/model':>11} {'cov 80%':>8} {'cov 95%':>8} {'95% rep':>8} {'held MAE':>9}"
     )
     for name in TARGETS:
         for lead in LEADS_MIN:
@@ -571,7 +609,7 @@ def print_table(title: str, scored: dict[str, Any]) -> None:
                 f"{name:<20} {lead:>3} min {row['n']:>4} {row['mae']:>10.4f} "
                 f"{row['naive_mae']:>10.4f} {row['ratio']:>11.2f} "
                 f"{row['coverage_80']:>8.1%} {row['coverage_95']:>8.1%} "
-                f"{row['coverage_95_reported']:>8.1%}"
+                f"{row['coverage_95_reported']:>8.1%} {row['held_mae']:>9.4f}"
             )
     print(
         f"{'all':<20} {'':>6} {scored['judged']:>4} {'':>10} {'':>10} {'':>11} "
@@ -651,6 +689,9 @@ def main() -> None:
         "--origins", type=int, default=120, help="forecast origins per target (default 120)"
     )
     parser.add_argument("--seed", type=int, default=7, help="setpoint schedule seed (default 7)")
+    parser.add_argument(
+        "--dump", default="", help="write every judged forecast as a JSON line to this file"
+    )
     args = parser.parse_args()
     if args.plant_minutes < 2 * WHATIF_MIN or args.origins < 1 or args.speed <= 0:
         parser.error("--plant-minutes must be at least 10, --origins at least 1, --speed > 0")

@@ -634,7 +634,9 @@ def _band(pair: Any) -> str:
 def _forecast_lines(result: Any, unit: str, compare: bool = False) -> list[str]:
     from fieldtwin.hub.render import render_table
 
-    headers = ["in", "time", "expected", "80 %", "95 %"] + (["reported"] if compare else [])
+    held = any("held" in row for row in result)
+    headers = ["in", "time", "expected", "80 %", "95 %"] + (["inputs held"] if held else [])
+    headers += ["reported"] if compare else []
     rows = []
     for row in result:
         line = [
@@ -644,6 +646,8 @@ def _forecast_lines(result: Any, unit: str, compare: bool = False) -> list[str]:
             _band(row["p80"]),
             _band(row["p95"]),
         ]
+        if held:
+            line.append(_number(row.get("held"), unit))
         if compare:
             line.append(_number(row.get("actual"), unit))
         rows.append(line)
@@ -665,6 +669,8 @@ def _twin_predict(args: argparse.Namespace) -> int:
             ]
             if result.get("untrusted"):
                 lines.append(f"CAUTION: {result['untrusted']}")
+            if result.get("basis"):
+                lines.append(f"basis: {result['basis']}")
             comparison = result.get("comparison")
             lines += _forecast_lines(
                 result["forecast"] if not comparison else comparison.get("rows", []),

@@ -14,10 +14,15 @@ value holds until the next sample). Candidate structures, one step ``t → t+1``
 Each candidate (and each dead time) is fitted by least squares on the older 75 % of
 the window and scored by its free-run (simulation) error on the newer 25 % over the
 forecast horizon, because a model is used to predict many steps ahead, where a good
-one-step fit proves little. The winner is refitted on the whole window. Its forecast
-intervals come from a backtest: the model is run from many origins in the history
-with the inputs that really happened, and the spread of its h-step errors gives
+one-step fit proves little. The winner is refitted on the whole window. Its error
+tables come from a backtest: the model is run from many origins in the history with
+the inputs that really happened (and, with a holdout, on data it never saw), and the
+80 % and 95 % quantiles of its h-step errors give ``horizon_sigma80[h]`` and
 ``horizon_sigma[h]``. So the intervals include model error, not only sensor noise.
+With each model go the inputs' change records (``InputChanges``): a forecast
+(``simulate``) draws futures in which the inputs nobody models change as often and as
+far as they did, runs the models over all of them at once, and reports their median
+and quantiles (docs/prediction.md).
 
 Everything here takes arrays and returns plain values: the hub service decides what
 history to load and when to refit (hub/predict.py does the queries).
@@ -25,9 +30,10 @@ history to load and when to refit (hub/predict.py does the queries).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,10 +49,180 @@ HOLDOUT_MIN = 400
 """From this many grid steps on, structures are judged on data they were not fitted on."""
 Z80 = 1.2815515655446004
 Z95 = 1.959963984540054
+PATHS = 400
+"""Simulated futures per forecast (input changes drawn from the history, seeded)."""
+CHANGE_K = 5.0
+"""A grid-to-grid move of an input beyond this many times its noise is a change."""
+MOVING_SHARE = 0.25
+"""An input that moves on more than this share of grid steps is measured (noisy), not set."""
+KEPT = 200
+"""Newest holds and levels an input's change record keeps."""
 
 
 class ModelError(ValueError):
     """A model cannot be fitted or used (too little data, unknown input)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputChanges:
+    """How an input moved in the history a model was fitted on: how often it changed
+    (``rate`` per grid step over ``observed`` steps), how long each value was held
+    (``holds``, complete holds only, in grid steps) and which values it took
+    (``levels``). A forecast draws the future changes of inputs nobody models (the
+    setpoints an operator moves) from it."""
+
+    rate: float
+    holds: tuple[int, ...]
+    levels: tuple[float, ...]
+    tolerance: float
+    observed: int
+
+    def age(self, series: Array) -> int:
+        """Grid steps since the last change at the end of ``series`` (its length - 1 if
+        none is in it: a lower bound)."""
+        moves = np.abs(np.diff(series))
+        changed = np.flatnonzero(np.nan_to_num(moves, nan=0.0) > self.tolerance)
+        return int(len(series) - 2 - changed[-1]) if len(changed) else max(len(series) - 1, 0)
+
+    @property
+    def bandwidth(self) -> float:
+        """Kernel width for new values (Silverman's rule on the levels held; 0 for an
+        input that took at most two values: a switch)."""
+        levels = np.asarray(self.levels)
+        if len(np.unique(levels)) < 3:
+            return 0.0
+        spread = float(np.std(levels))
+        q75, q25 = np.percentile(levels, [75, 25])
+        robust = float(q75 - q25) / 1.34
+        if robust > 0:
+            spread = min(spread, robust)
+        return float(0.9 * spread * len(levels) ** -0.2)
+
+    def sample(
+        self,
+        current: float,
+        age: int,
+        steps: int,
+        rng: np.random.Generator,
+        count: int,
+        bounds: tuple[float | None, float | None] = (None, None),
+    ) -> Array:
+        """``count`` possible futures of the input over ``steps`` (shape count × steps).
+
+        When the next change comes: a complete hold of the history longer than the
+        present one's ``age`` (a renewal: an operator who just moved a setpoint is less
+        likely to move it again at once), or, with the weight of one more hold, a
+        memoryless wait at the history's rate (the present hold may outlast all seen
+        ones). Later holds likewise. Each new value is one the input held, smoothed by
+        ``bandwidth``, kept within ``bounds``, and away from the value it replaces."""
+        if self.rate <= 0 or steps <= 0 or not self.levels:
+            return np.full((count, steps), current)
+        holds = np.asarray(self.holds, dtype=np.float64)
+        most = max(2, min(32, math.ceil(steps * self.rate * 4) + 2))
+        if len(holds):
+            most = max(most, min(32, math.ceil(steps / max(1.0, float(holds.min()))) + 1))
+        waits = np.ceil(rng.exponential(1.0 / self.rate, (count, most)))
+        longer = holds[holds > age]
+        if len(longer):
+            take = rng.random(count) < len(longer) / (len(longer) + 1)
+            waits[take, 0] = longer[rng.integers(len(longer), size=int(take.sum()))] - age
+        if len(holds):
+            take = rng.random((count, most - 1)) < len(holds) / (len(holds) + 1)
+            drawn = holds[rng.integers(len(holds), size=(count, most - 1))]
+            waits[:, 1:] = np.where(take, drawn, waits[:, 1:])
+        times = np.cumsum(np.maximum(waits, 1.0), axis=1)
+        values = self._new_values(current, rng, count, most, bounds)
+        ahead = np.arange(1, steps + 1, dtype=np.float64)
+        done = (times[:, None, :] <= ahead[None, :, None]).sum(axis=2)
+        picked = np.take_along_axis(values, np.maximum(done - 1, 0), axis=1)
+        return np.where(done > 0, picked, current)
+
+    def _new_values(
+        self,
+        current: float,
+        rng: np.random.Generator,
+        count: int,
+        most: int,
+        bounds: tuple[float | None, float | None],
+    ) -> Array:
+        """Values after each of ``most`` changes (count × most). A change moves the
+        input: a draw nearer the value it leaves than half the smallest step seen is
+        drawn again (a few times), so a switch goes to its other state."""
+        levels = np.asarray(self.levels)
+        steps = np.abs(np.diff(levels))
+        steps = steps[steps > self.tolerance]
+        near = 0.5 * float(steps.min()) if len(steps) else self.tolerance
+        width = self.bandwidth
+        low = -np.inf if bounds[0] is None else bounds[0]
+        high = np.inf if bounds[1] is None else bounds[1]
+        out = np.empty((count, most))
+        previous = np.full(count, current)
+        for k in range(most):
+            drawn = np.empty(count)
+            redo = np.ones(count, dtype=np.bool_)
+            for _ in range(5):
+                fresh = levels[rng.integers(len(levels), size=int(redo.sum()))]
+                if width > 0:
+                    fresh = fresh + rng.normal(0.0, width, len(fresh))
+                drawn[redo] = np.clip(fresh, low, high)
+                redo = np.abs(drawn - previous) < near
+                if not redo.any():
+                    break
+            out[:, k] = drawn
+            previous = drawn
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rate": self.rate,
+            "holds": list(self.holds),
+            "levels": list(self.levels),
+            "tolerance": self.tolerance,
+            "observed": self.observed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InputChanges:
+        return cls(
+            rate=float(data["rate"]),
+            holds=tuple(int(x) for x in data["holds"]),
+            levels=tuple(float(x) for x in data["levels"]),
+            tolerance=float(data["tolerance"]),
+            observed=int(data["observed"]),
+        )
+
+
+def learn_changes(series: Array) -> InputChanges:
+    """The change record of one input's grid history (NaN: unknown, skipped)."""
+    values = np.asarray(series, dtype=np.float64)
+    known = values[np.isfinite(values)]
+    moves = np.diff(values)
+    finite = np.isfinite(moves)
+    if not len(known) or not finite.any():
+        return InputChanges(0.0, (), tuple(float(v) for v in known[-1:]), 0.0, 0)
+    # A setpoint moves on a few grid steps (each move a change); a measured input moves
+    # on most (noise, and a held sample between reports): then only a move far beyond
+    # its usual size is a change.
+    size = np.abs(moves[finite])
+    moving = size[size > 0]
+    noise = 1.4826 * float(np.median(moving)) if len(moving) > MOVING_SHARE * len(size) else 0.0
+    tolerance = max(CHANGE_K * noise, 1e-9 * (1.0 + abs(float(np.median(known)))))
+    changed = np.flatnonzero(finite & (np.abs(np.nan_to_num(moves)) > tolerance)) + 1
+    starts = np.concatenate([[0], changed, [len(values)]])
+    levels = [
+        float(np.median(segment))
+        for a, b in itertools.pairwise(starts)
+        if len(segment := values[a:b][np.isfinite(values[a:b])])
+    ]
+    holds = np.diff(changed)
+    observed = int(finite.sum())
+    return InputChanges(
+        rate=len(changed) / observed,
+        holds=tuple(int(h) for h in holds[-KEPT:]),
+        levels=tuple(levels[-KEPT:]),
+        tolerance=tolerance,
+        observed=observed,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +242,12 @@ class Model:
     samples: int
     fitted_ms: int
     horizon_sigma: tuple[float, ...]
+    """σ of the h-step error such that ±1.96 σ held 95 % of the backtest's errors
+    (out of sample where there was a holdout)."""
+    horizon_sigma80: tuple[float, ...] = ()
+    """The same for 80 % (±1.28 σ): errors are rarely Gaussian, so both are kept."""
+    changes: tuple[InputChanges | None, ...] = ()
+    """Per input, how it changed in the fitted history (used for inputs nobody models)."""
 
     @property
     def lags(self) -> int:
@@ -85,8 +267,15 @@ class Model:
         return value
 
     def sigma_at(self, steps: int) -> float:
-        """σ of the forecast error ``steps`` ahead (beyond the backtest: √h growth)."""
-        table = self.horizon_sigma
+        """σ of the forecast error ``steps`` ahead for a 95 % band (beyond the backtest:
+        √h growth)."""
+        return self._table_at(self.horizon_sigma, steps)
+
+    def sigma80_at(self, steps: int) -> float:
+        """σ of the forecast error ``steps`` ahead for an 80 % band."""
+        return self._table_at(self.horizon_sigma80 or self.horizon_sigma, steps)
+
+    def _table_at(self, table: tuple[float, ...], steps: int) -> float:
         if steps <= 0:
             return 0.0
         if not table:
@@ -117,6 +306,8 @@ class Model:
             "samples": self.samples,
             "fitted_ms": self.fitted_ms,
             "horizon_sigma": list(self.horizon_sigma),
+            "horizon_sigma80": list(self.horizon_sigma80),
+            "changes": [c.to_dict() if c is not None else None for c in self.changes],
         }
 
     @classmethod
@@ -135,6 +326,11 @@ class Model:
             samples=int(data["samples"]),
             fitted_ms=int(data["fitted_ms"]),
             horizon_sigma=tuple(float(x) for x in data["horizon_sigma"]),
+            horizon_sigma80=tuple(float(x) for x in data.get("horizon_sigma80", ())),
+            changes=tuple(
+                InputChanges.from_dict(c) if c is not None else None
+                for c in data.get("changes", ())
+            ),
         )
 
     def describe(self) -> str:
@@ -357,17 +553,25 @@ def fit(
     residual = step_target - x @ coef
     sigma = float(np.sqrt(np.mean(residual**2)))
     origins = _origins(complete, 0, n, max(model.lags, max_lag), min(horizon_steps, n // 3), 200)
-    table: tuple[float, ...] = ()
+    table95: tuple[float, ...] = ()
+    table80: tuple[float, ...] = ()
     r2 = 0.0
     if len(origins) and min(horizon_steps, n // 3) > 0:
         steps = min(horizon_steps, n // 3)
         forecast = free_run(model, y, u, origins, steps)
         actual = np.stack([y[origins + h + 1] for h in range(steps)], axis=1)
         errors = forecast - actual
-        rms = np.sqrt(np.mean(errors**2, axis=0))
+        s80, s95 = _calibrated(errors)
         if holdout:
-            rms = _with_holdout(rms, trained, y, u, complete, split, max_lag)
-        table = tuple(float(v) for v in np.maximum.accumulate(rms))
+            unseen = _holdout_errors(trained, y, u, complete, split, max_lag, steps)
+            if unseen is not None:
+                unseen80, unseen95 = _calibrated(unseen)
+                s80 = _widened(s80, unseen80)
+                s95 = _widened(s95, unseen95)
+        s95 = np.maximum.accumulate(s95)
+        s80 = np.minimum(np.maximum.accumulate(s80), s95 * Z95 / Z80)
+        table95 = tuple(float(v) for v in s95)
+        table80 = tuple(float(v) for v in s80)
         variance = float(np.var(y[complete]))
         r2 = 1.0 - float(np.mean(errors[:, -1] ** 2)) / variance if variance > 0 else 0.0
     return Model(
@@ -383,35 +587,52 @@ def fit(
         sigma=sigma,
         samples=int(complete.sum()),
         fitted_ms=now_ms,
-        horizon_sigma=table,
+        horizon_sigma=table95,
+        horizon_sigma80=table80,
+        changes=tuple(learn_changes(u[j]) for j in range(u.shape[0])),
     )
 
 
-def _with_holdout(
-    rms: Array,
+def _calibrated(errors: Array) -> tuple[Array, Array]:
+    """Per step ahead, the σ whose ±1.28 σ and ±1.96 σ bands held 80 % and 95 % of
+    ``errors`` (origins × steps): quantiles of what happened, not a Gaussian guess (a
+    model's misses after an input step are heavy-tailed)."""
+    size = np.abs(errors)
+    return np.quantile(size, 0.80, axis=0) / Z80, np.quantile(size, 0.95, axis=0) / Z95
+
+
+def _holdout_errors(
     trained: Model,
     y: Array,
     u: Array,
     complete: npt.NDArray[np.bool_],
     split: int,
     max_lag: int,
-) -> Array:
-    """The h-step error table widened by what the model fitted on the older data missed
-    on the newer data it never saw. A backtest on the data a model was fitted on flatters
-    it; its intervals then cover too little (bench/predict.py measured it)."""
-    steps = min(len(rms), (len(y) - split) // 2)
+    steps: int,
+) -> Array | None:
+    """What the model fitted on the older data missed on the newer data it never saw
+    (origins × steps, fewer steps when the holdout is short). A backtest on the data a
+    model was fitted on flatters it; its intervals then cover too little
+    (bench/predict.py measured it)."""
+    steps = min(steps, (len(y) - split) // 2)
     if steps <= 0:
-        return rms
+        return None
     origins = _origins(complete, split, len(y), max(trained.lags, max_lag), steps, 200)
     if len(origins) == 0:
-        return rms
+        return None
     forecast = free_run(trained, y, u, origins, steps)
     actual = np.stack([y[origins + h + 1] for h in range(steps)], axis=1)
-    unseen = np.sqrt(np.mean((forecast - actual) ** 2, axis=0))
-    out = rms.copy()
-    out[:steps] = np.maximum(rms[:steps], unseen)
-    if steps < len(rms) and rms[steps - 1] > 0:  # beyond: keep the shape, scaled
-        out[steps:] = rms[steps:] * max(1.0, float(unseen[-1] / rms[steps - 1]))
+    return np.asarray(forecast - actual)
+
+
+def _widened(table: Array, unseen: Array) -> Array:
+    """``table`` (in sample) raised to the out-of-sample one where that is larger; beyond
+    the holdout's reach the in-sample shape, scaled by the last ratio."""
+    steps = len(unseen)
+    out = table.copy()
+    out[:steps] = np.maximum(table[:steps], unseen)
+    if steps < len(table) and table[steps - 1] > 0:
+        out[steps:] = table[steps:] * max(1.0, float(unseen[-1] / table[steps - 1]))
     return out
 
 
@@ -432,7 +653,10 @@ def _rows(
 
 @dataclass(frozen=True, slots=True)
 class Trajectory:
-    """A forecast of one point: the mean and σ per step after ``start_ms``."""
+    """A forecast of one point per step after ``start_ms``: the central value, the
+    80 % and 95 % bands (``low80``… ; empty: Gaussian ``mean ± z·sigma``), σ (half the
+    95 % band / 1.96), the trajectory with every input held at its present value
+    (``held``) and, when the forecast simulated input changes, its samples."""
 
     point: str
     start_ms: int
@@ -440,14 +664,48 @@ class Trajectory:
     mean: tuple[float, ...]
     sigma: tuple[float, ...]
     modelled: bool
+    held: tuple[float, ...] = ()
+    low80: tuple[float, ...] = ()
+    high80: tuple[float, ...] = ()
+    low95: tuple[float, ...] = ()
+    high95: tuple[float, ...] = ()
+    samples: Array | None = field(default=None, compare=False, repr=False)
+    """Simulated futures (paths × steps), noise included; None: the band is analytic."""
 
     def at(self, steps: int) -> tuple[float, float]:
         index = min(max(steps, 1), len(self.mean)) - 1
         return self.mean[index], self.sigma[index]
 
+    def interval(self, steps: int, level: float) -> tuple[float, float]:
+        """The ``level`` (0.8 or 0.95) band ``steps`` ahead."""
+        index = min(max(steps, 1), len(self.mean)) - 1
+        low, high = self.bands(level)
+        return float(low[index]), float(high[index])
+
+    def bands(self, level: float) -> tuple[Array, Array]:
+        """The ``level`` band at every step (lower, upper arrays)."""
+        if level not in (0.8, 0.95):
+            raise ValueError(f"bands are kept for 80 % and 95 %, not {level}")
+        low, high = (self.low80, self.high80) if level == 0.8 else (self.low95, self.high95)
+        if low and high:
+            return np.asarray(low), np.asarray(high)
+        z = Z80 if level == 0.8 else Z95
+        mean, sigma = np.asarray(self.mean), np.asarray(self.sigma)
+        return mean - z * sigma, mean + z * sigma
+
     def band(self, steps: int, z: float) -> tuple[float, float]:
         mean, sigma = self.at(steps)
         return mean - z * sigma, mean + z * sigma
+
+
+def _fan(z: Array, s80: Array, s95: Array) -> Array:
+    """Standard normal draws mapped to errors whose 80 % and 95 % quantiles of |e| are
+    ``Z80·s80`` and ``Z95·s95`` (piecewise linear in |z|; Gaussian when s80 = s95)."""
+    size = np.abs(z)
+    q80, q95 = Z80 * s80, Z95 * s95
+    middle = q80 + (size - Z80) / (Z95 - Z80) * (q95 - q80)
+    out = np.where(size <= Z80, size * s80, np.where(size <= Z95, middle, size * s95))
+    return np.asarray(np.sign(z) * out)
 
 
 def simulate(
@@ -458,68 +716,175 @@ def simulate(
     start_ms: int,
     step_ms: int,
     overrides: Mapping[str, float] | None = None,
+    paths: int = PATHS,
+    bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+    seed: int = 0,
+    lag: Mapping[str, float] | None = None,
 ) -> dict[str, Trajectory]:
-    """Run every model forward together from the end of ``history`` (one grid per point,
-    common times). A point in ``overrides`` holds that value from the first step (a
-    setpoint change); a point with no model holds its last value; a modelled point
-    follows its model, whose inputs may themselves be modelled (speed ← setpoint,
-    level ← speed)."""
+    """Run every model forward together from the end of ``history`` (series aligned at
+    their ends, one grid). A point in ``overrides`` holds that value from the first step
+    (a setpoint change); a modelled point follows its model, whose inputs may
+    themselves be modelled (speed ← setpoint, level ← speed).
+
+    An input nobody models holds its last value in the ``held`` trajectory. In the
+    forecast proper, such an input that changed in the history a model was fitted on
+    (``Model.changes``) changes in ``paths`` simulated futures as often and as far as it
+    did then (``InputChanges.sample``, seeded; its history here should reach back over
+    its longest hold, so the present hold's age is known); each modelled point adds its
+    calibrated error per step. The forecast's central value is the median of those
+    futures, its bands their quantiles. Without input changes to draw (none seen, or
+    all overridden) the bands are the calibrated ``held ± z·σ``.
+
+    ``lag``: per modelled point, how many grid steps before the end of its history its
+    last sample was taken. The held grid value is that sample, so the model runs from
+    then, and each forecast step is read that much further along its run (interpolated):
+    the forecast is of the value at the step's time, not of a reading that lags it."""
     overrides = dict(overrides or {})
+    bounds = dict(bounds or {})
     points = set(history) | set(overrides)
     for model in models.values():
         points.add(model.target)
         points.update(model.inputs)
-    series: dict[str, list[float]] = {}
-    length = max((len(h) for h in history.values()), default=0)
+    last: dict[str, Array] = {}
     for point in points:
         past = history.get(point)
         if past is None or len(past) == 0 or not np.isfinite(past[-1]):
             if point in overrides:
-                past = np.full(max(length, 1), overrides[point])
+                past = np.asarray([overrides[point]], dtype=np.float64)
             else:
                 raise ModelError(f"no history for {point}")
-        values = [float(v) for v in past]
-        if len(values) < length:  # pad older steps with the first known value
-            values = [values[0]] * (length - len(values)) + values
-        series[point] = _fill_back(values)
+        last[point] = _fill_back(np.asarray(past, dtype=np.float64))
     running = {
         point: model
         for point, model in models.items()
-        if point not in overrides and all(i in series for i in model.inputs)
+        if point not in overrides and all(i in last for i in model.inputs)
     }
-    t = length - 1
-    for _ in range(steps):
-        nxt: dict[str, float] = {}
-        for point, values in series.items():
-            stepper = running.get(point)
-            if point in overrides:
-                nxt[point] = overrides[point]
-            elif stepper is not None:
-                nxt[point] = stepper.step(values, [series[i] for i in stepper.inputs], t)
-            else:
-                nxt[point] = values[t]
-        for point, value in nxt.items():
-            series[point].append(value)
-        t += 1
+    keep = max((m.lags for m in running.values()), default=1) + 1
+    shift = {p: max(0.0, float((lag or {}).get(p, 0.0))) for p in running}
+    extra = math.ceil(max(shift.values(), default=0.0))
+    rng = np.random.default_rng(seed)
+    varied: dict[str, Array] = {}
+    for point in sorted(last):
+        if point in running or point in overrides:
+            continue
+        record = next(
+            (
+                m.changes[k]
+                for m in running.values()
+                for k, name in enumerate(m.inputs)
+                if name == point and k < len(m.changes) and m.changes[k] is not None
+            ),
+            None,
+        )
+        if record is None or record.rate <= 0 or paths <= 0:
+            continue
+        series = last[point]
+        varied[point] = record.sample(
+            float(series[-1]),
+            record.age(series),
+            steps + extra,
+            rng,
+            paths,
+            bounds.get(point, (None, None)),
+        )
+    rows = 1 + (paths if varied else 0)  # row 0: every input held
+    width = keep + steps + extra
+    arrays: dict[str, Array] = {}
+    for point, series in last.items():
+        recent = series[-keep:]
+        if len(recent) < keep:  # pad older steps with the first known value
+            recent = np.concatenate([np.full(keep - len(recent), recent[0]), recent])
+        block = np.empty((rows, width))
+        block[:, :keep] = recent
+        block[:, keep:] = overrides.get(point, recent[-1])
+        if point in varied:
+            block[1:, keep:] = varied[point]
+        arrays[point] = block
+    for t in range(keep - 1, width - 1):
+        for point, model in running.items():
+            value = np.full(rows, model.c)
+            y = arrays[point]
+            for k, coefficient in enumerate(model.a):
+                value += coefficient * y[:, t - k]
+            for j, coefficients in enumerate(model.b):
+                u = arrays[model.inputs[j]]
+                for k, coefficient in enumerate(coefficients):
+                    value += coefficient * u[:, t - model.dead_time - k]
+            arrays[point][:, t + 1] = value
     out: dict[str, Trajectory] = {}
-    for point, values in series.items():
+    for point, block in arrays.items():
         found = running.get(point)
-        sigma = tuple(found.sigma_at(h + 1) if found is not None else 0.0 for h in range(steps))
+        if found is not None and shift[point] > 0:
+            block = _advance(block[:, keep - 1 :], shift[point], steps)
+        else:
+            block = block[:, keep - 1 : keep + steps]
+        held = block[0, 1:]
+        if found is None:
+            flat = _tuple(held)
+            out[point] = Trajectory(point, start_ms, step_ms, flat, (0.0,) * steps, False, flat)
+            continue
+        ahead = np.arange(1, steps + 1)
+        s95 = np.asarray([found.sigma_at(int(h)) for h in ahead])
+        s80 = np.asarray([found.sigma80_at(int(h)) for h in ahead])
+        futures = block[1:, 1:]
+        if len(futures) == 0 or np.ptp(futures, axis=0).max(initial=0.0) == 0:
+            out[point] = Trajectory(
+                point,
+                start_ms,
+                step_ms,
+                _tuple(held),
+                _tuple(s95),
+                True,
+                _tuple(held),
+                _tuple(held - Z80 * s80),
+                _tuple(held + Z80 * s80),
+                _tuple(held - Z95 * s95),
+                _tuple(held + Z95 * s95),
+            )
+            continue
+        # one draw per future, scaled by each step's σ: a smooth band over the horizon
+        samples = futures + _fan(rng.standard_normal((len(futures), 1)), s80, s95)
+        q = np.quantile(samples, [0.025, 0.10, 0.5, 0.90, 0.975], axis=0)
         out[point] = Trajectory(
-            point, start_ms, step_ms, tuple(values[length:]), sigma, found is not None
+            point,
+            start_ms,
+            step_ms,
+            _tuple(q[2]),
+            _tuple((q[4] - q[0]) / (2 * Z95)),
+            True,
+            _tuple(held),
+            _tuple(q[1]),
+            _tuple(q[3]),
+            _tuple(q[0]),
+            _tuple(q[4]),
+            samples,
         )
     return out
 
 
-def _fill_back(values: list[float]) -> list[float]:
-    """Replace leading NaNs (before the first sample) with the first known value."""
-    first = next((v for v in values if math.isfinite(v)), 0.0)
-    out: list[float] = []
-    last = first
-    for value in values:
-        last = value if math.isfinite(value) else last
-        out.append(last)
-    return out
+def _advance(run: Array, shift: float, steps: int) -> Array:
+    """``run`` (rows × origin and later steps) read ``shift`` steps further along:
+    column h is the value at position h + shift (linear between steps)."""
+    position = np.arange(steps + 1) + shift
+    below = np.floor(position).astype(np.int64)
+    above = np.minimum(below + 1, run.shape[1] - 1)
+    weight = position - below
+    return np.asarray(run[:, below] * (1 - weight) + run[:, above] * weight)
+
+
+def _tuple(values: Array) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+def _fill_back(values: Array) -> Array:
+    """Carry the last known value over NaNs; leading NaNs take the first known value."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(len(values))
+    index = np.where(finite, np.arange(len(values)), 0)
+    index = np.maximum.accumulate(index)
+    index[: int(np.argmax(finite))] = int(np.argmax(finite))
+    return np.asarray(values[index], dtype=np.float64)
 
 
 # -- thresholds and risk ------------------------------------------------------------------
@@ -558,15 +923,23 @@ class Crossing:
 def crossing(
     trajectory: Trajectory, current: float, name: str, limit: float, side: str
 ) -> Crossing:
-    """Probability that the point reaches ``limit`` within the forecast, and when."""
+    """Probability that the point reaches ``limit`` within the forecast (the largest
+    per-step share of simulated futures beyond it, or of the Gaussian band), and when:
+    the central value, and the near and far edges of the 95 % band."""
     mean = np.asarray(trajectory.mean)
-    sigma = np.maximum(np.asarray(trajectory.sigma), 1e-12)
     sign = 1.0 if side == "high" else -1.0
     if sign * (current - limit) >= 0:
         return Crossing(name, limit, side, 1.0, 0.0, 0.0, 0.0, True)
     step_s = trajectory.step_ms / 1000
-    beyond = sign * (mean - limit)
-    probability = float(np.max([normal_cdf(float(v)) for v in beyond / sigma]))
+    if trajectory.samples is not None and len(trajectory.samples):
+        beyond_share = np.mean(sign * (trajectory.samples - limit) >= 0, axis=0)
+        probability = float(np.max(beyond_share))
+    else:
+        sigma = np.maximum(np.asarray(trajectory.sigma), 1e-12)
+        scores = sign * (mean - limit) / sigma
+        probability = float(max(normal_cdf(float(v)) for v in scores))
+    low, high = trajectory.bands(0.95)
+    near, far = (high, low) if side == "high" else (low, high)
 
     def first(mask: npt.NDArray[np.bool_]) -> float | None:
         hits = np.flatnonzero(mask)
@@ -577,9 +950,9 @@ def crossing(
         limit,
         side,
         probability,
-        first(beyond >= 0),
-        first(beyond + Z95 * sigma >= 0),
-        first(beyond - Z95 * sigma >= 0),
+        first(sign * (mean - limit) >= 0),
+        first(sign * (near - limit) >= 0),
+        first(sign * (far - limit) >= 0),
         False,
     )
 

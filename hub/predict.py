@@ -16,6 +16,7 @@ Who calls what:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import math
@@ -40,6 +41,16 @@ log = logging.getLogger("fieldtwin.hub.predict")
 Point = tuple[str, str]
 FORECAST_ROWS = 10
 """Rows a forecast table shows (evenly spaced to the horizon)."""
+BASIS = (
+    "expected: the median of simulated futures in which the setpoints nobody models "
+    "change as often and as far as they did in the history; 80/95 % bands: their "
+    "quantiles with the model's calibrated error; held: every input kept at its present value"
+)
+WHAT_IF_BASIS = (
+    "the set values are held; other setpoints nobody models may change as they did in "
+    "the history (expected: the median of those futures; 95 %: their quantiles); "
+    "without_change: the same with the set points held at their present values"
+)
 
 
 class PredictionError(QueryError):
@@ -62,11 +73,22 @@ def load_grids(
 ) -> tuple[Array, dict[str, Array]]:
     """Each point's good/uncertain numeric history on one grid (zero-order hold), with the
     last sample before the window as its starting value."""
+    times, out, _ = load_sampled(store, points, start_ms, end_ms, step_ms)
+    return times, out
+
+
+def load_sampled(
+    store: TwinStorePort, points: Iterable[Point], start_ms: int, end_ms: int, step_ms: int
+) -> tuple[Array, dict[str, Array], dict[str, float]]:
+    """``load_grids``, and per point how many grid steps before ``end_ms`` its last
+    sample was taken, at most its usual gap between samples within the window (a point
+    reported on change that did not change is not late; 0 with fewer than 3 samples)."""
     times = models.grid(start_ms, end_ms, step_ms)
     out: dict[str, Array] = {}
+    late: dict[str, float] = {}
     wanted = sorted(set(points))
     if not wanted:
-        return times, out
+        return times, out, late
     entities = sorted({e for e, _ in wanted})
     attributes = sorted({a for _, a in wanted})
     rows = store.numeric_samples(entities, attributes, start_ms, end_ms)
@@ -83,7 +105,13 @@ def load_grids(
             target[1].append(float(v))
     for point, (ts, vals) in series.items():
         out[label(point)] = models.resample(ts, vals, times)
-    return times, out
+        inside = [t for t in ts if start_ms <= t <= end_ms]
+        if len(inside) >= 3:
+            usual = float(np.median(np.diff(inside)))
+            late[label(point)] = min(end_ms - inside[-1], usual) / step_ms
+        else:
+            late[label(point)] = 0.0
+    return times, out, late
 
 
 @dataclass(slots=True)
@@ -417,7 +445,26 @@ def _trajectories(
     fitted, errors = _models_for(bank, ctx, chain, points, at_ms, fit_missing)
     lags = max((m.lags for m in fitted.values()), default=1) + 2
     start = origin_ms - lags * bank.step_ms
-    _, history = load_grids(ctx.store, chain, start, origin_ms, bank.step_ms)
+    _, history, late = load_sampled(ctx.store, chain, start, origin_ms, bank.step_ms)
+    # inputs nobody models change in the forecast as they did in the history; how long
+    # the present value has been held matters (a renewal), so read back over the
+    # longest hold seen (capped by the history window)
+    exogenous = {p for p in chain if label(p) not in fitted}
+    reach = max(
+        (
+            max(c.holds, default=0)
+            for m in fitted.values()
+            for c in m.changes
+            if c is not None and c.rate > 0
+        ),
+        default=0,
+    )
+    reach = min(reach + 2, bank.horizon_steps(round(bank.settings.history_s * 1000)))
+    if exogenous and reach > lags:
+        _, longer = load_grids(
+            ctx.store, exogenous, origin_ms - reach * bank.step_ms, origin_ms, bank.step_ms
+        )
+        history.update(longer)
     usable = {k: v for k, v in history.items() if len(v) and np.isfinite(v[-1])}
     missing = sorted(
         label(p) for p in points if label(p) not in usable and label(p) not in overrides
@@ -432,6 +479,12 @@ def _trajectories(
         for name, m in fitted.items()
         if all(i in usable or i in overrides for i in m.inputs)
     }
+    physical = ctx.config.schema.physical
+    bounds = {
+        label(p): (r.low, r.high)
+        for p in chain
+        if (r := physical.get(p)) is not None and label(p) not in fitted
+    }
     trajectories = models.simulate(
         runnable,
         usable,
@@ -439,35 +492,45 @@ def _trajectories(
         start_ms=origin_ms,
         step_ms=bank.step_ms,
         overrides=overrides,
+        bounds=bounds,
+        lag={name: late.get(name, 0.0) for name in runnable},
     )
-    physical = ctx.config.schema.physical
     for name, trajectory in list(trajectories.items()):
-        bounds = physical.get(parse_point(name))
-        if bounds is not None and trajectory.modelled:
-            trajectories[name] = clamp(trajectory, bounds.low, bounds.high)
+        found = physical.get(parse_point(name))
+        if found is not None and trajectory.modelled:
+            trajectories[name] = clamp(trajectory, found.low, found.high)
     return trajectories, runnable, errors
 
 
 def clamp(trajectory: Trajectory, low: float | None, high: float | None) -> Trajectory:
     """A linear model knows no walls: a level forecast stops at the tank's height (the
-    schema's physical range), and its band is cut there too."""
-    mean = np.asarray(trajectory.mean)
-    sigma = np.asarray(trajectory.sigma)
+    schema's physical range), and its bands (and simulated futures) are cut there too."""
     lo = -np.inf if low is None else low
     hi = np.inf if high is None else high
-    top = np.minimum(mean + models.Z95 * sigma, hi)
-    bottom = np.maximum(mean - models.Z95 * sigma, lo)
-    clipped = np.clip(mean, lo, hi)
-    if np.array_equal(clipped, mean):
+    parts = {
+        "mean": trajectory.mean,
+        "held": trajectory.held,
+        "low80": trajectory.low80,
+        "high80": trajectory.high80,
+        "low95": trajectory.low95,
+        "high95": trajectory.high95,
+    }
+    clipped = {k: tuple(float(x) for x in np.clip(v, lo, hi)) for k, v in parts.items()}
+    if clipped == parts:
         return trajectory
-    narrowed = np.minimum(sigma, np.maximum(top - bottom, 0.0) / (2 * models.Z95))
-    return Trajectory(
-        trajectory.point,
-        trajectory.start_ms,
-        trajectory.step_ms,
-        tuple(float(v) for v in clipped),
-        tuple(float(v) for v in narrowed),
-        trajectory.modelled,
+    low95, high95 = (np.clip(b, lo, hi) for b in trajectory.bands(0.95))
+    low80, high80 = (np.clip(b, lo, hi) for b in trajectory.bands(0.8))
+    samples = trajectory.samples
+    return dataclasses.replace(
+        trajectory,
+        mean=clipped["mean"],
+        held=clipped["held"],
+        sigma=tuple(float(v) for v in (high95 - low95) / (2 * models.Z95)),
+        low80=tuple(float(v) for v in low80),
+        high80=tuple(float(v) for v in high80),
+        low95=tuple(float(v) for v in low95),
+        high95=tuple(float(v) for v in high95),
+        samples=np.clip(samples, lo, hi) if samples is not None else None,
     )
 
 
@@ -518,15 +581,17 @@ def _rows(trajectory: Trajectory, steps: int) -> list[dict[str, Any]]:
     picks = sorted({max(1, round(steps * k / FORECAST_ROWS)) for k in range(1, FORECAST_ROWS + 1)})
     rows = []
     for h in picks:
-        mean, sigma = trajectory.at(h)
+        mean, _ = trajectory.at(h)
+        held = trajectory.held[min(h, len(trajectory.held)) - 1] if trajectory.held else mean
         rows.append(
             {
                 "in_s": h * trajectory.step_ms / 1000,
                 "ts": iso(trajectory.start_ms + h * trajectory.step_ms),
                 "ts_ms": trajectory.start_ms + h * trajectory.step_ms,
                 "mean": mean,
-                "p80": [mean - models.Z80 * sigma, mean + models.Z80 * sigma],
-                "p95": [mean - models.Z95 * sigma, mean + models.Z95 * sigma],
+                "held": held,
+                "p80": list(trajectory.interval(h, 0.8)),
+                "p95": list(trajectory.interval(h, 0.95)),
             }
         )
     return rows
@@ -575,6 +640,7 @@ def forecast(
         "horizon_s": steps * bank.step_ms / 1000,
         "current": current,
         "model": _model_row(model, errors.get(name)),
+        "basis": BASIS,
         "forecast": _rows(trajectory, steps),
         "crossings": _crossings(trajectory, current, spec),
     }
@@ -600,13 +666,14 @@ def _compare(
     if count == 0:
         return {"error": "nothing was reported after that time yet"}
     mean = np.asarray(trajectory.mean[:count])
-    sigma = np.asarray(trajectory.sigma[:count])
     truth = actual[:count]
     known = np.isfinite(truth)
     errors = np.abs(mean - truth)[known]
     naive = np.abs(float(grids[label(point)][0]) - truth)[known]  # the value at T held
-    inside80 = (np.abs(mean - truth) <= models.Z80 * sigma)[known]
-    inside95 = (np.abs(mean - truth) <= models.Z95 * sigma)[known]
+    low80, high80 = (b[:count] for b in trajectory.bands(0.8))
+    low95, high95 = (b[:count] for b in trajectory.bands(0.95))
+    inside80 = ((low80 <= truth) & (truth <= high80))[known]
+    inside95 = ((low95 <= truth) & (truth <= high95))[known]
     replay = _replay(model, ctx, start, count, bank.step_ms)
     rows = []
     for row in _rows(trajectory, steps):
@@ -673,7 +740,17 @@ def simulate(
     steps = bank.horizon_steps(horizon_ms)
     overrides = {label(p): v for p, v in points.items()}
     now = ctx.now_ms
-    baseline, _, _ = _trajectories(bank, ctx, set(affected), now, steps, {}, None, fit_missing)
+    # without the change: the set points held at their present values, the rest as in
+    # the what-if, so the two differ by the operator's change only
+    _, present = load_grids(ctx.store, list(points), now - bank.step_ms, now, bank.step_ms)
+    unchanged = {
+        label(p): float(present[label(p)][-1])
+        for p in points
+        if label(p) in present and np.isfinite(present[label(p)][-1])
+    }
+    baseline, _, _ = _trajectories(
+        bank, ctx, set(affected), now, steps, unchanged, None, fit_missing
+    )
     changed, fitted, errors = _trajectories(
         bank, ctx, set(affected), now, steps, overrides, None, fit_missing
     )
@@ -687,7 +764,7 @@ def simulate(
             effects.append({"point": name, "error": errors.get(name, "no model")})
             continue
         current = float(current_grid[name][-1])
-        end_mean, end_sigma = trajectory.at(steps)
+        end_mean, _ = trajectory.at(steps)
         base_mean, _ = baseline[name].at(steps)
         effect: dict[str, Any] = {"point": name}
         effects.append(effect)
@@ -700,7 +777,7 @@ def simulate(
                 "current": current,
                 "without_change": base_mean,
                 "expected": end_mean,
-                "p95": [end_mean - models.Z95 * end_sigma, end_mean + models.Z95 * end_sigma],
+                "p95": list(trajectory.interval(steps, 0.95)),
                 "forecast": _rows(trajectory, steps),
                 "crossings": _crossings(trajectory, current, spec),
                 "model": _model_row(fitted.get(name), errors.get(name)),
@@ -708,6 +785,7 @@ def simulate(
         )
     return {
         "set": {label(p): v for p, v in points.items()},
+        "basis": WHAT_IF_BASIS,
         "from": iso(now),
         "horizon_s": steps * bank.step_ms / 1000,
         "effects": effects,

@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from support.hub_env import GatewaySigner, point, sample, write_hub_config
 from support.service_rig import T0, Clock, Rig
@@ -142,8 +143,14 @@ def test_forecast_widens_with_the_horizon_and_names_the_limit_it_will_cross(rig:
     assert widths[-1] > widths[0]
     for row in rows:
         assert row["p95"][0] <= row["p80"][0] <= row["mean"] <= row["p80"][1] <= row["p95"][1]
+    # held: the setpoint stays at 1400 rpm; the forecast proper also weighs the
+    # operator's habit in this history (a new setpoint every 4 min, within 700–1200),
+    # so its median ends lower and its band reaches down to what those would do
     expected_end = plant.level + 300 * GAIN * 500
-    assert rows[-1]["mean"] == pytest.approx(expected_end, abs=0.1)
+    assert rows[-1]["held"] == pytest.approx(expected_end, abs=0.1)
+    assert rows[-1]["mean"] < rows[-1]["held"]
+    assert rows[-1]["p95"][0] < rows[-1]["held"] - 0.5
+    assert rows[0]["mean"] == pytest.approx(rows[0]["held"], abs=0.01)
     crossings = {c["limit_name"]: c for c in result["crossings"]}
     warning = crossings["warning high"]
     eta = (4.0 - plant.level) / (GAIN * 500)
@@ -269,6 +276,29 @@ def test_a_forecast_stops_at_the_physical_range() -> None:
     assert held.mean == (4.0, 4.8, 5.0, 5.0)
     assert max(m + 1.96 * s for m, s in zip(held.mean, held.sigma, strict=True)) <= 5.0 + 1e-6
     assert clamp(rising, 0.0, 10.0) is rising
+    # simulated futures and quantile bands are cut at the wall too
+    futures = np.asarray([[4.0, 4.9, 5.5, 6.0], [4.0, 4.6, 5.0, 5.2]])
+    fanned = Trajectory(
+        "tank-1.level",
+        0,
+        1000,
+        (4.0, 4.8, 5.2, 5.6),
+        (0.1,) * 4,
+        True,
+        (4.0, 4.8, 5.6, 6.4),
+        (3.9, 4.6, 5.0, 5.2),
+        (4.1, 4.9, 5.5, 6.0),
+        (3.8, 4.5, 4.9, 5.1),
+        (4.2, 5.0, 5.7, 6.2),
+        futures,
+    )
+    cut = clamp(fanned, 0.0, 5.0)
+    assert cut.mean == (4.0, 4.8, 5.0, 5.0)
+    assert cut.held == (4.0, 4.8, 5.0, 5.0)
+    assert max(cut.high95) <= 5.0
+    assert cut.low95 == (3.8, 4.5, 4.9, 5.0)
+    assert cut.samples is not None
+    assert cut.samples.max() <= 5.0
 
 
 def test_an_approver_is_not_shown_a_guess_from_a_weak_model(rig: Rig) -> None:
@@ -283,3 +313,36 @@ def test_an_approver_is_not_shown_a_guess_from_a_weak_model(rig: Rig) -> None:
     assert "explains too little yet" in verdict["prediction_unavailable"]
     forecast = rig.ok("vic", "twin.predict", {"target": "tank-1.level", "horizon": "1m"})
     assert "explains too little yet" in forecast["untrusted"]
+
+
+class Samples:
+    """A store holding a few samples of one point (the two reads load_sampled makes)."""
+
+    def __init__(self, rows: list[tuple[int, float]]) -> None:
+        self.rows = rows
+
+    def numeric_samples(
+        self, entities: list[str], attributes: list[str], start_ms: int, end_ms: int
+    ) -> list[tuple[str, str, int, float]]:
+        return [("t", "x", ts, v) for ts, v in self.rows if start_ms <= ts <= end_ms]
+
+    def numeric_before(
+        self, entities: list[str], attributes: list[str], start_ms: int
+    ) -> list[tuple[str, str, int, float]]:
+        older = [(ts, v) for ts, v in self.rows if ts < start_ms]
+        return [("t", "x", *older[-1])] if older else []
+
+
+def test_how_late_the_last_sample_is_counts_in_grid_steps_up_to_the_usual_gap() -> None:
+    from fieldtwin.hub.predict import load_sampled
+
+    polled = Samples([(t, 1.0) for t in range(0, 9001, 1000)])  # every second
+    _, grids, late = load_sampled(polled, [("t", "x")], 0, 9600, 500)  # type: ignore[arg-type]
+    assert late["t.x"] == pytest.approx(600 / 500)
+    assert grids["t.x"][-1] == 1.0
+    # reported on change and nothing changed for long: not late beyond the usual gap
+    quiet = Samples([(0, 1.0), (1000, 1.0), (2000, 1.0)])
+    _, _, late = load_sampled(quiet, [("t", "x")], 0, 60_000, 500)  # type: ignore[arg-type]
+    assert late["t.x"] == pytest.approx(1000 / 500)
+    _, _, late = load_sampled(Samples([(0, 1.0)]), [("t", "x")], 0, 9000, 500)  # type: ignore[arg-type]
+    assert late["t.x"] == 0.0
