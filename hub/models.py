@@ -248,6 +248,9 @@ class Model:
     """The same for 80 % (±1.28 σ): errors are rarely Gaussian, so both are kept."""
     changes: tuple[InputChanges | None, ...] = ()
     """Per input, how it changed in the fitted history (used for inputs nobody models)."""
+    fit_s: float | None = None
+    """Wall time the fit took (every candidate structure and dead time, the backtests),
+    as measured by whoever fitted it; None for models stored before it was kept."""
 
     @property
     def lags(self) -> int:
@@ -308,6 +311,7 @@ class Model:
             "horizon_sigma": list(self.horizon_sigma),
             "horizon_sigma80": list(self.horizon_sigma80),
             "changes": [c.to_dict() if c is not None else None for c in self.changes],
+            **({"fit_s": self.fit_s} if self.fit_s is not None else {}),
         }
 
     @classmethod
@@ -326,6 +330,7 @@ class Model:
             samples=int(data["samples"]),
             fitted_ms=int(data["fitted_ms"]),
             horizon_sigma=tuple(float(x) for x in data["horizon_sigma"]),
+            fit_s=float(data["fit_s"]) if data.get("fit_s") is not None else None,
             horizon_sigma80=tuple(float(x) for x in data.get("horizon_sigma80", ())),
             changes=tuple(
                 InputChanges.from_dict(c) if c is not None else None

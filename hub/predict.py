@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -340,10 +340,12 @@ def fit_points(
                 f"{target}: no history of {', '.join(i for i in inputs if i not in grids)}"
             )
             continue
+        started = time.perf_counter()
         try:
-            fitted[target] = models.fit(
+            model = models.fit(
                 target, inputs, y, u, step_ms=step_ms, horizon_steps=horizon_steps, now_ms=now_ms
             )
+            fitted[target] = replace(model, fit_s=time.perf_counter() - started)
         except ModelError as exc:
             errors[target] = str(exc)
     return fitted, errors
