@@ -170,9 +170,19 @@ async def test_twin_matches_ground_truth(plant: Plant) -> None:
     matches, mismatches = compare_with_truth(entities, truth)
     assert not mismatches, mismatches
     assert len(matches) >= 18  # every water-plant point the simulator serves
-    health = {e["physical_id"]: e["health"] for e in entities}
-    assert health["boiler-1"] == "healthy"
-    assert health["flowmeter-1"] == "healthy"
+
+    # A healthy plant is healthy: right after the start (under load, a slow agent) a
+    # verdict may still be settling, so it has a few cycles; a finding that stays fails
+    # with the drift it stands on.
+    async def healthy() -> bool:
+        twin = await plant.call("/api/twin")
+        health = {e["physical_id"]: e["health"] for e in twin}
+        return health["boiler-1"] == health["flowmeter-1"] == "healthy"
+
+    try:
+        await wait_for(healthy, within=30, what="boiler-1 and flowmeter-1 healthy")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {await plant.call('/api/drift')}") from None
 
 
 async def test_structural_missing_and_undeclared(plant: Plant) -> None:
