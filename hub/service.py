@@ -454,7 +454,7 @@ class HubService:
             return self.owner_of(entity) in gateways
 
         state = self.ingest.state
-        for row in store.current_rows():
+        for row in store.flushed_current_rows():
             entity, attribute, kind, num, txt, ts_ms, quality, gateway, received, changed = row
             if gateway not in gateways and not adopted(entity):
                 continue
@@ -872,7 +872,7 @@ class HubService:
         if self._shared is None:
             return state.current
         merged = dict(state.current)
-        for row in self._shared.current_rows():
+        for row in self._shared.flushed_current_rows():
             entity, attribute, kind, num, txt, ts_ms, quality, gateway, received, changed = row
             if not self.evaluates(entity):
                 merged[(entity, attribute)] = CurrentValue(
@@ -1695,7 +1695,7 @@ class HubService:
         state = self.ingest.state
         mine = self.evaluates
         fresh: dict[tuple[str, str], CurrentValue] = {}
-        for row in store.current_rows():
+        for row in store.flushed_current_rows():
             entity, attribute, kind, num, txt, ts_ms, quality, gateway, received, changed = row
             if mine(entity):
                 continue

@@ -150,6 +150,7 @@ class TwinStorePort(Protocol):
     # reads at start
     def load_state(self) -> tuple[TwinState, DeliveryTracker]: ...
     def points_and_links(self) -> tuple[list[PointInfo], list[GatewayLink]]: ...
+    def flushed_current_rows(self) -> list[Row]: ...
     def next_ids(self) -> dict[str, int]: ...
     def next_command_number(self) -> int: ...
     def live_nonces(self, now_ms: int) -> list[tuple[str, str, int]]: ...
@@ -232,6 +233,13 @@ class StoreReads:
         """(entity, attribute, kind, num, txt, ts_ms, quality, gateway, received_ms,
         last_change_ms) of every attribute, by entity and attribute."""
         return self.query(self.CURRENT_STATE_SQL.format(columns=CURRENT_COLUMNS))
+
+    def flushed_current_rows(self) -> list[Row]:
+        """The same columns from the ``current`` table alone, as last flushed: what
+        workers read of each other (their journals merge with the shared checkpoint's
+        frame id, which is any worker's, so ``current_rows`` would scan a worker's whole
+        id block of history)."""
+        return self.query(f"SELECT {CURRENT_COLUMNS} FROM current ORDER BY entity, attribute")
 
     def load_state(self) -> tuple[TwinState, DeliveryTracker]:
         """The twin state and delivery tracker as of the last committed frame."""
