@@ -714,6 +714,10 @@ GROUP BY b ORDER BY b"""
                 "upto_frame BIGINT NOT NULL, tracker BYTEA NOT NULL)"
             )
         self.fence = fence
+        # The journal merge of the current state keys on the shared checkpoint's frame
+        # id, which is any worker's; each worker flushes its own values into ``current``
+        # every drift interval, so a worker's queries read that table alone.
+        self.CURRENT_STATE_SQL = "SELECT {columns} FROM current ORDER BY entity, attribute"
 
     def nonce_used(self, operator: str, req_id: str) -> bool:
         """Whether a mutating request with this nonce was stored (by any worker)."""
