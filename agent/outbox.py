@@ -213,15 +213,22 @@ class Outbox:
     def _connect(self) -> Any:
         duckdb = duckdb_core()
 
+        config: dict[str, Any] = {
+            "memory_limit": f"{self.memory_limit_mb}MB",
+            "checkpoint_threshold": f"{self.checkpoint_mb}MB",
+            "threads": self.threads,
+            # DuckDB (1.3+) starts 8 threads for asynchronous I/O on remote files by
+            # default; a local buffer never uses them (docs/benchmarks.md, "Edge footprint").
+            "async_threads": 0,
+        }
         try:
-            return duckdb.connect(
-                str(self.path),
-                config={
-                    "memory_limit": f"{self.memory_limit_mb}MB",
-                    "checkpoint_threshold": f"{self.checkpoint_mb}MB",
-                    "threads": self.threads,
-                },
-            )
+            try:
+                return duckdb.connect(str(self.path), config=config)
+            except duckdb.InvalidInputException as exc:
+                if "async_threads" not in str(exc):
+                    raise
+                del config["async_threads"]  # a DuckDB without the setting
+                return duckdb.connect(str(self.path), config=config)
         except duckdb.Error as exc:
             text = str(exc)
             if "lock" in text.lower():

@@ -239,3 +239,42 @@ def test_memory_and_threads_are_capped(tmp_path: Path) -> None:
     assert limit.endswith("MiB")
     assert float(limit.split()[0]) <= 32
     assert isinstance(db, duckdb.DuckDBPyConnection)
+
+
+def test_no_async_io_threads(tmp_path: Path) -> None:
+    outbox = make(tmp_path / "buffer.duckdb")
+    try:
+        setting = outbox._execute("SELECT current_setting('async_threads')").fetchone()
+        assert setting is not None
+        assert int(setting[0]) == 0
+    finally:
+        outbox.close()
+
+
+def test_duckdb_without_async_threads_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fieldtwin.agent.outbox as module
+
+    real = module.duckdb_core()
+
+    class OlderDuckDB:
+        Error = real.Error
+        InvalidInputException = real.InvalidInputException
+        PermissionException = real.PermissionException
+
+        @staticmethod
+        def connect(path: str, config: dict[str, object]) -> object:
+            if "async_threads" in config:
+                raise real.InvalidInputException(
+                    "Invalid Input Error: The following options were not recognized: async_threads"
+                )
+            return real.connect(path, config=config)
+
+    monkeypatch.setattr(module, "duckdb_core", lambda: OlderDuckDB)
+    outbox = make(tmp_path / "buffer.duckdb")
+    try:
+        assert outbox.quarantined_to is None
+        assert [c.seq for c in outbox.commit_data([samples(3)])] == [1]
+    finally:
+        outbox.close()
