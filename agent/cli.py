@@ -96,6 +96,10 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from fieldtwin.agent.footprint import tune_malloc
+
+    tune_malloc()  # before the heavy imports and DuckDB allocate (agent/footprint.py)
+
     from fieldtwin.agent.errors import AgentError
     from fieldtwin.agent.runtime import Agent
 
