@@ -20,7 +20,6 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from operator import itemgetter
 from typing import Any
 
@@ -74,8 +73,12 @@ _INT_RANGES = {
 
 def _decimals(number: float) -> int:
     """Digits after the point in the shortest text of ``number`` (0.01 → 2)."""
-    exponent = Decimal(repr(number)).as_tuple().exponent
-    return max(0, -exponent) if isinstance(exponent, int) else 0
+    if not math.isfinite(number):
+        return 0
+    # What Decimal(repr(number)).as_tuple().exponent gives, without importing decimal.
+    mantissa, _, exponent = repr(number).partition("e")
+    fraction = mantissa.partition(".")[2]
+    return max(0, len(fraction) - int(exponent or 0))
 
 
 def shortest_float32(value: float) -> float:

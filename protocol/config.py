@@ -7,7 +7,6 @@ typo in a config on a gateway should fail at start-up, not silently do nothing.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import tomllib
@@ -77,6 +76,8 @@ class Section:
     def _typo_hint(self, key: str) -> str:
         """Name a key of this table that looks like a misspelling of the missing one,
         so ``adress = 3`` is reported as the typo it is, not only as a missing key."""
+        import difflib  # only on the error path: not on every gateway's heap
+
         candidates = [k for k in self.data if k not in self._seen and isinstance(k, str)]
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
         if not close:
@@ -87,6 +88,8 @@ class Section:
         unknown = sorted(set(self.data) - self._seen)
         if unknown:
             key = unknown[0]
+            import difflib
+
             close = difflib.get_close_matches(key, sorted(self._seen), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             known = ", ".join(sorted(self._seen)) or "(none)"
