@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +45,18 @@ ATTRIBUTE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
 NODE_ID_PATTERN = re.compile(r"(?:(?:ns=\d+|nsu=[^;]+);)?(?:s=.+|i=\d+|g=[0-9a-fA-F-]{36}|b=.+)")
 PARITIES = ("N", "E", "O")
 OUT_OF_RANGE_QUALITIES = ("bad", "uncertain")
+
+
+_INTERNED = (
+    "entity",
+    "attribute",
+    "dtype",
+    "unit",
+    "out_of_range",
+    "table",
+    "byte_order",
+    "word_order",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +93,15 @@ class PointConfig:
     field_index: int = -1
     source: str = ""
     """Human-readable origin for births and the check table (``ir 0-1 @ unit 1``)."""
+    key: tuple[str, str] = field(init=False, repr=False, compare=False)
+    """``(entity, attribute)``: one tuple per point, shared by every map keyed by it."""
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.entity, self.attribute)
+    def __post_init__(self) -> None:
+        # One copy of each repeated name: 5,000 points share a few entity, type and
+        # table strings (docs/benchmarks.md, "Edge footprint").
+        for name in _INTERNED:
+            object.__setattr__(self, name, sys.intern(getattr(self, name)))
+        object.__setattr__(self, "key", (self.entity, self.attribute))
 
     @property
     def name(self) -> str:

@@ -57,6 +57,10 @@ Implausible = Callable[[str, str, Value, int], None]
 """``(entity, attribute, value, ts_ms)`` of a reading outside its valid range."""
 
 
+_NEG_INF = -math.inf  # one float object shared by every unbounded point
+_POS_INF = math.inf
+
+
 class _Point:
     __slots__ = (
         "attribute",
@@ -87,8 +91,8 @@ class _Point:
         self.latest_ts = -1
         self.latest_quality = BAD
         self.ranged = spec.valid_min is not None or spec.valid_max is not None
-        self.valid_min = -math.inf if spec.valid_min is None else spec.valid_min
-        self.valid_max = math.inf if spec.valid_max is None else spec.valid_max
+        self.valid_min = _NEG_INF if spec.valid_min is None else spec.valid_min
+        self.valid_max = _POS_INF if spec.valid_max is None else spec.valid_max
         self.out_of_range = spec.out_of_range
         self.tiny = spec.tiny
         self.implausible = 0
