@@ -171,3 +171,23 @@ def test_any_registers_decode_or_report_none(registers: list[int], order: tuple[
     for dtype in ("float32", "float64", "int32", "uint64"):
         value = RegisterCodec(dtype, *order).decode(registers)
         assert value is None or (isinstance(value, int | float) and math.isfinite(value))
+
+
+@given(st.one_of(st.floats(), st.integers(min_value=-(10**20), max_value=10**20)))
+def test_decimals_match_decimal(number: float) -> None:
+    # _decimals used decimal.Decimal; it now reads repr() to keep decimal off the heap.
+    from decimal import Decimal
+
+    from fieldtwin.agent.codec import _decimals
+
+    exponent = Decimal(repr(number)).as_tuple().exponent
+    assert _decimals(number) == (max(0, -exponent) if isinstance(exponent, int) else 0)
+
+
+@pytest.mark.parametrize(
+    ("number", "digits"), [(0.01, 2), (1.0, 1), (10, 0), (1.5e-07, 8), (1e16, 0), (math.inf, 0)]
+)
+def test_decimals_examples(number: float, digits: int) -> None:
+    from fieldtwin.agent.codec import _decimals
+
+    assert _decimals(number) == digits
