@@ -44,8 +44,11 @@ class Block(Generic[P]):
     address: int
     count: int
     interval_ms: int
-    members: tuple[tuple[int, Span[P]], ...]
-    """(offset of the point's first item within the block, span)."""
+    members: tuple[tuple[int, P], ...]
+    """(offset of the point's first item within the block, the span's ``point``).
+
+    Only the payload is kept, not the ``Span``: a 5,000-point gateway would otherwise
+    hold 5,000 span objects (~0.4 MB) that nothing reads after planning."""
 
     @property
     def end(self) -> int:
@@ -93,5 +96,5 @@ def _block(
         address=start,
         count=end - start,
         interval_ms=interval_ms,
-        members=tuple((span.address - start, span) for span in spans),
+        members=tuple((span.address - start, span.point) for span in spans),
     )

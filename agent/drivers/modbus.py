@@ -345,8 +345,8 @@ class ModbusDriver(Driver):
                 ),
             )
             stamp = now_ms()
-            for _, span in block.members:
-                sink.offer(span.point.index, None, stamp, Quality.BAD)
+            for _, member in block.members:
+                sink.offer(member.index, None, stamp, Quality.BAD)
             return
         except DeviceTimeout as exc:
             self.stats.failure(str(exc))
@@ -361,8 +361,7 @@ class ModbusDriver(Driver):
         self.stats.success(timer.elapsed())
         good = Quality.GOOD
         if isinstance(data, bytes):
-            for offset, span in block.members:
-                member = span.point
+            for offset, member in block.members:
                 assert member.codec is not None
                 try:
                     value = member.codec.decode_from(data, offset)
@@ -370,8 +369,8 @@ class ModbusDriver(Driver):
                     value = None
                 sink.offer(member.index, value, stamp, good if value is not None else Quality.BAD)
         else:
-            for offset, span in block.members:
-                sink.offer(span.point.index, bool(data[offset]), stamp, good)
+            for offset, member in block.members:
+                sink.offer(member.index, bool(data[offset]), stamp, good)
 
     # -- writes -----------------------------------------------------------------------
 
@@ -461,8 +460,7 @@ class ModbusDriver(Driver):
                 except DeviceError as exc:
                     self.stats.failure(str(exc))
                     rows.extend(
-                        CheckRow(span.point.point, False, error=str(exc))
-                        for _, span in block.members
+                        CheckRow(member.point, False, error=str(exc)) for _, member in block.members
                     )
                     if isinstance(exc, DeviceUnavailable):
                         # Nothing else on this endpoint can work either.
@@ -474,8 +472,8 @@ class ModbusDriver(Driver):
                         )
                         return _in_config_order(rows, self.points)
                     continue
-                for offset, span in block.members:
-                    rows.append(_check_row(span.point, data, offset, stamp))
+                for offset, member in block.members:
+                    rows.append(_check_row(member, data, offset, stamp))
         finally:
             self._close()
         return _in_config_order(rows, self.points)
