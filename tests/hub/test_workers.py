@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import psycopg
@@ -308,6 +309,20 @@ async def _until(check: object, within: float, what: str) -> float:
     raise AssertionError(f"not within {within} s: {what}")
 
 
+def _site(tmp_path: Path, broker: MosquittoBroker, **settings: Any) -> HubFiles:
+    """The workers' shared hub config (test broker, the hub's login) and the operators'
+    broker logins."""
+    files = write_hub_config(
+        tmp_path / "hub",
+        broker_url=broker.url,
+        password=broker.passwords["hub"],
+        client_id=f"ft-hub-{tmp_path.name[-12:]}",
+        **settings,
+    )
+    register_operators(broker, files)
+    return files
+
+
 @dataclass
 class Workers:
     """Two ``fieldtwin hub run`` worker processes on one store, as a test drives them."""
@@ -526,16 +541,13 @@ async def test_each_entity_is_judged_once_by_its_partition_owner(
     partition; every worker's API and CLI list all of them; the survivor of a SIGKILL
     goes on with the victim's alarms (same ids) instead of raising them again."""
     init_fleet(tmp_path / "ghosts", GHOSTS, 1, prefix="gh")
-    files = write_hub_config(
-        tmp_path / "hub",
-        broker_url=broker.url,
-        password=broker.passwords["hub"],
-        client_id=f"ft-hub-{tmp_path.name[-12:]}",
+    files = _site(
+        tmp_path,
+        broker,
         extra=(tmp_path / "ghosts" / "gateways.toml").read_text(),
         silent_s=4.0,
         missing_s=4.0,
     )
-    register_operators(broker, files)
     ghosts = [f"gh-{i:04d}" for i in range(1, GHOSTS + 1)]
     with pg_database() as url:
         async with two_workers(tmp_path, files.config, url) as workers:
@@ -727,17 +739,14 @@ async def test_a_command_is_run_by_its_partition_owner_and_survives_its_death(
     (ids from its block); the owner is SIGKILLed while the command awaits approval; the
     survivor adopts it, the approval through the other worker's config reaches the
     survivor, which sends it: written once, read back, verified."""
-    files = write_hub_config(
-        tmp_path / "hub",
-        broker_url=broker.url,
-        password=broker.passwords["hub"],
-        client_id=f"ft-hub-{tmp_path.name[-12:]}",
+    files = _site(
+        tmp_path,
+        broker,
         silent_s=30.0,
         missing_s=60.0,
         stale_s=10.0,
         frozen_s=60.0,
     )
-    register_operators(broker, files)
     with pg_database() as url:
         async with two_workers(tmp_path, files.config, url) as workers:
             owner = "w1" if partition_of("gw-01", 16) in _partitions_of(url, "w1") else "w2"
@@ -827,18 +836,15 @@ async def test_the_console_sees_the_whole_site_through_the_workers(
     from fieldtwin.hub.opclient import OperatorClient, OperatorProfile
 
     assert partition_of("gw-01", 16) >= 8  # w2's half; w1 keeps 0-7 after the split
-    files = write_hub_config(
-        tmp_path / "hub",
-        broker_url=broker.url,
-        password=broker.passwords["hub"],
-        client_id=f"ft-hub-{tmp_path.name[-12:]}",
+    files = _site(
+        tmp_path,
+        broker,
         silent_s=4.0,
         missing_s=4.0,
         stale_s=10.0,
         frozen_s=60.0,
         extra="[prediction]\nstep_s = 0.2\nrefit_s = 3.0\nhistory_s = 600.0\n",
     )
-    register_operators(broker, files)
     profile = OperatorProfile(
         operator="olga",
         key_file=files.keys / "olga.key",
