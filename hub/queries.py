@@ -228,6 +228,28 @@ def current_entities(
 # -- history, as-of, diff --------------------------------------------------------------
 
 
+def _known_point(store: TwinStorePort, entity: str, attribute: str) -> None:
+    """An empty answer must not hide a typo: raise ``QueryError`` (with the closest
+    names) unless the twin has reported ``entity.attribute``."""
+    import difflib
+
+    known = {(str(row[0]), str(row[1])) for row in store.current_rows()}
+    if (entity, attribute) in known:
+        return
+    entities = sorted({e for e, _ in known})
+    if entity not in entities:
+        close = difflib.get_close_matches(entity, entities, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise QueryError(f"no entity {entity!r} in the twin{hint}")
+    attributes = sorted(a for e, a in known if e == entity)
+    close = difflib.get_close_matches(attribute, attributes, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise QueryError(
+        f"{entity} has no reported attribute {attribute!r}; {hint}"
+        f"its attributes: {', '.join(attributes)}"
+    )
+
+
 def history(
     store: TwinStorePort,
     entity: str,
@@ -240,6 +262,8 @@ def history(
     if end_ms < start_ms:
         raise QueryError("the end of the window is before its start")
     rows = store.history_rows(entity, attribute, start_ms, end_ms, limit)
+    if not rows:
+        _known_point(store, entity, attribute)
     return [
         {
             "ts": iso(ts_ms),

@@ -106,6 +106,12 @@ def test_history_as_of_and_diff(filled: tuple[TwinStore, HubConfig]) -> None:
     assert changes[("pump-1", "running")]["after"] is False
     with pytest.raises(QueryError):
         history(store, "tank-1", "level", 10, 5)
+    # an empty window of a known point is an empty answer; a typo is an error
+    assert history(store, "tank-1", "level", T0 - 10_000, T0 - 5000) == []
+    with pytest.raises(QueryError, match="no entity 'tank-9' in the twin; did you mean tank-1"):
+        history(store, "tank-9", "level", T0, T0 + 15_000)
+    with pytest.raises(QueryError, match="no reported attribute 'levle'; did you mean level"):
+        history(store, "tank-1", "levle", T0, T0 + 15_000)
 
 
 def test_time_parsing() -> None:
