@@ -195,6 +195,13 @@ class MergeResult:
     considered: int = 0
 
 
+RATE_TIME_BASE_MS = 1000
+"""The shortest time a rate of change is measured over: two readings a few ms apart
+(a subscription's notification next to a poll) would turn a sensor's noise into an
+impossible rate (0.08 °C in 2 ms is 39 °C/s); a real jump beyond ``max_rate`` per
+second is still one."""
+
+
 @dataclass(frozen=True, slots=True)
 class SemanticSpec:
     """The per-attribute knobs the merge needs (from the schema), kept flat for speed."""
@@ -276,7 +283,8 @@ class TwinState:
                             and quality == 0
                             and previous.quality == 0
                         ):
-                            rate = abs(new_num - old_num) * 1000.0 / (ts_ms - previous.ts_ms)
+                            elapsed = max(ts_ms - previous.ts_ms, RATE_TIME_BASE_MS)
+                            rate = abs(new_num - old_num) * 1000.0 / elapsed
                             if rate > spec.max_rate:
                                 result.rate_events[key] = RateEvent(ts_ms, rate, old_num, new_num)
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from support.strategies import values
@@ -90,6 +91,12 @@ def test_rate_and_change_tracking() -> None:
     assert event.ts_ms == 4000
     feed(1.0, 3500)  # older: ignored, no rate computed against it
     assert state.current[("tank-1", "level")].value == 4.5
+    # noise between two readings 2 ms apart is not a rate: measured over at least 1 s
+    del state.rate_events[("tank-1", "level")]
+    feed(4.58, 4002)
+    assert ("tank-1", "level") not in state.rate_events
+    feed(7.58, 4004)  # a 3 m jump is impossible however close in time
+    assert state.rate_events[("tank-1", "level")].rate == pytest.approx(3.0)
 
 
 def test_a_stale_verdict_on_the_same_reading_wins_whatever_the_arrival_order() -> None:
