@@ -198,6 +198,7 @@ class BufferConfig:
     memory_limit_mb: int = 64
     checkpoint_mb: int = 1
     threads: int = 1
+    reopen_every: int = 1000
 
     @property
     def max_bytes(self) -> int:
@@ -447,6 +448,9 @@ def _buffer(section: Section, state_dir: Path) -> BufferConfig:
         # cycle left the process ~10 MB/h bigger (docs/benchmarks.md, "Edge footprint").
         checkpoint_mb=section.integer("checkpoint_mb", 1, min=1, max=1024),
         threads=section.integer("threads", 1, min=1, max=64),
+        # DuckDB's memory grows with every transaction until the connection closes
+        # (docs/agent.md, `[buffer]` `reopen_every`): reopen it every this many transactions.
+        reopen_every=section.integer("reopen_every", 1000, min=1, max=100_000_000),
     )
     section.finish()
     return config

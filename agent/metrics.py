@@ -161,6 +161,18 @@ def render(status: Mapping[str, Any], *, now_ms: int) -> str:
         counters.get("commit_failures"),
     )
     page.one(
+        p + "buffer_reopens_total",
+        "counter",
+        "Times the buffer's connection was closed and opened again to hand back memory.",
+        counters.get("reopens"),
+    )
+    page.one(
+        p + "buffer_reopen_failures_total",
+        "counter",
+        "Buffer reopens that failed (retried on the next write).",
+        counters.get("reopen_failures"),
+    )
+    page.one(
         p + "committed_frames_total",
         "counter",
         "Frames committed to the buffer since start.",

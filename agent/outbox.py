@@ -128,6 +128,8 @@ class OutboxCounters:
     overflow_events: int = 0
     commit_failures: int = 0
     quarantined: int = 0
+    reopens: int = 0
+    reopen_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +162,7 @@ class Outbox:
         memory_limit_mb: int = 64,
         checkpoint_mb: int = 1,
         threads: int = 1,
+        reopen_every: int = 1_000,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
@@ -172,6 +175,9 @@ class Outbox:
         self.memory_limit_mb = memory_limit_mb
         self.checkpoint_mb = checkpoint_mb
         self.threads = threads
+        if reopen_every < 1:
+            raise OutboxError("reopen_every must be at least 1 transaction")
+        self.reopen_every = reopen_every
         self.clock = clock
         self.counters = OutboxCounters()
         self.epoch = 0
@@ -183,6 +189,9 @@ class Outbox:
         self._samples = 0
         self._bytes = 0
         self._overflow_log = Throttle(60.0)
+        self._reopen_log = Throttle(60.0)
+        self._opened = False  # the buffer was opened once: a lost connection is reconnected
+        self._since_open = 0
 
     # -- opening, quarantine ----------------------------------------------------------
 
@@ -277,6 +286,8 @@ class Outbox:
             db.close()
             raise
         self._db = db
+        self._opened = True
+        self._since_open = 0
         self.epoch = int(meta["epoch"])
         self.next_seq = int(meta["next_seq"])
         self._seqs = []
@@ -313,11 +324,53 @@ class Outbox:
         )
 
     def close(self) -> None:
+        self._opened = False
         if self._db is not None:
             try:
                 self._db.close()
             finally:
                 self._db = None
+
+    def _reopen(self) -> None:
+        """Close the connection and open it again, handing back what DuckDB kept.
+
+        DuckDB's memory on the buffer's thread grows with every transaction while it
+        reports 2-3 MB in use; closing the connection returns all of it (docs/agent.md,
+        `reopen_every`). The held-frame index stays in memory: the file is the same.
+        A failed reconnect leaves the buffer closed; the next call tries again and,
+        until one succeeds, fails like any storage error (samples are kept, retried).
+        """
+        duckdb = duckdb_core()
+
+        self._since_open = 0
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except duckdb.Error as exc:
+                self._reopen_failed(f"closing: {exc}")
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        try:
+            self._db = self._connect()
+        except (OutboxError, OutboxCorrupt) as exc:
+            self._reopen_failed(str(exc))
+            raise OutboxError(f"buffer {self.path} could not be reopened: {exc}") from None
+        self.counters.reopens += 1
+
+    def _reopen_failed(self, why: str) -> None:
+        self.counters.reopen_failures += 1
+        if self._reopen_log.ready():
+            log.error(
+                "buffer could not be reopened; retrying on the next write",
+                extra=fields(
+                    alarm="outbox_reopen_failed",
+                    path=self.path,
+                    reason=why,
+                    failures_total=self.counters.reopen_failures,
+                ),
+            )
 
     # -- index ------------------------------------------------------------------------
 
@@ -405,7 +458,9 @@ class Outbox:
         duckdb = duckdb_core()
 
         if self._db is None:
-            raise OutboxError("the buffer is not open")
+            if not self._opened:
+                raise OutboxError("the buffer is not open")
+            self._reconnect()
         try:
             return self._db.execute(sql, params) if params is not None else self._db.execute(sql)
         except duckdb.Error as exc:
@@ -422,6 +477,12 @@ class Outbox:
             except OutboxError:
                 pass
             raise
+        self._since_open += 1
+        if self._since_open >= self.reopen_every:
+            try:
+                self._reopen()
+            except OutboxError:
+                pass  # committed all the same; counted and logged, retried on the next call
 
     def reserve_seq(self) -> int:
         """Take the next seq for a frame that is not stored (a birth), persisting the counter."""

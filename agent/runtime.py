@@ -217,6 +217,7 @@ class Agent:
                 memory_limit_mb=buffer.memory_limit_mb,
                 checkpoint_mb=buffer.checkpoint_mb,
                 threads=buffer.threads,
+                reopen_every=buffer.reopen_every,
             )
         )
         self.batcher = Batcher(

@@ -218,6 +218,58 @@ def test_storage_failure_keeps_the_counter(tmp_path: Path, monkeypatch: pytest.M
     assert outbox.unacked() == [1, 2]
 
 
+def test_the_connection_is_reopened_every_n_transactions(tmp_path: Path) -> None:
+    outbox = make(tmp_path / "o.duckdb", reopen_every=3)
+    first = outbox._db
+    for i in range(4):  # commit + ack: 8 transactions, so two reopens
+        committed = outbox.commit_data([samples(2, 2 * i)])
+        if i % 2:
+            outbox.ack([(committed[0].seq, committed[0].seq)])
+    outbox.reserve_seq()
+    assert outbox.counters.reopens == 2
+    assert outbox._db is not first
+    assert outbox.unacked() == [1, 3]
+    assert [seq for seq, _ in outbox.frames([1, 3])] == [1, 3]
+    outbox.close()
+    again = make(tmp_path / "o.duckdb")
+    assert again.unacked() == [1, 3]
+    assert again.next_seq == 6
+
+
+def test_a_failed_reopen_is_retried_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reconnect failing (file descriptors exhausted, the disk gone) cannot be provoked
+    # portably; the fault is injected where DuckDB would raise it.
+    outbox = make(tmp_path / "o.duckdb", reopen_every=1)
+    real = outbox._connect
+    failures = iter([True, True, False])
+
+    def connect() -> object:
+        if next(failures, False):
+            raise OutboxError("IO Error: Too many open files")
+        return real()
+
+    monkeypatch.setattr(outbox, "_connect", connect)
+    outbox.commit_data([samples(1)])  # committed; the reopen after it fails
+    assert outbox.counters.reopen_failures == 1
+    assert outbox._db is None
+    with pytest.raises(OutboxError, match="could not be reopened"):
+        outbox.commit_data([samples(1, 1)])  # the retry fails too: a storage error
+    assert outbox.next_seq == 2
+    assert [c.seq for c in outbox.commit_data([samples(1, 1)])] == [2]  # reconnected
+    assert outbox.counters.reopen_failures == 2
+    assert outbox.unacked() == [1, 2]
+    assert alarms(caplog).count("outbox_reopen_failed") == 1  # once a minute at most
+
+
+def test_a_closed_buffer_is_not_reopened(tmp_path: Path) -> None:
+    outbox = make(tmp_path / "o.duckdb")
+    outbox.close()
+    with pytest.raises(OutboxError, match="not open"):
+        outbox.commit_data([samples(1)])
+
+
 def test_read_summary_reads_a_free_file(tmp_path: Path) -> None:
     path = tmp_path / "o.duckdb"
     outbox = make(path)
