@@ -1,6 +1,7 @@
 """The hub service: the one API of the hub, whatever the transport.
 
-The HTTP adapter (hub/api.py), the operator channel (hub/channel.py) and the console
+The HTTP adapter (hub/api.py), the operator channel (the runtime's ``_operator_loop``
+in hub/runtime.py, which hands each request to ``handle_request``) and the console
 feed all call this class; the runtime (hub/runtime.py) only wires loops together.
 Every method runs on the hub's database thread (one call at a time), which owns the
 DuckDB store *and* the in-memory twin, so there are no locks and no torn reads.
