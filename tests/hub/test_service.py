@@ -7,6 +7,7 @@ a controllable clock; no broker: the service's answers and downlink frames are t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -385,3 +386,56 @@ def test_an_auto_execute_correction_outside_the_limits_is_refused_not_sent(
         assert rig.sent == []
     finally:
         rig.service.close()
+
+
+def _raise_level_alarm(rig: Rig) -> dict[str, Any]:
+    """tank-1.level above its critical limit for a few cycles: one threshold alarm."""
+    for _ in range(3):
+        samples(rig, {"tank-1.level": 4.8})
+        rig.clock.advance(1500)
+        rig.service.sync_cycle(rig.clock.now_ms)
+    (alarm,) = [a for a in rig.ok("vic", "alarm.list", {}) if a["rule"] == "threshold"]
+    return alarm
+
+
+def test_health_changed_records_say_what_the_health_was_and_became(rig: Rig) -> None:
+    for level in (2.5, 4.8, 4.8, 4.8, 2.5):  # healthy, degraded by the alarm, healthy
+        samples(rig, {"tank-1.level": level, "tank-1.temp": 20.0})
+        rig.clock.advance(1500)
+        rig.service.sync_cycle(rig.clock.now_ms)
+    changes = rig.store.query(
+        "SELECT json_extract_string(detail, '$.from'), json_extract_string(detail, '$.to') "
+        "FROM audit WHERE action = 'health_changed' AND subject = 'tank-1' ORDER BY seq"
+    )
+    assert ("healthy", "degraded") in changes
+    assert ("degraded", "healthy") in changes
+    assert all(before != after for before, after in changes), changes
+    # each record starts where the one before it ended
+    assert all(changes[i][0] == changes[i - 1][1] for i in range(1, len(changes))), changes
+
+
+def test_alarm_raises_and_clears_are_logged_once_each(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="fieldtwin.hub"):
+        alarm = _raise_level_alarm(rig)
+        rig.ok("olga", "alarm.ack", {"alarm_id": alarm["id"], "reason": "draining it"})
+        for _ in range(2):
+            samples(rig, {"tank-1.level": 2.5})
+            rig.clock.advance(100)
+            rig.service.sync_cycle(rig.clock.now_ms)
+    lines = [
+        (r.getMessage(), r.levelno)
+        for r in caplog.records
+        if getattr(r, "ft_fields", {}).get("alarm") == alarm["id"]
+    ]
+    assert lines.count(("alarm raised", logging.WARNING)) == 1, lines
+    assert lines.count(("alarm acknowledged", logging.INFO)) == 1, lines
+    assert lines.count(("alarm cleared", logging.INFO)) == 1, lines
+    (raised,) = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "alarm raised" and r.ft_fields["alarm"] == alarm["id"]
+    ]  # type: ignore[attr-defined]
+    assert raised.ft_fields["subject"] == "tank-1.level"  # type: ignore[attr-defined]
+    assert raised.ft_fields["severity"] == "critical"  # type: ignore[attr-defined]
