@@ -161,6 +161,14 @@ async def test_hub_run_and_twin_commands_live_and_offline(
         )
         assert exported["digital_twin"]["id"] == "test-plant"
         assert exported["operations"]["last_query"] is not None
+        # a running hub answers queries on its API and on the operator channel
+        assert exported["operations"]["query_enabled"] is True
+        api = f"http://127.0.0.1:{Endpoint.read(endpoint_file).port}/api"  # type: ignore[union-attr]
+        assert exported["operations"]["query_endpoints"] == [api, f"{broker.url}/ft/v1/op/+/req"]
+        (gateway,) = [
+            s for s in exported["sync_configuration"]["data_sources"] if s["id"] == "gw-01"
+        ]
+        assert "type" not in gateway  # its birth announced no points: nothing to derive
 
         async def alarmed() -> list[Any]:
             alarms = await cli_json("twin", "alarms", "-c", config)
@@ -234,6 +242,7 @@ async def test_hub_run_and_twin_commands_live_and_offline(
         (await cli("twin", "export", "-c", config, "--format", "yaml")).stdout
     )
     assert exported["operations"]["last_query"] is None
+    assert exported["operations"]["query_enabled"] is False  # no hub answers
 
 
 async def test_cmd_list_reject_cancel_with_the_key_from_a_file_or_the_environment(
