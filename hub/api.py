@@ -4,10 +4,11 @@ A DuckDB file has one writing process, so nothing else may open the hub's databa
 while it runs; readers ask the hub instead. The server (aiohttp, bound to 127.0.0.1,
 with request size and header limits) serves read-only queries: every change to the
 twin, its alarms or its commands is a signed operator request on the operator channel
-(hub/channel.py), never an HTTP call, so nothing here accepts an identity it did not
-verify. When it listens, the hub writes ``<database>.api.json`` (pid, port, instance)
-next to its database; readers find the hub through that file and fall back to opening
-the database read-only when no hub answers.
+(hub/runtime.py ``_operator_loop``, which calls ``HubService.handle_request``), never
+an HTTP call, so nothing here accepts an identity it did not verify. When it listens,
+the hub writes ``<database>.api.json`` (pid, port, instance) next to its database;
+readers find the hub through that file and fall back to opening the database read-only
+when no hub answers.
 
 Routes (GET; JSON unless noted):
 

@@ -58,11 +58,23 @@ def snapshot_hash(state: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(state).encode()).hexdigest()
 
 
+def gateway_source_type(points: int, with_source: int) -> str | None:
+    """What kind of data source a gateway is, from the points its birth announced:
+    ``sensor`` when at least one names the device it is read from (every agent driver,
+    Modbus, OPC-UA or serial, reads a device and says which); ``api`` when it announced
+    points but none names a device (software publishing values through the protocol);
+    ``None`` (the field is left out) before its first birth: nothing to derive it from."""
+    if points == 0:
+        return None
+    return "sensor" if with_source else "api"
+
+
 def _data_sources(
     store: TwinStorePort, config: HubConfig, tracker: DeliveryTracker
 ) -> list[dict[str, Any]]:
     links = {row[0]: row for row in store.gateway_rows()}
     intervals = store.point_intervals()
+    announced = store.point_sources()
     latencies = store.frame_latencies(200)
     failures = store.failure_times()
     broker = config.broker
@@ -76,12 +88,12 @@ def _data_sources(
         lat = latencies.get(gateway_id) or []
         death_ms = link[4] if link else 0
         failure = max(failures.get(gateway_id, 0) or 0, death_ms or 0)
+        source_type = gateway_source_type(*announced.get(gateway_id, (0, 0)))
         sources.append(
             {
                 "id": gateway_id,
-                # gateways read devices (Modbus, OPC-UA, serial): sensor sources; people
-                # acting through the operator channel are the "manual" source below
-                "type": "sensor",
+                # people acting through the operator channel are the "manual" source below
+                **({"type": source_type} if source_type is not None else {}),
                 "endpoint": f"{broker.url}/ft/v1/{gateway_id}/up/+",
                 "frequency": _duration(intervals[gateway_id] / 1000)
                 if gateway_id in intervals
@@ -244,8 +256,12 @@ def twin_document(
     *,
     last_query_ms: int | None = None,
     now_ms: int | None = None,
+    query_endpoints: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The ``digital_twin`` export (every field of the contract, with live values)."""
+    """The ``digital_twin`` export (every field of the contract, with live values).
+
+    ``query_endpoints``: where a running hub answers queries (its HTTP API, the operator
+    channel); none when the document is read from the database with no hub running."""
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     entities = current_entities(store, config)
     _, tracker = store.load_state()  # snapshot plus journal: delivered ranges as of now
@@ -333,7 +349,8 @@ def twin_document(
             ],
         },
         "operations": {
-            "query_enabled": True,
+            "query_enabled": bool(query_endpoints),
+            "query_endpoints": list(query_endpoints),
             # what-if needs declared influences; forecasts also run on trend models
             "simulation_enabled": config.prediction.enabled and bool(config.prediction.influences),
             "prediction_enabled": config.prediction.enabled,

@@ -187,6 +187,7 @@ class Hub:
         api = ApiServer(self.service, self.db, self.config.api_port)
         try:
             self.api_port = await api.start()
+            self.service.api_url = f"http://127.0.0.1:{self.api_port}/api"
             Endpoint(
                 os.getpid(), self.api_port, self.instance, str(self.config.database), self.now_ms()
             ).write(endpoint_file)

@@ -1,6 +1,7 @@
 """The hub service: the one API of the hub, whatever the transport.
 
-The HTTP adapter (hub/api.py), the operator channel (hub/channel.py) and the console
+The HTTP adapter (hub/api.py), the operator channel (the runtime's ``_operator_loop``
+in hub/runtime.py, which hands each request to ``handle_request``) and the console
 feed all call this class; the runtime (hub/runtime.py) only wires loops together.
 Every method runs on the hub's database thread (one call at a time), which owns the
 DuckDB store *and* the in-memory twin, so there are no locks and no torn reads.
@@ -78,7 +79,11 @@ from fieldtwin.protocol.messages import (
     Rebirth,
     Value,
 )
-from fieldtwin.protocol.topics import downlink_topic, operator_response_topic
+from fieldtwin.protocol.topics import (
+    OPERATOR_REQUEST_FILTER,
+    downlink_topic,
+    operator_response_topic,
+)
 from fieldtwin.protocol.tracker import DeliveryTracker
 
 if TYPE_CHECKING:
@@ -192,6 +197,8 @@ class HubService:
         self.started_ms = self.now_ms()
         self.last_report: DriftReport | None = None
         self.last_query_ms: int | None = None
+        self.api_url: str | None = None
+        """The HTTP API's base URL while it listens (set by the runtime)."""
         self._pending_actions: list[tuple[int, str, str, str, str]] = []
         self._ack_pending: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         self._refusal_counts: Counter[tuple[str, str, int]] = Counter()
@@ -1801,9 +1808,23 @@ class HubService:
         self.flush()
 
     def export(self) -> dict[str, Any]:
-        document = twin_document(self.store, self.config, last_query_ms=self.last_query_ms)
+        document = twin_document(
+            self.store,
+            self.config,
+            last_query_ms=self.last_query_ms,
+            query_endpoints=self.query_endpoints(),
+        )
         self.last_query_ms = self.now_ms()
         return document
+
+    def query_endpoints(self) -> list[str]:
+        """Where this hub answers queries: its loopback HTTP API once it listens (the
+        runtime sets ``api_url``), and the operator channel when operators are configured
+        (the runtime subscribes to their requests only then)."""
+        endpoints = [self.api_url] if self.api_url else []
+        if self.config.operators:
+            endpoints.append(f"{self.config.broker.url}/{OPERATOR_REQUEST_FILTER}")
+        return endpoints
 
     def alarms(self, states: Sequence[str] = ()) -> list[dict[str, Any]]:
         self._queried()

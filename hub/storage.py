@@ -184,6 +184,7 @@ class TwinStorePort(Protocol):
     def relationship_rows(self) -> list[Row]: ...
     def recent_actions(self, limit: int) -> list[Row]: ...
     def point_intervals(self) -> dict[str, int]: ...
+    def point_sources(self) -> dict[str, tuple[int, int]]: ...
     def frame_latencies(self, per_gateway: int) -> dict[str, list[int]]: ...
     def failure_times(self) -> dict[str, int]: ...
     def operator_activity(self) -> tuple[Row, Row]: ...
@@ -475,6 +476,17 @@ class StoreReads:
                 "GROUP BY gateway"
             )
         )
+
+    def point_sources(self) -> dict[str, tuple[int, int]]:
+        """Per gateway: (points its birth announced, those naming a device source)."""
+        return {
+            gateway: (int(points), int(with_source or 0))
+            for gateway, points, with_source in self.query(
+                "SELECT gateway, count(*), "
+                "sum(CASE WHEN coalesce(source, '') <> '' THEN 1 ELSE 0 END) "
+                "FROM points GROUP BY gateway"
+            )
+        }
 
     def frame_latencies(self, per_gateway: int) -> dict[str, list[int]]:
         return {

@@ -183,6 +183,8 @@ async def test_an_approved_setpoint_reaches_the_device_and_is_verified(plant: Pl
 async def test_a_stale_interlock_input_refuses_the_command(plant: Plant) -> None:
     agent = plant.agents["gw-pumps"]
     assert agent.process is not None
+    seen = len(await writes(plant, "pump-1.speed_sp"))
+    before = await true_value(plant, "pump-1.speed_sp")
     os.kill(agent.process.pid, signal.SIGSTOP)
     try:
 
@@ -198,9 +200,30 @@ async def test_a_stale_interlock_input_refuses_the_command(plant: Plant) -> None
             t.startswith("interlock pump-needs-water: input tank-1.level is stale, last sample")
             for t in texts
         ), texts
+        # the real thing, not only the dry run: refused, with the reason, and audited
+        proposed = await ask(
+            plant,
+            "alice",
+            "cmd.propose",
+            {"target": "pump-1.speed_sp", "value": 1100, "reason": "stale test"},
+        )
+        assert proposed["state"] == "refused", proposed
+        assert "input tank-1.level is stale, last sample" in proposed["outcome"]
+        with pytest.raises(OperatorError):  # a refused command cannot be approved into a write
+            await approve(plant, "bob", proposed["id"])
     finally:
         os.kill(agent.process.pid, signal.SIGCONT)
+    audit = await plant.call("/api/audit?limit=500")
+    (record,) = [
+        r for r in audit if r["action"] == "command_refused" and r["subject"] == proposed["id"]
+    ]
+    assert record["actor"] == "alice"
+    assert any("input tank-1.level is stale" in t for t in record["detail"]["refusals"]), record
     await wait_for(lambda: gateway_up(plant, "gw-pumps"), within=60, what="gw-pumps back")
+    shown = await ask(plant, "vic", "cmd.show", {"cmd_id": proposed["id"]})
+    assert shown["state"] == "refused"
+    assert (await writes(plant, "pump-1.speed_sp"))[seen:] == []  # the device was not written
+    assert await true_value(plant, "pump-1.speed_sp") == before
 
 
 async def gateway_up(plant: Plant, gateway: str) -> bool:

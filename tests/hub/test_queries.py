@@ -189,13 +189,26 @@ assumptions: a
 
 def test_export_has_every_contract_field(filled: tuple[TwinStore, HubConfig]) -> None:
     store, config = filled
+    # open drift handled mostly by "investigate", while the configured default is "alert"
+    assert config.reconciliation.default == "alert"
     store.query(
-        "INSERT INTO drift_events VALUES (1, 'threshold', 'threshold', 'tank-1', 'level', "
-        "'critical', 'alert', 'level high', ?, NULL)",
-        [T0],
+        "INSERT INTO drift_events VALUES "
+        "(1, 'threshold', 'threshold', 'tank-1', 'level', 'critical', 'alert', 'level high', "
+        "?, NULL), "
+        "(2, 'semantic.rate', 'semantic', 'tank-1', 'level', 'warning', 'investigate', "
+        "'level rises too fast', ?, NULL), "
+        "(3, 'semantic.frozen', 'semantic', 'tank-1', 'level', 'warning', 'investigate', "
+        "'level frozen', ?, NULL)",
+        [T0, T0, T0],
     )
     store.query(
         "INSERT INTO actions VALUES (?, 'tank-1', 'rebirth requested', 'success', '')", [T0]
+    )
+    # gw-02 announced one point without naming a device: software, not a device reader
+    store.query(
+        "INSERT INTO points VALUES ('tank-1', 'temp', 'gw-02', 'float64', 'degC', false, "
+        "NULL, NULL, 1000, '', ?)",
+        [T0],
     )
     document = twin_document(store, config, last_query_ms=T0)
     _shape(DIGITAL_TWIN_CONTRACT, document)
@@ -216,22 +229,31 @@ def test_export_has_every_contract_field(filled: tuple[TwinStore, HubConfig]) ->
     assert tank["source_attribution"] == {"level": "modbus ir 0"}
     assert document["current_drift"]["issues"][0]["entity_id"] == "test-plant/tank-1"
     assert document["current_drift"]["entities_drifted"] == 1
-    source = document["sync_configuration"]["data_sources"][0]
-    assert source["id"] == "gw-01"
-    assert source["reliability"] == 1.0
+    sources = {s["id"]: s for s in document["sync_configuration"]["data_sources"]}
+    assert sources["gw-01"]["reliability"] == 1.0
+    # the type comes from what each gateway announced
+    assert sources["gw-01"]["type"] == "sensor"  # its point names the device it reads
+    assert sources["gw-02"]["type"] == "api"
     assert document["reconciliation"]["recent_actions"][0]["result"] == "success"
-    # the strategy is the one acting on the open drift, not just the configured default
-    assert document["reconciliation"]["strategy"] == document_strategy(document, store)
+    # the strategy acting on the open drift (two of three issues), not the default
+    assert document["reconciliation"]["strategy"] == "investigate"
     operators = document["sync_configuration"]["data_sources"][-1]
     assert (operators["id"], operators["type"]) == ("operators", "manual")
+    # read from the database, no hub answering: no query endpoint
+    assert document["operations"]["query_enabled"] is False
+    assert document["operations"]["query_endpoints"] == []
     yaml.safe_load(yaml.safe_dump(document))  # plain data, YAML-safe
 
 
-def document_strategy(document: dict[str, Any], store: TwinStore) -> str:
-    strategies = [
-        row[0] for row in store.query("SELECT strategy FROM drift_events WHERE cleared_ms IS NULL")
-    ]
-    return max(set(strategies), key=strategies.count) if strategies else "alert"
+def test_a_gateway_that_never_announced_its_points_has_no_source_type(
+    filled: tuple[TwinStore, HubConfig],
+) -> None:
+    store, config = filled
+    document = twin_document(store, config)
+    sources = {s["id"]: s for s in document["sync_configuration"]["data_sources"]}
+    assert "gw-02" in config.gateways
+    assert "type" not in sources["gw-02"]  # configured, never born: nothing to derive it from
+    assert sources["gw-01"]["type"] == "sensor"
 
 
 def test_snapshot_hash_is_canonical() -> None:

@@ -7,6 +7,7 @@ a controllable clock; no broker: the service's answers and downlink frames are t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,14 @@ def _open(files: HubFiles, clock: Clock) -> HubService:
     return HubService(config, store, instance="test", metrics=HubMetrics(), clock=clock)
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
+def _start(tmp_path: Path, *, edit: tuple[str, str] | None = None) -> Rig:
+    """A hub with gw-01 born (pump-1.speed_sp 900, tank-1.level 2.5) and one sync done;
+    ``edit`` replaces one piece of the test config's text first."""
     files = write_hub_config(tmp_path)
+    if edit is not None:
+        text = files.config.read_text()
+        assert edit[0] in text
+        files.config.write_text(text.replace(*edit))
     clock = Clock()
     service = _open(files, clock)
     gw = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
@@ -61,6 +67,12 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         )
     )
     service.sync_cycle(clock.now_ms)
+    return rig
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = _start(tmp_path)
     yield rig
     rig.service.close()
 
@@ -299,3 +311,131 @@ def test_alarm_operations_are_signed_and_audited_with_the_verified_identity(rig:
     )
     assert detail[0][:2] == ("olga", "seen it")
     assert detail[0][2]
+
+
+STALE_RULE = 'drift = "temporal.sensor_stale"\nstrategy = "auto_correct"\n'
+"""The test config's auto_correct rule (no automatic execution)."""
+
+
+def _drift_pump_setpoint(rig: Rig, value: int) -> list[dict[str, Any]]:
+    """pump-1.speed_sp (desired 900) reported at ``value``, then not again for longer than
+    its stale limit (30 s default interval × stale factor 3) while tank-1 keeps reporting:
+    a ``temporal.sensor_stale`` finding on pump-1, whose rule is auto_correct. Returns
+    the commands the sync cycle proposed."""
+    samples(rig, {"pump-1.speed_sp": value})
+    for _ in range(47):  # 94 s, the gateway alive and the interlock input fresh
+        samples(rig, {"tank-1.level": 2.5})
+        rig.clock.advance(1_900)
+    samples(rig, {"tank-1.level": 2.5})
+    report, effects = rig.service.sync_cycle(rig.clock.now_ms)
+    rig._collect(effects)
+    assert any(
+        (f.rule, f.entity, f.attribute) == ("temporal.sensor_stale", "pump-1", "speed_sp")
+        for f in report.findings
+    )
+    rows: list[dict[str, Any]] = rig.ok("vic", "cmd.list", {})
+    return rows
+
+
+def test_an_auto_correct_finding_proposes_a_command_awaiting_approval(rig: Rig) -> None:
+    (proposed,) = _drift_pump_setpoint(rig, 1200)
+    shown = rig.ok("vic", "cmd.show", {"cmd_id": proposed["id"]})
+    assert (shown["entity"], shown["attribute"], shown["value"]) == ("pump-1", "speed_sp", 900)
+    assert (shown["source"], shown["proposed_by"]) == ("reconciliation", "hub")
+    assert shown["state"] == "awaiting_approval", shown["outcome"]
+    assert shown["checkpoint"]["value"] == 1200
+    assert rig.sent == []
+    # the next cycle, the same alarm still open, proposes nothing more
+    rig.clock.advance(100)
+    rig.service.sync_cycle(rig.clock.now_ms)
+    assert [c["id"] for c in rig.ok("vic", "cmd.list", {})] == [proposed["id"]]
+    assert rig.approve("piet", proposed["id"]).ok
+    (cmd,) = rig.sent
+    assert (cmd.cmd_id, cmd.value, cmd.approved_by) == (proposed["id"], 900, ("piet",))
+
+
+def test_an_auto_execute_rule_sends_the_correction_without_an_operator(tmp_path: Path) -> None:
+    rig = _start(tmp_path, edit=(STALE_RULE, STALE_RULE + "auto_execute = true\n"))
+    try:
+        (proposed,) = _drift_pump_setpoint(rig, 1200)
+        assert proposed["source"] == "reconciliation"
+        (cmd,) = rig.sent
+        assert (cmd.cmd_id, cmd.entity, cmd.attribute, cmd.value) == (
+            proposed["id"],
+            "pump-1",
+            "speed_sp",
+            900,
+        )
+        assert cmd.approved_by == ()
+        shown = rig.ok("vic", "cmd.show", {"cmd_id": proposed["id"]})
+        assert shown["state"] == "sent"
+        assert "approval_added" not in [e["change"] for e in shown["timeline"]]
+    finally:
+        rig.service.close()
+
+
+def test_an_auto_execute_correction_outside_the_limits_is_refused_not_sent(
+    tmp_path: Path,
+) -> None:
+    rig = _start(tmp_path, edit=(STALE_RULE, STALE_RULE + "auto_execute = true\n"))
+    try:
+        # 100 → 900 is a step of 800 rpm; speed_sp allows 600 per command
+        (proposed,) = _drift_pump_setpoint(rig, 100)
+        assert proposed["state"] == "refused"
+        assert "step" in proposed["outcome"]
+        assert rig.sent == []
+    finally:
+        rig.service.close()
+
+
+def _raise_level_alarm(rig: Rig) -> dict[str, Any]:
+    """tank-1.level above its critical limit for a few cycles: one threshold alarm."""
+    for _ in range(3):
+        samples(rig, {"tank-1.level": 4.8})
+        rig.clock.advance(1500)
+        rig.service.sync_cycle(rig.clock.now_ms)
+    (alarm,) = [a for a in rig.ok("vic", "alarm.list", {}) if a["rule"] == "threshold"]
+    return alarm
+
+
+def test_health_changed_records_say_what_the_health_was_and_became(rig: Rig) -> None:
+    for level in (2.5, 4.8, 4.8, 4.8, 2.5):  # healthy, degraded by the alarm, healthy
+        samples(rig, {"tank-1.level": level, "tank-1.temp": 20.0})
+        rig.clock.advance(1500)
+        rig.service.sync_cycle(rig.clock.now_ms)
+    changes = rig.store.query(
+        "SELECT json_extract_string(detail, '$.from'), json_extract_string(detail, '$.to') "
+        "FROM audit WHERE action = 'health_changed' AND subject = 'tank-1' ORDER BY seq"
+    )
+    assert ("healthy", "degraded") in changes
+    assert ("degraded", "healthy") in changes
+    assert all(before != after for before, after in changes), changes
+    # each record starts where the one before it ended
+    assert all(changes[i][0] == changes[i - 1][1] for i in range(1, len(changes))), changes
+
+
+def test_alarm_raises_and_clears_are_logged_once_each(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="fieldtwin.hub"):
+        alarm = _raise_level_alarm(rig)
+        rig.ok("olga", "alarm.ack", {"alarm_id": alarm["id"], "reason": "draining it"})
+        for _ in range(2):
+            samples(rig, {"tank-1.level": 2.5})
+            rig.clock.advance(100)
+            rig.service.sync_cycle(rig.clock.now_ms)
+    lines = [
+        (r.getMessage(), r.levelno)
+        for r in caplog.records
+        if getattr(r, "ft_fields", {}).get("alarm") == alarm["id"]
+    ]
+    assert lines.count(("alarm raised", logging.WARNING)) == 1, lines
+    assert lines.count(("alarm acknowledged", logging.INFO)) == 1, lines
+    assert lines.count(("alarm cleared", logging.INFO)) == 1, lines
+    (raised,) = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "alarm raised" and r.ft_fields["alarm"] == alarm["id"]
+    ]  # type: ignore[attr-defined]
+    assert raised.ft_fields["subject"] == "tank-1.level"  # type: ignore[attr-defined]
+    assert raised.ft_fields["severity"] == "critical"  # type: ignore[attr-defined]

@@ -13,10 +13,11 @@ import random
 
 import msgpack
 import pytest
-from support.keys import gateway_key, hub_key, registry
+from support.keys import gateway_key, key_for, registry
 
 from fieldtwin.protocol import ProtocolError
 from fieldtwin.protocol.frames import decode_frame, encode_frame
+from fieldtwin.protocol.keys import KeyPair
 from fieldtwin.protocol.messages import Data, Sample
 
 from .test_golden import EPOCH, SENT_AT, VECTORS
@@ -25,14 +26,26 @@ RAW_MUTATIONS = int(os.environ.get("FIELDTWIN_FUZZ_RAW", "100000"))
 RESIGNED_MUTATIONS = int(os.environ.get("FIELDTWIN_FUZZ_RESIGNED", "20000"))
 
 
-def _seed_frames() -> list[bytes]:
-    frames = []
+def _signed_seeds() -> list[tuple[bytes, KeyPair]]:
+    """Every golden vector plus one large frame, each with the key its sender signs with."""
+    seeds = []
     for sender, seq, body in VECTORS.values():
-        key = hub_key if sender == "hub" else gateway_key
-        frames.append(encode_frame(key, sender, EPOCH, seq, SENT_AT, body))
+        key = key_for(sender)
+        seeds.append((encode_frame(key, sender, EPOCH, seq, SENT_AT, body), key))
     big = Data.of(tuple(Sample(f"e{i}", "a", i * 0.5, SENT_AT, 0) for i in range(50)))  # type: ignore[arg-type]
-    frames.append(encode_frame(gateway_key, "gw-01", EPOCH, 99, SENT_AT, big))
-    return frames
+    seeds.append((encode_frame(gateway_key, "gw-01", EPOCH, 99, SENT_AT, big), gateway_key))
+    return seeds
+
+
+def _seed_frames() -> list[bytes]:
+    return [raw for raw, _ in _signed_seeds()]
+
+
+def test_every_seed_decodes_so_every_kind_is_fuzzed() -> None:
+    """A seed the registry refuses would only ever exercise the signature check."""
+    kinds = {type(decode_frame(raw, registry()).body).__name__ for raw in _seed_frames()}
+    expected = {type(body).__name__ for _, _, body in VECTORS.values()}
+    assert kinds == expected
 
 
 def _mutate(rng: random.Random, data: bytes) -> bytes:
@@ -108,9 +121,9 @@ def test_raw_mutations_decode_or_raise_protocol_error() -> None:
 def test_resigned_mutations_exercise_the_validators() -> None:
     rng = random.Random(4242)
     signed_parts = []
-    for raw in _seed_frames():
+    for raw, key in _signed_seeds():
         signed, _ = msgpack.unpackb(raw)
-        signed_parts.append((signed, hub_key if b"\xa3hub" in signed[:40] else gateway_key))
+        signed_parts.append((signed, key))
     outcomes: dict[str, int] = {}
     for _ in range(RESIGNED_MUTATIONS):
         signed, key = rng.choice(signed_parts)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support.keys import GATEWAY_SEED, HUB_SEED, gateway_key, hub_key, operator_key, registry
+from support.keys import GATEWAY_SEED, HUB_SEED, key_for, registry
 
 from fieldtwin.protocol.frames import decode_frame, encode_frame
 from fieldtwin.protocol.messages import (
@@ -185,14 +185,12 @@ REJECTED: dict[str, tuple[str, int, AnyBody, str]] = {
 
 def _encode(name: str) -> bytes:
     sender, seq, body = VECTORS[name]
-    key = {"hub": hub_key, "alice": operator_key}.get(sender, gateway_key)
-    return encode_frame(key, sender, EPOCH, seq, SENT_AT, body)
+    return encode_frame(key_for(sender), sender, EPOCH, seq, SENT_AT, body)
 
 
 def _encode_rejected(name: str) -> bytes:
     sender, seq, body, _ = REJECTED[name]
-    key = hub_key if sender == "hub" else gateway_key
-    return encode_frame(key, sender, EPOCH, seq, SENT_AT, body)
+    return encode_frame(key_for(sender), sender, EPOCH, seq, SENT_AT, body)
 
 
 def _load_rejected() -> dict[str, str]:

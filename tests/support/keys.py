@@ -15,6 +15,11 @@ other_key = KeyPair.from_seed(OTHER_SEED)
 operator_key = KeyPair.from_seed(OPERATOR_SEED)
 
 
+def key_for(sender: str) -> KeyPair:
+    """The test key a sender signs with, matching registry()."""
+    return {"hub": hub_key, "alice": operator_key}.get(sender, gateway_key)
+
+
 def registry() -> KeyRegistry:
     """gw-01 signs with gateway_key, the hub with hub_key, operator alice with operator_key."""
     return KeyRegistry.of(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fieldtwin.hub.ingest import Inbound
-from fieldtwin.hub.service import Effects, HubService
+from fieldtwin.hub.service import ALARM_TOPIC, Effects, HubService
 from fieldtwin.hub.store import TwinStore
 from fieldtwin.protocol.approvals import sign_approval
 from fieldtwin.protocol.frames import FrameSigner, decode_frame
@@ -91,6 +91,8 @@ class Rig:
     def _collect(self, effects: Effects) -> list[OperatorResponse]:
         answers = []
         for item in effects.publish:
+            if item.topic == ALARM_TOPIC:
+                continue  # JSON for dashboards, not a signed frame
             frame = decode_frame(item.payload, self.hub_keys)
             if isinstance(frame.body, OperatorResponse):
                 answers.append(frame.body)
