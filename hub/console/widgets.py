@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -223,8 +223,9 @@ class VirtualTable(ScrollView, can_focus=True):
     """A table that draws only the rows on screen, straight from the model.
 
     Rows are keys; their cells come from ``cells(key)`` when a row is drawn, so a value
-    that changes costs nothing until its row is on screen, and ages tick by redrawing
-    the visible rows (about 50 of 5,000). The DataTable keeps every cell and measures
+    that changes costs nothing until its row is on screen; a change on screen redraws
+    that row only (``refresh_keys``), and ages tick by redrawing the visible rows (about
+    50 of 5,000) once a second. The DataTable keeps every cell and measures
     each new row, which at 5,000 rows takes seconds (see docs/console.md).
     """
 
@@ -259,6 +260,7 @@ class VirtualTable(ScrollView, can_focus=True):
         self.columns = list(columns)
         self.cells = cells
         self.keys: list[str] = []
+        self._index: dict[str, int] = {}
         self.cursor = 0
         self.rows_drawn = 0
         self._width = sum(width + 2 for _, _, width in self.columns)
@@ -268,24 +270,36 @@ class VirtualTable(ScrollView, can_focus=True):
         return len(self.keys)
 
     def set_rows(self, keys: list[str]) -> None:
+        """A structural change (filter, sort, rows added or removed): all rows are drawn."""
         selected = self.selected_key()
         self.keys = keys
+        self._index = {key: index for index, key in enumerate(keys)}
         self.virtual_size = Size(self._width, len(keys) + 1)
         self.select_key(selected)
         if self.cursor >= len(keys):
             self.cursor = max(0, len(keys) - 1)
         self.refresh()
 
+    def refresh_keys(self, keys: Iterable[str]) -> int:
+        """Redraw only the rows of these keys that are on screen (their cells changed);
+        the other rows keep what Textual drew last. Returns how many rows."""
+        start, end = self.visible_range()
+        index_of = self._index
+        lines = 0
+        for key in keys:
+            index = index_of.get(key)
+            if index is not None and start <= index < end:
+                self.refresh_line(index + 1)  # virtual line: the header is line 0
+                lines += 1
+        return lines
+
     def selected_key(self) -> str | None:
         return self.keys[self.cursor] if 0 <= self.cursor < len(self.keys) else None
 
     def select_key(self, key: str | None) -> None:
-        if key is None:
+        if key is None or key not in self._index:
             return
-        try:
-            self.cursor = self.keys.index(key)
-        except ValueError:
-            return
+        self.cursor = self._index[key]
         self._show_cursor()
 
     def visible_range(self) -> tuple[int, int]:
