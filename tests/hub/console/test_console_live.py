@@ -8,8 +8,10 @@ Every wait is for a condition, never a fixed sleep.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
+import shlex
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,9 +20,10 @@ import pytest
 import pytest_asyncio
 from support.broker import MosquittoBroker
 from support.plant import plant_logins
+from textual.widgets import Static
 
 from fieldtwin.hub.console.app import ConsoleApp
-from fieldtwin.hub.console.modals import ApproveModal, ProposeModal, ReasonModal
+from fieldtwin.hub.console.modals import ApproveModal, HelpModal, ProposeModal, ReasonModal
 from fieldtwin.hub.console.screens import (
     AlarmsScreen,
     ApprovalsScreen,
@@ -28,8 +31,9 @@ from fieldtwin.hub.console.screens import (
     OverviewScreen,
 )
 from fieldtwin.hub.console.widgets import header_text
-from fieldtwin.hub.demo import Plant, PlantOptions
+from fieldtwin.hub.demo import Plant, PlantOptions, demo_hints
 from fieldtwin.hub.opclient import OperatorClient, OperatorProfile, call
+from fieldtwin.protocol.cli import build_parser
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
@@ -284,6 +288,45 @@ async def test_propose_then_approve_and_the_device_follows(plant: Plant) -> None
     while not await follows():
         assert time.monotonic() < deadline, "the simulated pump did not take the setpoint"
         await asyncio.sleep(0.5)
+
+
+async def test_the_demo_hints_inject_a_fault_into_this_plant_and_the_help_shows_them(
+    plant: Plant,
+) -> None:
+    """The lines the interactive demo prints parse with the real ``fieldtwin`` parser,
+    name this simulator's control address, and inject and clear a fault in it."""
+    hints = demo_hints(plant)
+    control = plant.endpoints["control"]
+    assert control
+    assert f"simulator control address: {control}" in hints
+
+    def command(words: str) -> argparse.Namespace:
+        line = next(hint.strip() for hint in hints if words in hint)
+        argv = shlex.split(line)
+        assert argv[0] == "fieldtwin"
+        args = build_parser().parse_args(argv[1:])
+        assert args.control == control
+        return args
+
+    inject, clear = command("fieldtwin sim fault inject"), command("fieldtwin sim fault clear")
+    try:
+        assert await asyncio.to_thread(inject.func, inject) == 0
+        faults = (await plant.sim_call("GET", "/faults"))["faults"]
+        open_faults = [(f["kind"], f["point"]) for f in faults if f["end_tick"] is None]
+        assert open_faults == [(inject.kind, inject.point)]
+    finally:
+        assert await asyncio.to_thread(clear.func, clear) == 0
+    faults = (await plant.sim_call("GET", "/faults"))["faults"]
+    assert all(f["end_tick"] is not None for f in faults)  # cleared: it has an end
+
+    # the console's help (?) shows the same lines
+    app = ConsoleApp(lambda: OperatorClient(profile(plant, "alice")), hints=hints)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        modal = await until(pilot, lambda: isinstance(app.screen, HelpModal) and app.screen, 10)
+        shown = "\n".join(str(static.content) for static in modal.query(Static))
+        for hint in hints:
+            assert hint in shown
 
 
 async def test_the_console_says_when_the_hub_is_gone_and_recovers(plant: Plant) -> None:
