@@ -619,7 +619,8 @@ def register(subparsers: Any) -> None:
             "Start an embedded MQTT broker (unless --broker), the water-plant simulator, "
             "one edge agent per device family and the hub, with keys, configs and "
             "databases under --state-dir (created on the first run, reused later), and "
-            "show the live twin and its alarms. Ctrl+C stops everything. With --headless "
+            "open the operator console as the demo operator alice (q quits and stops "
+            "everything; so does Ctrl+C). With --headless "
             "--duration S --report FILE it runs unattended, writes a JSON sync report and "
             "exits 1 if the pipeline broke."
         ),
@@ -635,15 +636,9 @@ def register(subparsers: Any) -> None:
     )
     demo.add_argument("--speed", type=float, default=1.0, help="simulation speed (default 1)")
     demo.add_argument("--seed", type=int, default=None, help="simulator seed")
-    demo.add_argument("--headless", action="store_true", help="no live view; needs --duration")
+    demo.add_argument("--headless", action="store_true", help="no console; needs --duration")
     demo.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     demo.add_argument("--report", type=Path, default=None, help="write the sync report (JSON) here")
-    demo.add_argument(
-        "--refresh",
-        type=float,
-        default=2.0,
-        help="unused since the interactive demo opens the console (kept for old scripts)",
-    )
     demo.add_argument(
         "--no-commands",
         action="store_true",
@@ -710,7 +705,7 @@ async def run_demo(options: PlantOptions, args: argparse.Namespace) -> int:
             if interactive:
                 await console_view(plant, stop, deadline)
                 break
-            wait = args.refresh if interactive else 1.0
+            wait = 1.0  # headless: check the deadline and the components once a second
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(TimeoutError):

@@ -39,6 +39,8 @@ from fieldtwin.hub.console.widgets import ConsoleHeader
 
 FLUSH_S = 0.25
 """How often the showing screen takes the changes (updates are coalesced in between)."""
+TICK_S = 1.0
+"""How often ages and other clocks are redrawn (and the header's link state checked)."""
 MODE_NAMES = {
     "overview": "Plant overview",
     "alarms": "Alarms",
@@ -115,6 +117,7 @@ class ConsoleApp(App[None]):
         clock: Callable[[], int] = local_ms,
         hints: Sequence[str] = (),
         flush_s: float = FLUSH_S,
+        tick_s: float = TICK_S,
     ) -> None:
         super().__init__()
         self.clock = clock
@@ -122,6 +125,7 @@ class ConsoleApp(App[None]):
         self.session = Session(connect, self.model, clock=clock, on_change=self._link_changed)
         self.hints = list(hints)
         self.flush_s = flush_s
+        self.tick_s = tick_s
         self.paused = False
         self.live_screens: set[LiveScreen] = set()
         self.lags: deque[int] = deque(maxlen=200_000)
@@ -132,7 +136,7 @@ class ConsoleApp(App[None]):
     def on_mount(self) -> None:
         self.run_worker(self.session.run(), name="hub-session", exclusive=True)
         self.set_interval(self.flush_s, self.flush)
-        self.set_interval(1.0, self.tick)
+        self.set_interval(self.tick_s, self.tick)
 
     # -- the loop between model and screens -------------------------------------------------
 

@@ -202,8 +202,17 @@ class OverviewScreen(LiveScreen):
         if "entities" in parts or self._needs_rebuild(entities):
             self.rebuild()
             return
-        # values, health, links: the visible rows are drawn again from the model
-        self.table.refresh()
+        if "resume" in parts:
+            self.table.refresh()  # back on show: whatever changed meanwhile
+        else:
+            # values, health, links, alarms: only the rows of the entities that changed
+            # (those on screen) are drawn again from the model
+            model = self.console.model
+            self.table.refresh_keys(
+                model.entities[entity_id].twin_id
+                for entity_id in entities
+                if entity_id in model.entities
+            )
         self._update_title()
 
     def _needs_rebuild(self, entities: set[str]) -> bool:

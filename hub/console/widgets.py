@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.style import Style
@@ -20,63 +21,168 @@ if TYPE_CHECKING:
 
 
 class ConsoleHeader(Static):
-    """One line: hub link, operator and role, alarm and approval counts, pause."""
+    """One line: hub link, pause, alarms, approvals, then operator and role, fitted to
+    the width it has (see ``header_text``); a second line while the hub is down."""
 
     DEFAULT_CSS = """
-    ConsoleHeader { height: 1; background: $panel; color: $text; }
+    ConsoleHeader { height: auto; max-height: 2; background: $panel; color: $text; }
     """
 
-    def on_mount(self) -> None:
-        self.update_from(self.app)  # type: ignore[arg-type]
+    _lines = 1
+
+    def render(self) -> Text:
+        return header_text(self.app, self.size.width or None)  # type: ignore[arg-type]
 
     def update_from(self, app: ConsoleApp) -> None:
-        self.update(header_text(app))
+        lines = 2 if app.session.down_since(app.clock()) else 1
+        self.refresh(layout=lines != self._lines)  # the second line takes a table row
+        self._lines = lines
 
 
-def header_text(app: ConsoleApp) -> Text:
+ROLE_SHORT = {"operator": "op", "approver": "appr", "viewer": "view", "admin": "adm"}
+
+
+@dataclass
+class HeaderPart:
+    """One fact of the header, as variants from the fullest to the shortest; the last
+    one is shown even when it does not fit, unless it is empty (dropped)."""
+
+    variants: list[Text]
+    chosen: int = 0
+
+    def text(self) -> Text:
+        return self.variants[self.chosen]
+
+    def width(self) -> int:
+        return self.text().cell_len
+
+
+def _variants(style: str, *words: str) -> list[Text]:
+    return [Text(word, style=style) for word in words]
+
+
+def header_parts(app: ConsoleApp) -> list[HeaderPart]:
+    """The header's facts, most important first: hub link, pause, flood, alarms,
+    approvals, operator and role, twin id."""
     session = app.session
     model = app.model
     now = app.clock()
-    text = Text(no_wrap=True, overflow="ellipsis")
+    parts: list[HeaderPart] = []
     since = session.down_since(now)
     if not since:
-        text.append(" ● hub online ", style="bold green")
+        parts.append(HeaderPart(_variants("bold green", " ● hub online", " ● online")))
     else:
-        seconds = max(0, (now - since) // 1000)
-        text.append(
-            f" ✖ hub unreachable since {fmt.clock(since)} ({seconds}s) ", style="bold white on red"
+        age = fmt.age(since, now) if now > since else "0s"
+        at = fmt.clock(since)
+        parts.append(
+            HeaderPart(
+                _variants(
+                    "bold white on red",
+                    f" ✖ hub unreachable since {at} ({age}) ",
+                    f" ✖ hub down since {at} ({age}) ",
+                    f" ✖ hub down {age} ",
+                )
+            )
+        )
+    if app.paused:
+        parts.append(HeaderPart(_variants("bold black on yellow", "⏸ PAUSED")))
+    flood = model.flood(now)
+    if flood:
+        parts.append(
+            HeaderPart(_variants("bold white on red", f"⚠ FLOOD {flood}/10min", f"⚠ FLOOD {flood}"))
+        )
+    counts = model.alarm_counts()
+    total, critical, unacked = counts["total"], counts["critical"], counts["unacked"]
+    if total:
+        style = "bold red" if critical else "bold yellow"
+        words: list[str] = []
+        terse: list[str] = []
+        if critical:
+            words.append(f"{critical} crit")
+            terse.append(f"{critical}crit")
+        if unacked:
+            words.append(f"{unacked} unacked")
+            terse.append(f"{unacked}unack")
+        detail = f" ({', '.join(words)})" if words else ""
+        parts.append(
+            HeaderPart(
+                _variants(
+                    style,
+                    f"▲ {total} alarms{detail}",
+                    f"▲ {total}{detail}",
+                    " ".join([f"▲{total}", *terse]),
+                )
+            )
+        )
+    else:
+        parts.append(HeaderPart(_variants("green", "✔ no alarms", "✔ 0 alarms")))
+    pending = len(model.pending_approvals())
+    if pending:
+        parts.append(
+            HeaderPart(_variants("bold cyan", f"◇ {pending} to approve", f"◇{pending} approve"))
         )
     who = session.whoami
     if who:
-        roles = ",".join(who.get("roles", [])) or "no role"
-        text.append(f" {who.get('operator')}", style="bold")
-        text.append(f" {roles}")
-    counts = model.alarm_counts()
-    flood = model.flood(now)
-    if flood:
-        text.append(f"  ⚠ FLOOD {flood}/10min", style="bold white on red")
-    if counts["total"]:
-        style = "bold red" if counts["critical"] else "bold yellow"
-        text.append(f"  ▲ {counts['total']} alarms", style=style)
-        detail = []
-        if counts["critical"]:
-            detail.append(f"{counts['critical']} crit")
-        if counts["unacked"]:
-            detail.append(f"{counts['unacked']} unacked")
-        if detail:
-            text.append(f" ({', '.join(detail)})", style=style)
-    else:
-        text.append("  ✔ no alarms", style="green")
-    pending = len(model.pending_approvals())
-    if pending:
-        text.append(f"  ◇ {pending} to approve", style="bold cyan")
-    if app.paused:
-        text.append("  ⏸ PAUSED", style="bold black on yellow")
+        operator = str(who.get("operator"))
+        roles = list(who.get("roles", []))
+        full = ",".join(roles) or "no role"
+        abbreviated = ",".join(ROLE_SHORT.get(r, r[:4]) for r in roles) or "-"
+        parts.append(
+            HeaderPart(
+                [
+                    Text.assemble((operator, "bold"), f" {full}"),
+                    Text.assemble((operator, "bold"), f" {abbreviated}"),
+                    Text(operator, style="bold"),
+                    Text(""),
+                ]
+            )
+        )
     twin = model.hub.get("twin_id")
     if twin:
-        text.append(f"  {twin}", style="dim")
-    if since:
-        text.append(f"  {session.why_down()}", style="dim")
+        parts.append(HeaderPart(_variants("dim", str(twin), "")))
+    return parts
+
+
+SEPARATOR = "  "
+
+
+def fit_parts(parts: list[HeaderPart], width: int) -> None:
+    """Shorten the least important parts first until the line fits in ``width``: each
+    part takes its next shorter variant until it is at its shortest, then the next more
+    important part is shortened."""
+
+    def total() -> int:
+        shown = [p.width() for p in parts if p.width()]
+        return sum(shown) + len(SEPARATOR) * max(0, len(shown) - 1)
+
+    for part in reversed(parts):
+        while total() > width and part.chosen + 1 < len(part.variants):
+            part.chosen += 1
+        if total() <= width:
+            return
+
+
+def header_text(app: ConsoleApp, width: int | None = None) -> Text:
+    """The header: one line, with ``width`` fitted so the important facts (hub link,
+    pause, alarms, approvals) always show and operator and role are shortened or
+    dropped; while the hub is unreachable, a second line says why."""
+    parts = header_parts(app)
+    if width is not None:
+        fit_parts(parts, width)
+    text = Text(no_wrap=True, overflow="ellipsis")
+    for part in parts:
+        piece = part.text()
+        if not piece.cell_len:
+            continue
+        if text.cell_len:
+            text.append(SEPARATOR)
+        text.append_text(piece)
+    if app.session.down_since(app.clock()):
+        why = Text(f" why: {app.session.why_down()}", style="dim")
+        if width is not None:
+            why.truncate(width, overflow="ellipsis")
+        text.append("\n")
+        text.append_text(why)
     return text
 
 
@@ -117,8 +223,9 @@ class VirtualTable(ScrollView, can_focus=True):
     """A table that draws only the rows on screen, straight from the model.
 
     Rows are keys; their cells come from ``cells(key)`` when a row is drawn, so a value
-    that changes costs nothing until its row is on screen, and ages tick by redrawing
-    the visible rows (about 50 of 5,000). The DataTable keeps every cell and measures
+    that changes costs nothing until its row is on screen; a change on screen redraws
+    that row only (``refresh_keys``), and ages tick by redrawing the visible rows (about
+    50 of 5,000) once a second. The DataTable keeps every cell and measures
     each new row, which at 5,000 rows takes seconds (see docs/console.md).
     """
 
@@ -153,6 +260,7 @@ class VirtualTable(ScrollView, can_focus=True):
         self.columns = list(columns)
         self.cells = cells
         self.keys: list[str] = []
+        self._index: dict[str, int] = {}
         self.cursor = 0
         self.rows_drawn = 0
         self._width = sum(width + 2 for _, _, width in self.columns)
@@ -162,24 +270,36 @@ class VirtualTable(ScrollView, can_focus=True):
         return len(self.keys)
 
     def set_rows(self, keys: list[str]) -> None:
+        """A structural change (filter, sort, rows added or removed): all rows are drawn."""
         selected = self.selected_key()
         self.keys = keys
+        self._index = {key: index for index, key in enumerate(keys)}
         self.virtual_size = Size(self._width, len(keys) + 1)
         self.select_key(selected)
         if self.cursor >= len(keys):
             self.cursor = max(0, len(keys) - 1)
         self.refresh()
 
+    def refresh_keys(self, keys: Iterable[str]) -> int:
+        """Redraw only the rows of these keys that are on screen (their cells changed);
+        the other rows keep what Textual drew last. Returns how many rows."""
+        start, end = self.visible_range()
+        index_of = self._index
+        lines = 0
+        for key in keys:
+            index = index_of.get(key)
+            if index is not None and start <= index < end:
+                self.refresh_line(index + 1)  # virtual line: the header is line 0
+                lines += 1
+        return lines
+
     def selected_key(self) -> str | None:
         return self.keys[self.cursor] if 0 <= self.cursor < len(self.keys) else None
 
     def select_key(self, key: str | None) -> None:
-        if key is None:
+        if key is None or key not in self._index:
             return
-        try:
-            self.cursor = self.keys.index(key)
-        except ValueError:
-            return
+        self.cursor = self._index[key]
         self._show_cursor()
 
     def visible_range(self) -> tuple[int, int]:

@@ -22,9 +22,13 @@ NOW = 1_714_564_800_000  # 2024-05-01T12:00:00Z
 SIZES = [(80, 24), (160, 48)]
 
 
-def app(roles: tuple[str, ...] = ("operator", "approver"), operator: str = "bob") -> ConsoleApp:
+def app(
+    roles: tuple[str, ...] = ("operator", "approver"),
+    operator: str = "bob",
+    clock: Callable[[], int] = lambda: NOW,
+) -> ConsoleApp:
     hub = SyntheticHub.water_plant(NOW, roles=roles, operator=operator)
-    return ConsoleApp(lambda: hub, clock=lambda: NOW)
+    return ConsoleApp(lambda: hub, clock=clock)
 
 
 async def settled(pilot: Any) -> None:
@@ -83,3 +87,22 @@ def test_viewer_sees_no_approve(snap_compare: Any) -> None:
     assert snap_compare(
         app(roles=("viewer",), operator="vic"), terminal_size=(80, 24), run_before=go("3")
     )
+
+
+def test_header_paused(snap_compare: Any) -> None:
+    """80 columns: the header keeps PAUSED, the alarm counts and the approvals."""
+    assert snap_compare(app(), terminal_size=(80, 24), run_before=go("p"))
+
+
+def test_header_hub_down(snap_compare: Any) -> None:
+    """35 s without a frame from the hub: since when and why, then the counts, at 80
+    columns; the reason takes a second header line."""
+    now = [NOW]
+
+    async def run_before(pilot: Any) -> None:
+        await settled(pilot)
+        now[0] = NOW + 35_000
+        pilot.app.tick()
+        await pilot.pause(0.3)
+
+    assert snap_compare(app(clock=lambda: now[0]), terminal_size=(80, 24), run_before=run_before)
