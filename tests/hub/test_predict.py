@@ -346,3 +346,58 @@ def test_how_late_the_last_sample_is_counts_in_grid_steps_up_to_the_usual_gap() 
     assert late["t.x"] == pytest.approx(1000 / 500)
     _, _, late = load_sampled(Samples([(0, 1.0)]), [("t", "x")], 0, 9000, 500)  # type: ignore[arg-type]
     assert late["t.x"] == 0.0
+
+
+def amount(text: str) -> float:
+    """The number in a shown fact ("2.345 m")."""
+    return float(text.split()[0])
+
+
+def test_an_approver_sees_the_predicted_effect_of_the_pending_command(rig: Rig) -> None:
+    """cmd show of a command awaiting approval carries the effect the learned model
+    predicts for sending it now: the level rises by what the model's gain says, the
+    unchanged forecast stays where the present setpoint keeps it; cmd show renders it."""
+    from fieldtwin.hub.render import command_detail
+
+    plant = history(rig)
+    refit(rig)
+    proposed = rig.ok(
+        "olga", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1400, "reason": "fill"}
+    )
+    assert proposed["state"] == "awaiting_approval"
+    shown = rig.ok("piet", "cmd.show", {"cmd_id": proposed["id"]})
+    facts = shown["prediction"]["tank-1.level"]
+    now, later, unchanged = (amount(facts[k]) for k in ("now", "in 5 min", "unchanged"))
+    assert now == pytest.approx(plant.level, abs=0.01)
+    # 400 rpm more than the present 1000 for 300 s: +2.4 m by the plant's gain
+    assert later - unchanged == pytest.approx(300 * GAIN * (1400 - plant.setpoint), abs=0.1)
+    assert later > now + 2.0
+    low, high = (amount(x) for x in facts["95 %"].removesuffix(" m").split("–"))
+    assert low < later < high
+    rendered = command_detail(shown)
+    assert "predicted effect (learned models; nothing sent):" in rendered
+    assert f"tank-1.level: now {facts['now']}, in 5 min {facts['in 5 min']}" in rendered
+    # the 4 m warning is ~3 min away at +0.008 m/s from ~2.3 m
+    assert "warning high 4 m in about" in facts["crosses"]
+    assert "would cross warning high 4 m" in rendered
+
+
+def test_an_approver_is_told_why_there_is_no_predicted_effect(rig: Rig) -> None:
+    """Before any model is fitted, and with a model that explains too little, cmd show
+    says why there is no prediction instead of showing one."""
+    from fieldtwin.hub.render import command_detail
+
+    run(rig, Plant(), 90)
+    proposed = rig.ok(
+        "olga", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1200, "reason": "fill"}
+    )
+    unfitted = rig.ok("piet", "cmd.show", {"cmd_id": proposed["id"]})
+    assert "prediction" not in unfitted
+    assert "no model of tank-1.level yet" in unfitted["prediction_unavailable"]
+    refit(rig)  # a plant that never moved: the model explains nothing
+    weak = rig.ok("piet", "cmd.show", {"cmd_id": proposed["id"]})
+    assert "prediction" not in weak
+    assert "explains too little yet" in weak["prediction_unavailable"]
+    assert "no predicted effect: the model of tank-1.level explains too little yet" in (
+        command_detail(weak)
+    )
