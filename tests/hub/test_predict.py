@@ -7,6 +7,7 @@ with sensor noise; a leak makes the level fall faster than the setpoint explains
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from fieldtwin.hub.predict import PredictionError
 from fieldtwin.hub.service import HubService
 from fieldtwin.hub.store import TwinStore
 from fieldtwin.protocol.keys import KeyRegistry
+from fieldtwin.protocol.messages import PointMeta, Sample
 
 PREDICTION = """
 [prediction]
@@ -42,16 +44,21 @@ GAIN = 2e-5
 
 
 class Plant:
-    """The simulated tank; ``leak`` (m/s) is a loss the model does not know."""
+    """The simulated tank; ``leak`` (m/s) is a loss the model does not know; without
+    ``pump_delivers`` the pump runs but moves no water (a closed valve, a broken
+    impeller) and the level holds."""
 
     def __init__(self, level: float = 2.0) -> None:
         self.level = level
         self.setpoint = 900.0
         self.leak = 0.0
+        self.pump_delivers = True
         self.rng = random.Random(7)
 
     def step(self) -> float:
-        self.level += GAIN * (self.setpoint - 900.0) - self.leak
+        if self.pump_delivers:
+            self.level += GAIN * (self.setpoint - 900.0)
+        self.level -= self.leak
         return self.level + self.rng.gauss(0.0, 0.002)
 
 
@@ -80,24 +87,30 @@ def refit(rig: Rig) -> None:
     service.install_models(fitted, errors, now)
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    files = write_hub_config(tmp_path, stale_s=30.0, extra=PREDICTION)
+def open_rig(tmp_path: Path, extra: str, points: list[PointMeta], first: list[Sample]) -> Rig:
+    files = write_hub_config(tmp_path, stale_s=30.0, extra=extra)
     clock = Clock()
     config = load_hub_config(files.config)
     store = TwinStore.open(config.database, memory_limit="256MB", threads=1)
     service = HubService(config, store, instance="test", metrics=HubMetrics(), clock=clock)
     gw = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
     rig = Rig(files, clock, service, gw, KeyRegistry.of({"hub": files.hub_key.public}))
-    rig.feed(
-        gw.birth(
-            [
-                point("pump-1", "speed_sp", "uint16", unit="rpm", writable=True, min=0, max=1800),
-                point("tank-1", "level", unit="m"),
-            ]
-        )
+    rig.feed(gw.birth(points))
+    rig.feed(gw.data(first))
+    return rig
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = open_rig(
+        tmp_path,
+        PREDICTION,
+        [
+            point("pump-1", "speed_sp", "uint16", unit="rpm", writable=True, min=0, max=1800),
+            point("tank-1", "level", unit="m"),
+        ],
+        [sample("pump-1", "speed_sp", 900, T0)],
     )
-    rig.feed(gw.data([sample("pump-1", "speed_sp", 900, clock.now_ms)]))
     yield rig
     rig.service.close()
 
@@ -226,6 +239,156 @@ def test_a_leak_raises_behaviour_does_not_match_model(rig: Rig) -> None:
     assert report.health["tank-1"] == "degraded"
     document = rig.service.export()
     assert document["confidence"] < 1.0
+
+
+def test_a_pump_that_runs_while_the_level_does_not_move_raises_model_drift(rig: Rig) -> None:
+    """The pump is set to 1200 rpm but its water no longer reaches the tank (a closed
+    inlet, a broken impeller): the level holds, with its noise, while the model says it
+    rises. The finding gives what the model expected and what the sensor reported."""
+    plant = history(rig)
+    refit(rig)
+    run(rig, plant, 60)
+    assert rig.service.measure_models(rig.clock.now_ms) == 0
+    plant.pump_delivers = False
+    run(rig, plant, 1, {0: 1200.0})
+    for _ in range(3):
+        run(rig, plant, 20)
+        rig.service.measure_models(rig.clock.now_ms)
+    report, _ = rig.service.sync_cycle(rig.clock.now_ms)
+    (finding,) = [f for f in report.findings if f.rule == "semantic.model"]
+    assert (finding.entity, finding.attribute) == ("tank-1", "level")
+    # over the 30 s window the model expects the level to rise by what 1200 rpm adds
+    # (2e-5 m/s per rpm above 900: 0.18 m); the level stayed where it was
+    rise = finding.detail["expected"] - finding.detail["observed"]
+    assert rise == pytest.approx(30 * GAIN * (1200 - 900), rel=0.25)
+    assert finding.detail["observed"] == pytest.approx(plant.level, abs=0.01)
+    assert finding.detail["score"] > 4
+    assert "pump-1.speed_sp=1200" in finding.description
+
+
+BOILER = """
+[types.boiler.attributes.temperature]
+unit = "degC"
+interval_s = 1.0
+high = { warning = 90.0, critical = 95.0 }
+
+[types.boiler.attributes.heater_power]
+unit = "%"
+writable = true
+min = 0
+max = 100
+max_step = 100
+approvals = 1
+
+[[entities]]
+id = "boiler-1"
+type = "boiler"
+gateway = "gw-01"
+
+[prediction]
+step_s = 1.0
+history_s = 3600.0
+horizon_s = 300.0
+residual_window_s = 30.0
+residual_k = 4.0
+residual_hold_s = 5.0
+
+[[influences]]
+target = "boiler-1.temperature"
+inputs = ["boiler-1.heater_power"]
+description = "the heater warms the water"
+"""
+BOILER_TAU_S = 40.0
+BOILER_GAIN = 0.8
+"""°C above 20 °C per % of heater power reaching the water, at rest."""
+
+
+class Boiler:
+    """A first-order boiler; ``efficiency`` is the share of the heater's power that
+    reaches the water (the simulator's ``fouling`` fault lowers it; 1: clean)."""
+
+    def __init__(self) -> None:
+        self.power = 50.0
+        self.efficiency = 1.0
+        self.temperature = 20 + BOILER_GAIN * self.power
+        self.past = [self.temperature]
+        self.rng = random.Random(11)
+
+    def step(self) -> float:
+        a = math.exp(-1 / BOILER_TAU_S)
+        rest = 20 + BOILER_GAIN * self.power * self.efficiency
+        self.temperature = a * self.temperature + (1 - a) * rest
+        self.past.append(self.temperature)
+        return self.temperature + self.rng.gauss(0.0, 0.05)
+
+
+def run_boiler(
+    rig: Rig, boiler: Boiler, seconds: int, schedule: dict[int, float] | None = None
+) -> None:
+    schedule = schedule or {}
+    for start in range(0, seconds, 60):
+        samples = []
+        for offset in range(min(60, seconds - start)):
+            rig.clock.advance(1000)
+            now = rig.clock.now_ms
+            if start + offset in schedule:
+                boiler.power = schedule[start + offset]
+            if start + offset in schedule or offset % 20 == 0:
+                samples.append(sample("boiler-1", "heater_power", boiler.power, now))
+            samples.append(sample("boiler-1", "temperature", boiler.step(), now))
+        rig.feed(rig.gw.data(samples))
+    rig.service.sync_cycle(rig.clock.now_ms)
+
+
+@pytest.fixture
+def boiler_rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = open_rig(
+        tmp_path,
+        BOILER,
+        [
+            point("boiler-1", "heater_power", unit="%", writable=True, min=0, max=100),
+            point("boiler-1", "temperature", unit="degC"),
+        ],
+        [sample("boiler-1", "heater_power", 50.0, T0)],
+    )
+    yield rig
+    rig.service.close()
+
+
+def test_a_fouled_heater_raises_behaviour_does_not_match_model(boiler_rig: Rig) -> None:
+    """Scale on the element: only half the heater's power reaches the water. The
+    temperature sags towards a lower rest than the power explains; the residual of the
+    learned first-order model says so, with the expected and observed temperatures."""
+    rig = boiler_rig
+    boiler = Boiler()
+    powers = [70.0, 30.0, 60.0, 40.0, 80.0, 50.0, 65.0]  # a new power every 4 min
+    schedule = dict(zip(range(60, 1800, 240), powers, strict=False))
+    run_boiler(rig, boiler, 1800, schedule)
+    refit(rig)
+    model = rig.service.models.models["boiler-1.temperature"]
+    assert model.structure in ("first_order", "arx")
+    assert model.time_constant_s == pytest.approx(BOILER_TAU_S, rel=0.1)
+    run_boiler(rig, boiler, 60)
+    assert rig.service.measure_models(rig.clock.now_ms) == 0
+    boiler.efficiency = 0.5  # fouling, as hardware-sim/faults.py's default
+    for _ in range(3):
+        run_boiler(rig, boiler, 20)
+        rig.service.measure_models(rig.clock.now_ms)
+    report, _ = rig.service.sync_cycle(rig.clock.now_ms)
+    (finding,) = [f for f in report.findings if f.rule == "semantic.model"]
+    assert (finding.entity, finding.attribute) == ("boiler-1", "temperature")
+    assert finding.detail["observed"] < finding.detail["expected"]
+    # over the window (30 s) the model expects the sagging temperature to head back to
+    # the rest the power explains (72 °C at 65 %); it went on sagging instead
+    rest = 20 + BOILER_GAIN * 65
+    window_start = boiler.past[-31]
+    recovered = rest + (window_start - rest) * math.exp(-30 / BOILER_TAU_S)
+    assert finding.detail["expected"] == pytest.approx(recovered, abs=0.5)
+    assert finding.detail["observed"] == pytest.approx(boiler.temperature, abs=0.3)
+    assert finding.detail["observed"] < window_start
+    assert finding.detail["score"] > 4
+    assert "does not behave as its model predicts" in finding.description
+    assert report.health["boiler-1"] == "degraded"
 
 
 def test_risk_is_the_models_probability_of_a_critical_crossing(rig: Rig) -> None:
