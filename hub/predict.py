@@ -833,9 +833,29 @@ def effect_summary(result: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def sync_horizon_s(config: HubConfig) -> tuple[float, str]:
+    """The forecasted risk's horizon and why: until the next sync (the drift engine's
+    interval, which the sync report recommends as ``next_sync``), but never under one
+    model grid step, the finest the models say anything about (docs/prediction.md)."""
+    interval = config.drift.interval_s
+    step = config.prediction.step_s
+    if interval >= step:
+        return interval, f"until the next sync (drift interval {interval:g} s)"
+    return step, (
+        f"one model grid step ({step:g} s): the next sync (drift interval {interval:g} s) "
+        "comes sooner than the models resolve"
+    )
+
+
 def risk(bank: ModelBank, ctx: Context, horizon_ms: int | None = None) -> dict[str, Any]:
-    """Probability that some attribute crosses a critical limit within the horizon,
-    from the models' forecasts, with the factors that make it up."""
+    """Probability that some attribute crosses a critical limit within the horizon (by
+    default until the next sync: ``sync_horizon_s``), from the models' forecasts, with
+    the factors that make it up."""
+    if horizon_ms is None:
+        horizon_s, basis = sync_horizon_s(ctx.config)
+        horizon_ms = round(horizon_s * 1000)
+    else:
+        basis = "as asked"
     steps = bank.horizon_steps(horizon_ms)
     factors: list[dict[str, Any]] = []
     considered = 0
@@ -887,6 +907,7 @@ def risk(bank: ModelBank, ctx: Context, horizon_ms: int | None = None) -> dict[s
         if considered
         else None,
         "horizon_s": steps * bank.step_ms / 1000,
+        "horizon_basis": basis,
         "points_considered": considered,
         "factors": factors,
         "unavailable": unavailable,

@@ -11,6 +11,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from support.service_rig import T0, Clock, Rig
 from fieldtwin.hub.config import load_hub_config
 from fieldtwin.hub.metrics import HubMetrics
 from fieldtwin.hub.predict import PredictionError
+from fieldtwin.hub.report import RunFacts, sync_report
 from fieldtwin.hub.service import HubService
 from fieldtwin.hub.store import TwinStore
 from fieldtwin.protocol.keys import KeyRegistry
@@ -87,8 +89,14 @@ def refit(rig: Rig) -> None:
     service.install_models(fitted, errors, now)
 
 
-def open_rig(tmp_path: Path, extra: str, points: list[PointMeta], first: list[Sample]) -> Rig:
-    files = write_hub_config(tmp_path, stale_s=30.0, extra=extra)
+def open_rig(
+    tmp_path: Path,
+    extra: str,
+    points: list[PointMeta],
+    first: list[Sample],
+    drift_interval_s: float = 0.2,
+) -> Rig:
+    files = write_hub_config(tmp_path, stale_s=30.0, extra=extra, drift_interval_s=drift_interval_s)
     clock = Clock()
     config = load_hub_config(files.config)
     store = TwinStore.open(config.database, memory_limit="256MB", threads=1)
@@ -394,15 +402,93 @@ def test_a_fouled_heater_raises_behaviour_does_not_match_model(boiler_rig: Rig) 
 def test_risk_is_the_models_probability_of_a_critical_crossing(rig: Rig) -> None:
     plant = history(rig)
     refit(rig)
-    calm = rig.service.risk()
+    calm = rig.service.risk("5m")
     assert calm["points_considered"] == 1
     assert calm["probability"] < 0.05
     assert calm["weak_models"] == []  # a well-excited history: the model is trusted
+    assert (calm["horizon_s"], calm["horizon_basis"]) == (300, "as asked")
     run(rig, plant, 20, {0: 1800.0})  # +0.018 m/s: critical 4.5 m within ~2.5 min
-    risky = rig.service.risk()
+    risky = rig.ok("vic", "twin.risk", {"horizon": "5m"})
     assert risky["probability"] > 0.9
     (factor,) = risky["factors"]
     assert (factor["point"], factor["limit_name"]) == ("tank-1.level", "critical high")
+    # by default the risk looks to the next sync: the drift interval here (0.2 s) is
+    # shorter than the models' 1 s grid, so one grid step, and the ~2 min crossing is
+    # not in it
+    soon = rig.service.risk()
+    assert soon["horizon_s"] == 1.0
+    assert "one model grid step (1 s)" in soon["horizon_basis"]
+    assert soon["probability"] < 0.01
+
+
+def test_the_forecasted_risk_looks_to_the_next_sync(tmp_path: Path) -> None:
+    """With syncs a minute apart, the sync report's forecasted risk is the probability
+    of a critical crossing within that minute: a level rising 1.2 cm/s from ~3.1 m
+    reaches the 4.5 m critical limit in ~2 min, after the next sync (a 5 min look says
+    it will); 90 s later the crossing falls within the next minute. The report names
+    the horizon among its risk factors."""
+    rig = open_rig(
+        tmp_path,
+        PREDICTION,
+        [
+            point("pump-1", "speed_sp", "uint16", unit="rpm", writable=True, min=0, max=1800),
+            point("tank-1", "level", unit="m"),
+        ],
+        [sample("pump-1", "speed_sp", 900, T0)],
+        drift_interval_s=60.0,
+    )
+    try:
+        plant = history(rig)
+        refit(rig)
+        run(rig, plant, 5, {0: 1500.0})
+        assert 4.5 - plant.level > 60 * GAIN * 600 + 0.3
+        before = rig.service.risk()
+        assert (before["horizon_s"], before["horizon_basis"]) == (
+            60.0,
+            "until the next sync (drift interval 60 s)",
+        )
+        assert before["probability"] < 0.05
+        assert rig.service.risk("5m")["probability"] > 0.9
+        run(rig, plant, 90)
+        assert 4.5 - plant.level < 60 * GAIN * 600 - 0.2
+        after = rig.service.risk()
+        assert after["probability"] > 0.9
+        report = sync_report(
+            rig.service.export(),
+            facts(after),
+            [],
+            rig.service.config,
+            tmp_path,
+        )
+        assessment = report["risk_assessment"]
+        assert assessment["forecasted_risk"] == round(after["probability"], 3)
+        assert assessment["forecast_horizon"] == "1m"
+        assert report["next_sync"]["recommended_interval"] == "1m"
+        assert (
+            "forecasted risk over 1m: until the next sync (drift interval 60 s)"
+            in (assessment["risk_factors"])
+        )
+    finally:
+        rig.service.close()
+
+
+def facts(risk: dict[str, Any]) -> RunFacts:
+    """What a demo run observed, reduced to the risk the hub gave."""
+    return RunFacts(
+        broker_url="mqtt://127.0.0.1:1",
+        embedded_broker=False,
+        started_ms=T0,
+        duration_s=1.0,
+        dead=[],
+        silent_gateways=[],
+        missing_entities=[],
+        truth_matches=[],
+        truth_mismatches=[],
+        truth_file=None,
+        status={},
+        audit=[],
+        risk=risk,
+    )
 
 
 def test_models_survive_a_restart(rig: Rig, tmp_path: Path) -> None:
