@@ -7,6 +7,7 @@ with sensor noise; a leak makes the level fall faster than the setpoint explains
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterator
@@ -489,6 +490,95 @@ def facts(risk: dict[str, Any]) -> RunFacts:
         audit=[],
         risk=risk,
     )
+
+
+def test_an_attribute_without_limits_or_influence_gets_a_trend_model_on_request(
+    tmp_path: Path,
+) -> None:
+    """tank-1.temp has no thresholds and nothing declared drives it: the refit schedule
+    leaves it alone (a site's every point would cost a fit each cycle), and the first
+    twin predict fits its trend, with intervals, and keeps it for refit_s. A setpoint
+    gets no trend: its future is an operator's decision."""
+    rig = open_rig(
+        tmp_path,
+        PREDICTION,
+        [
+            point("pump-1", "speed_sp", "uint16", unit="rpm", writable=True, min=0, max=1800),
+            point("tank-1", "level", unit="m"),
+            point("tank-1", "temp", unit="degC"),
+        ],
+        [sample("pump-1", "speed_sp", 900, T0)],
+    )
+    try:
+        noise = random.Random(5)
+        warming = 0.002  # °C/s
+        temp = 15.0
+        for _ in range(20):  # 20 min at 1 Hz, a frame a minute
+            samples = []
+            for _ in range(60):
+                rig.clock.advance(1000)
+                temp += warming
+                reading = temp + noise.gauss(0.0, 0.02)
+                samples.append(sample("tank-1", "temp", reading, rig.clock.now_ms))
+            rig.feed(rig.gw.data(samples))
+        bank = rig.service.models
+        assert ("tank-1", "temp") not in bank.all_points()
+        _, grids = bank.load(rig.service.store, rig.clock.now_ms)
+        scheduled, _ = bank.fit_all(grids, rig.clock.now_ms)
+        assert "tank-1.temp" not in scheduled
+        result = rig.ok("vic", "twin.predict", {"target": "tank-1.temp", "horizon": "5m"})
+        assert result["model"]["inputs"] == []
+        assert result["model"]["structure"] in ("trend", "first_order")
+        rows = result["forecast"]
+        assert rows[-1]["in_s"] == 300
+        assert rows[-1]["mean"] == pytest.approx(temp + 300 * warming, abs=0.15)
+        low, high = rows[-1]["p95"]
+        assert low < temp + 300 * warming < high
+        assert high - low > rows[0]["p95"][1] - rows[0]["p95"][0]
+        assert result["crossings"] == []  # no limits to cross
+        fitted_ms = bank.models["tank-1.temp"].fitted_ms
+        assert fitted_ms == rig.clock.now_ms
+        listed = {r["target"] for r in rig.ok("vic", "twin.models")}
+        assert "tank-1.temp" in listed
+        # kept: the next request within refit_s uses it; after refit_s it is refitted
+        rig.clock.advance(60_000)
+        rig.ok("vic", "twin.predict", {"target": "tank-1.temp", "horizon": "1m"})
+        assert bank.models["tank-1.temp"].fitted_ms == fitted_ms
+        rig.clock.advance(round(bank.settings.refit_s * 1000))
+        rig.ok("vic", "twin.predict", {"target": "tank-1.temp", "horizon": "1m"})
+        assert bank.models["tank-1.temp"].fitted_ms == rig.clock.now_ms
+        setpoint = rig.ask("vic", "twin.predict", {"target": "pump-1.speed_sp"})
+        assert not setpoint.ok
+        assert "pump-1.speed_sp is a setpoint (writable)" in setpoint.error
+        assert "twin simulate --set pump-1.speed_sp=VALUE" in setpoint.error
+    finally:
+        rig.service.close()
+
+
+def test_trend_models_fitted_on_request_are_bounded(rig: Rig) -> None:
+    """The bank keeps at most ON_DEMAND_KEPT trend models fitted on request, dropping
+    the least recently fitted, and they do not make the refit schedule hurry."""
+    from fieldtwin.hub import predict
+
+    history(rig)
+    refit(rig)
+    bank = rig.service.models
+    now = rig.clock.now_ms
+    # a mature scheduled model: refitted every refit_s (600 s), not every minute
+    mature = dataclasses.replace(bank.models["tank-1.level"], samples=3600)
+    bank.models["tank-1.level"] = mature
+    a_minute_on = now + 61_000
+    assert not bank.due(a_minute_on)
+    young = dataclasses.replace(mature, target="x.y", inputs=(), samples=40)
+    bank.remember({f"x-{i}.y": young for i in range(predict.ON_DEMAND_KEPT + 5)}, now)
+    assert len(bank.on_demand) == predict.ON_DEMAND_KEPT
+    assert "x-0.y" not in bank.models
+    assert "x-5.y" in bank.models
+    assert bank.models["tank-1.level"] is mature  # a scheduled model is never dropped
+    assert not bank.due(a_minute_on)  # young models fitted on request do not count
+    assert bank.fresh("x-5.y", now)
+    assert not bank.fresh("x-5.y", now + round(bank.settings.refit_s * 1000))
+    assert bank.fresh("tank-1.level", now + round(bank.settings.refit_s * 1000))
 
 
 def test_models_survive_a_restart(rig: Rig, tmp_path: Path) -> None:
