@@ -478,14 +478,9 @@ def _instrumented(
         drive = np.full(len(y), c)
         for gain, series in zip(gains, drive_inputs, strict=True):
             drive[cand.dead_time :] += gain * series[: len(y) - cand.dead_time]
-        pushes = drive.tolist()
-        simulated = [float(y[start])] * len(y)
-        value = simulated[start]
-        for t in range(start, len(y) - 1):
-            value = a * value + pushes[t]
-            simulated[t + 1] = value
+        simulated = _first_order_run(a, drive, float(y[start]), start)
         instruments = x.copy()
-        instruments[:, 0] = np.asarray(simulated)[rows]
+        instruments[:, 0] = simulated[rows]
         try:
             coef = np.asarray(
                 np.linalg.solve(instruments.T @ x, instruments.T @ target), dtype=np.float64
@@ -499,6 +494,26 @@ def _instrumented(
     if -1.0 / math.log(float(coef[0])) > len(y):
         return np.full_like(coef, np.nan)
     return np.asarray(coef, dtype=np.float64)
+
+
+def _first_order_run(a: float, drive: Array, value: float, start: int, block: int = 256) -> Array:
+    """``out[t+1] = a·out[t] + drive[t]`` from ``out[start] = value`` (before it: value),
+    a block of steps at a time: within a block each value is ``a^(i+1)·value`` plus a
+    lower-triangular matrix of powers of ``a`` times the block's drives (numpy, not a
+    Python loop over a 6 h history)."""
+    n = len(drive)
+    out = np.full(n, value)
+    powers = a ** np.arange(block + 1, dtype=np.float64)
+    index = np.arange(block)
+    gap = index[:, None] - index[None, :]
+    lower = np.where(gap >= 0, powers[np.clip(gap, 0, block)], 0.0)
+    t = start
+    while t < n - 1:
+        m = min(block, n - 1 - t)
+        out[t + 1 : t + 1 + m] = powers[1 : m + 1] * value + lower[:m, :m] @ drive[t : t + m]
+        value = float(out[t + m])
+        t += m
+    return out
 
 
 def _stable(a: tuple[float, ...]) -> bool:
