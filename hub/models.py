@@ -15,7 +15,9 @@ Each candidate (and each dead time) is fitted by least squares (first order also
 instrumental variables, which least squares' noise bias does not touch) on the older 75 % of
 the window and scored by its free-run (simulation) error on the newer 25 % over the
 forecast horizon, because a model is used to predict many steps ahead, where a good
-one-step fit proves little. The winner is refitted on the whole window. Its error
+one-step fit proves little (ARX pays σ²/2 of the sensor's noise for the averaging of the
+origin its two past outputs give it on any plant). The winner is refitted on the whole
+window. Its error
 tables come from a backtest: the model is run from many origins in the history with
 the inputs that really happened (and, with a holdout, on data it never saw), and the
 80 % and 95 % quantiles of its h-step errors give ``horizon_sigma80[h]`` and
