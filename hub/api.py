@@ -259,7 +259,7 @@ class ApiServer:
         return _json(await self.call(self.service.model_list))
 
     async def _risk(self, request: web.Request) -> web.Response:
-        return _json(await self.call(self.service.risk))
+        return _json(await self.call(self.service.risk, request.query.get("horizon", "")))
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, float]:

@@ -366,7 +366,8 @@ class PredictionConfig:
     """How much history a fit uses (the newest part of it)."""
     refit_s: float = 600.0
     horizon_s: float = 600.0
-    """Default forecast horizon, and the horizon of the forecasted risk."""
+    """Default forecast horizon (``twin predict``, ``twin simulate``, dry runs). The
+    forecasted risk looks to the next sync instead (``predict.sync_horizon_s``)."""
     residual_window_s: float = 60.0
     residual_k: float = 4.0
     residual_hold_s: float = 20.0

@@ -11,10 +11,13 @@ value holds until the next sample). Candidate structures, one step ``t → t+1``
 - ``arx``: two past outputs and two lags of each input (anything less simple);
 - ``trend`` (no declared inputs): ``y[t+1] = y[t] + c``, a drift with intervals.
 
-Each candidate (and each dead time) is fitted by least squares on the older 75 % of
+Each candidate (and each dead time) is fitted by least squares (first order also by
+instrumental variables, which least squares' noise bias does not touch) on the older 75 % of
 the window and scored by its free-run (simulation) error on the newer 25 % over the
 forecast horizon, because a model is used to predict many steps ahead, where a good
-one-step fit proves little. The winner is refitted on the whole window. Its error
+one-step fit proves little (ARX pays σ²/2 of the sensor's noise for the averaging of the
+origin its two past outputs give it on any plant). The winner is refitted on the whole
+window. Its error
 tables come from a backtest: the model is run from many origins in the history with
 the inputs that really happened (and, with a holdout, on data it never saw), and the
 80 % and 95 % quantiles of its h-step errors give ``horizon_sigma80[h]`` and
@@ -289,10 +292,29 @@ class Model:
 
     @property
     def time_constant_s(self) -> float | None:
-        """First-order models: the time constant it learned (τ = -Δt / ln a)."""
-        if self.structure != "first_order" or not 0 < self.a[0] < 1:
+        """The time constant it learned: τ = -Δt / ln p of its slowest pole p (first
+        order: p = a; ARX: the root of largest modulus of its AR part, when that root is
+        real and in (0, 1), i.e. a first-order-like settling; None otherwise, and for
+        models that do not settle: integrating, trend)."""
+        if self.structure not in ("first_order", "arx") or not self.a:
             return None
-        return -self.step_ms / 1000 / math.log(self.a[0])
+        roots = np.roots([1.0, *(-x for x in self.a)])
+        slowest = roots[int(np.argmax(np.abs(roots)))]
+        if abs(slowest.imag) > 1e-9 or not 0 < slowest.real < 1:
+            return None
+        return -self.step_ms / 1000 / math.log(float(slowest.real))
+
+    @property
+    def steady_state_gains(self) -> tuple[float, ...] | None:
+        """Per input, how far the target settles per unit change of that input
+        (Σb / (1 - Σa)); None for a model that does not settle (integrating, trend:
+        its b is a rate per grid step instead)."""
+        if self.structure not in ("first_order", "arx"):
+            return None
+        rest = 1.0 - sum(self.a)
+        if abs(rest) < 1e-12:
+            return None
+        return tuple(sum(b) / rest for b in self.b)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -381,6 +403,7 @@ class _Candidate:
     dead_time: int
     ar: int  # fitted AR terms (0: integrating/trend, a fixed at 1)
     input_lags: int
+    instrumented: bool = False  # refined by instrumental variables (first order)
 
 
 def _candidates(has_inputs: bool) -> list[_Candidate]:
@@ -390,6 +413,7 @@ def _candidates(has_inputs: bool) -> list[_Candidate]:
     for d in DEAD_TIMES:
         out.append(_Candidate("integrating", d, 0, 1))
         out.append(_Candidate("first_order", d, 1, 1))
+        out.append(_Candidate("first_order", d, 1, 1, instrumented=True))
         out.append(_Candidate("arx", d, 2, 2))
     return out
 
@@ -417,6 +441,8 @@ def _solve(
     if len(rows) < x.shape[1] * 3:
         return None
     coef, *_ = np.linalg.lstsq(x, target, rcond=None)
+    if cand.instrumented and np.all(np.isfinite(coef)):
+        coef = _instrumented(y, u, cand, rows, x, target, np.asarray(coef, dtype=np.float64))
     if not np.all(np.isfinite(coef)):
         return None
     a = tuple(float(v) for v in coef[: cand.ar]) if cand.ar else (1.0,)
@@ -428,6 +454,68 @@ def _solve(
         b.append(tuple(float(v) for v in coef[position : position + cand.input_lags]))
         position += cand.input_lags
     return a, tuple(b), float(coef[-1])
+
+
+def _instrumented(
+    y: Array,
+    u: Array,
+    cand: _Candidate,
+    rows: npt.NDArray[np.int64],
+    x: Array,
+    target: Array,
+    coef: Array,
+) -> Array:
+    """A first-order fit with the noise-free output as instrument (Young's auxiliary
+    model, two rounds). Least squares with the noisy ``y[t]`` among its regressors
+    pulls ``a`` towards 0 (the noise attenuates it): the time constant and the gain
+    come out short, the more so the slower the plant. The output the previous fit
+    simulates from the inputs alone is correlated with ``y[t]`` but not with its noise.
+    NaN coefficients when the instrument fails (an input that never moved) or finds a
+    time constant longer than the history."""
+    drive_inputs = [_fill_back(row) for row in u]
+    start = int(rows[0])
+    for _ in range(2):
+        a, c = float(coef[0]), float(coef[-1])
+        gains = [float(v) for v in coef[1:-1]]
+        drive = np.full(len(y), c)
+        for gain, series in zip(gains, drive_inputs, strict=True):
+            drive[cand.dead_time :] += gain * series[: len(y) - cand.dead_time]
+        simulated = _first_order_run(a, drive, float(y[start]), start)
+        instruments = x.copy()
+        instruments[:, 0] = simulated[rows]
+        try:
+            coef = np.asarray(
+                np.linalg.solve(instruments.T @ x, instruments.T @ target), dtype=np.float64
+            )
+        except np.linalg.LinAlgError:
+            return np.full_like(coef, np.nan)
+        if not np.all(np.isfinite(coef)) or not 0 < coef[0] < 1:
+            return np.full_like(coef, np.nan)
+    # a time constant longer than the history is a settling never seen: an integrator
+    # with a slight lean, which the integrating candidate says more plainly
+    if -1.0 / math.log(float(coef[0])) > len(y):
+        return np.full_like(coef, np.nan)
+    return np.asarray(coef, dtype=np.float64)
+
+
+def _first_order_run(a: float, drive: Array, value: float, start: int, block: int = 256) -> Array:
+    """``out[t+1] = a·out[t] + drive[t]`` from ``out[start] = value`` (before it: value),
+    a block of steps at a time: within a block each value is ``a^(i+1)·value`` plus a
+    lower-triangular matrix of powers of ``a`` times the block's drives (numpy, not a
+    Python loop over a 6 h history)."""
+    n = len(drive)
+    out = np.full(n, value)
+    powers = a ** np.arange(block + 1, dtype=np.float64)
+    index = np.arange(block)
+    gap = index[:, None] - index[None, :]
+    lower = np.where(gap >= 0, powers[np.clip(gap, 0, block)], 0.0)
+    t = start
+    while t < n - 1:
+        m = min(block, n - 1 - t)
+        out[t + 1 : t + 1 + m] = powers[1 : m + 1] * value + lower[:m, :m] @ drive[t : t + m]
+        value = float(out[t + m])
+        t += m
+    return out
 
 
 def _stable(a: tuple[float, ...]) -> bool:
@@ -524,6 +612,7 @@ def fit(
     holdout = n >= HOLDOUT_MIN
     split = int(n * 0.75) if holdout else n
     validate_steps = max(1, min(horizon_steps, (n - split) // 2 if holdout else n // 3))
+    noise = sensor_noise(y)
     best: tuple[float, _Candidate, Model] | None = None
     for cand in _candidates(len(inputs) > 0):
         lags = cand.dead_time + max(cand.input_lags, 1) + 1
@@ -539,7 +628,12 @@ def fit(
             continue
         forecast = free_run(model, y, u, origins, validate_steps)
         actual = np.stack([y[origins + h + 1] for h in range(validate_steps)], axis=1)
-        score = float(np.sqrt(np.mean((forecast - actual) ** 2)))
+        # Two past outputs average the sensor's noise at the forecast's origin, which
+        # is worth up to σ²/2 of free-run error on any plant: ARX must beat a one-pole
+        # structure by more than that to be chosen over it (else it wins noisy tanks
+        # and boilers for the wrong reason, and its parameters mean nothing).
+        penalty = 0.5 * noise**2 if cand.ar >= 2 else 0.0
+        score = float(np.sqrt(np.mean((forecast - actual) ** 2) + penalty))
         if not math.isfinite(score):
             continue
         # a simpler structure wins ties (within 1 %): fewer ways to extrapolate badly
@@ -596,6 +690,17 @@ def fit(
         horizon_sigma80=table80,
         changes=tuple(learn_changes(u[j]) for j in range(u.shape[0])),
     )
+
+
+def sensor_noise(y: Array) -> float:
+    """σ of the noise on ``y`` from its second differences (robust: a plant that moves
+    smoothly has second differences near 0 but for its input steps; white noise of σ
+    gives them σ·√6). 0 for a series held between reports on change."""
+    second = np.diff(np.asarray(y, dtype=np.float64), 2)
+    second = second[np.isfinite(second)]
+    if not len(second):
+        return 0.0
+    return float(1.4826 * np.median(np.abs(second)) / math.sqrt(6))
 
 
 def _calibrated(errors: Array) -> tuple[Array, Array]:

@@ -41,6 +41,9 @@ log = logging.getLogger("fieldtwin.hub.predict")
 Point = tuple[str, str]
 FORECAST_ROWS = 10
 """Rows a forecast table shows (evenly spaced to the horizon)."""
+ON_DEMAND_KEPT = 256
+"""Trend models fitted on request (attributes with no declared influence and no
+limits) that the bank keeps; beyond it the least recently fitted is dropped."""
 BASIS = (
     "expected: the median of simulated futures in which the setpoints nobody models "
     "change as often and as far as they did in the history; 80/95 % bands: their "
@@ -123,6 +126,9 @@ class ModelBank:
     errors: dict[str, str] = field(default_factory=dict)
     refitted_ms: int = 0
     _over: dict[str, int] = field(default_factory=dict)
+    on_demand: dict[str, int] = field(default_factory=dict)
+    """Targets of trend models fitted on request (not on the refit schedule), oldest
+    fit first, with when each was fitted."""
 
     @property
     def settings(self) -> PredictionConfig:
@@ -143,7 +149,9 @@ class ModelBank:
 
     def trend_points(self) -> list[Point]:
         """Numeric attributes with thresholds and no declared influence: a trend model
-        each, so the forecasted risk covers every limit the schema declares."""
+        each on the refit schedule, so the forecasted risk covers every limit the schema
+        declares. Other attributes with no influence get theirs on request (``remember``):
+        the schedule's cost stays bounded by what the schema declares."""
         schema = self.config.schema
         influenced = self.influenced()
         out: list[Point] = []
@@ -156,6 +164,40 @@ class ModelBank:
                     continue
                 out.append(point)
         return out
+
+    def not_trended(self, point: Point) -> str | None:
+        """Why ``point`` gets no trend model (None: it may have one). A writable
+        attribute (a setpoint) moves when an operator moves it: a trend fitted to its
+        history would extrapolate their past steps; its future is a decision, which
+        ``twin simulate`` asks about."""
+        spec = self.config.schema.spec(*point)
+        if spec is not None and spec.writable and point not in self.influenced():
+            return (
+                f"{label(point)} is a setpoint (writable): it changes when an operator "
+                "changes it, so it gets no trend model; ask what setting it does with "
+                f"twin simulate --set {label(point)}=VALUE"
+            )
+        return None
+
+    def remember(self, fitted: Mapping[str, Model], now_ms: int) -> None:
+        """Keep trend models fitted on request (memory only: refitted on the next
+        request after ``refit_s``), at most ``ON_DEMAND_KEPT`` of them."""
+        for target, model in fitted.items():
+            self.models[target] = model
+            self.on_demand.pop(target, None)
+            self.on_demand[target] = now_ms
+        while len(self.on_demand) > ON_DEMAND_KEPT:
+            oldest = next(iter(self.on_demand))
+            del self.on_demand[oldest]
+            self.models.pop(oldest, None)
+
+    def fresh(self, target: str, now_ms: int) -> bool:
+        """A model of ``target`` the bank holds and may use now: a scheduled one always
+        (the schedule refits it), one fitted on request for ``refit_s``."""
+        if target not in self.models:
+            return False
+        fitted = self.on_demand.get(target)
+        return fitted is None or now_ms - fitted < self.settings.refit_s * 1000
 
     def all_points(self) -> list[Point]:
         points: set[Point] = set(self.trend_points())
@@ -198,7 +240,8 @@ class ModelBank:
         every = self.settings.refit_s
         young = any(
             m.samples * m.step_ms < 0.5 * self.settings.history_s * 1000 and m.samples < 3600
-            for m in self.models.values()
+            for target, m in self.models.items()
+            if target not in self.on_demand  # refitted on request, not on the schedule
         )
         if self.errors or not self.models:
             every = min(every, 30.0)
@@ -394,9 +437,13 @@ def _models_for(
     influenced = bank.influenced()
     wanted_influenced = {p: influenced[p] for p in chain if p in influenced}
     wanted_trends = [p for p in targets if p not in influenced]
+    for point in wanted_trends:
+        reason = bank.not_trended(point)
+        if reason is not None:
+            raise PredictionError(reason)
     if at_ms is None:
         wanted = [*wanted_influenced, *wanted_trends]
-        have = {label(p): bank.models[label(p)] for p in wanted if label(p) in bank.models}
+        have = {label(p): bank.models[label(p)] for p in wanted if bank.fresh(label(p), ctx.now_ms)}
         missing_influenced = {p: i for p, i in wanted_influenced.items() if label(p) not in have}
         missing_trends = [p for p in wanted_trends if label(p) not in have]
         if not missing_influenced and not missing_trends:
@@ -428,6 +475,18 @@ def _models_for(
         now_ms=end,
     )
     have.update(fitted)
+    if at_ms is None:
+        # trends of attributes off the refit schedule: fitted on this request, kept for
+        # the next ones (a site's many points cost a fit only when someone asks)
+        scheduled = set(bank.trend_points())
+        bank.remember(
+            {
+                label(p): fitted[label(p)]
+                for p in missing_trends
+                if p not in scheduled and label(p) in fitted
+            },
+            ctx.now_ms,
+        )
     return have, errors
 
 
@@ -833,9 +892,29 @@ def effect_summary(result: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def sync_horizon_s(config: HubConfig) -> tuple[float, str]:
+    """The forecasted risk's horizon and why: until the next sync (the drift engine's
+    interval, which the sync report recommends as ``next_sync``), but never under one
+    model grid step, the finest the models say anything about (docs/prediction.md)."""
+    interval = config.drift.interval_s
+    step = config.prediction.step_s
+    if interval >= step:
+        return interval, f"until the next sync (drift interval {interval:g} s)"
+    return step, (
+        f"one model grid step ({step:g} s): the next sync (drift interval {interval:g} s) "
+        "comes sooner than the models resolve"
+    )
+
+
 def risk(bank: ModelBank, ctx: Context, horizon_ms: int | None = None) -> dict[str, Any]:
-    """Probability that some attribute crosses a critical limit within the horizon,
-    from the models' forecasts, with the factors that make it up."""
+    """Probability that some attribute crosses a critical limit within the horizon (by
+    default until the next sync: ``sync_horizon_s``), from the models' forecasts, with
+    the factors that make it up."""
+    if horizon_ms is None:
+        horizon_s, basis = sync_horizon_s(ctx.config)
+        horizon_ms = round(horizon_s * 1000)
+    else:
+        basis = "as asked"
     steps = bank.horizon_steps(horizon_ms)
     factors: list[dict[str, Any]] = []
     considered = 0
@@ -887,6 +966,7 @@ def risk(bank: ModelBank, ctx: Context, horizon_ms: int | None = None) -> dict[s
         if considered
         else None,
         "horizon_s": steps * bank.step_ms / 1000,
+        "horizon_basis": basis,
         "points_considered": considered,
         "factors": factors,
         "unavailable": unavailable,

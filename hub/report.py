@@ -169,13 +169,18 @@ def sync_report(
     current_risk = min(1.0, 0.25 * len(critical) + 0.1 * len(warnings) + 0.5 * len(problems))
     current_risk = round(max(current_risk, len(unhealthy) / entity_count * 0.5), 3)
     # forecasted risk: the learned models' probability that some attribute crosses a
-    # critical limit within the prediction horizon (hub/predict.py risk); left out, with
-    # the reason, when no model could be fitted yet (a young twin)
+    # critical limit before the next sync (hub/predict.py risk, sync_horizon_s); left
+    # out, with the reason, when no model could be fitted yet (a young twin)
     forecast: dict[str, Any] = {}
+    horizon_factors: list[str] = []
     risk = facts.risk or {}
     if risk.get("probability") is not None:
         forecast["forecasted_risk"] = round(float(risk["probability"]), 3)
         forecast["forecast_horizon"] = _duration(float(risk["horizon_s"]))
+        horizon_factors.append(
+            f"forecasted risk over {forecast['forecast_horizon']}: "
+            f"{risk.get('horizon_basis') or 'the hub did not say why'}"
+        )
         forecast["forecast_factors"] = [
             f"{f['point']}: {f['text']}" for f in risk.get("factors", [])
         ]
@@ -290,6 +295,7 @@ def sync_report(
                 [f"{e['twin_id']} is {e['health']}" for e in unhealthy]
                 + [f"{i['severity']} {i['type']} drift on {i['entity_id']}" for i in issues]
                 + problems
+                + horizon_factors
             ),
             "evidence_anchors": [f"health:{e['twin_id']}={e['health']}" for e in twin["entities"]],
         },

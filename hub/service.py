@@ -981,9 +981,11 @@ class HubService:
             }
         return result
 
-    def risk(self) -> dict[str, Any]:
+    def risk(self, horizon: str = "") -> dict[str, Any]:
+        """The forecasted risk; by default until the next sync (``predict.sync_horizon_s``)."""
         self._shared_models()
-        return predict.risk(self.models, self._predict_context())
+        horizon_ms = queries.parse_duration_ms(horizon) if horizon else None
+        return predict.risk(self.models, self._predict_context(), horizon_ms)
 
     def model_list(self) -> list[dict[str, Any]]:
         self._shared_models()
@@ -1648,7 +1650,7 @@ class HubService:
         if op == "twin.models":
             return self.model_list()
         if op == "twin.risk":
-            return self.risk()
+            return self.risk(str(args.get("horizon", "")))
         raise OperatorRefused(f"unknown query {op}", code="invalid")
 
     # -- console views (hub/views.py) --------------------------------------------------------

@@ -7,9 +7,12 @@ with sensor noise; a leak makes the level fall faster than the setpoint explains
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,9 +22,11 @@ from support.service_rig import T0, Clock, Rig
 from fieldtwin.hub.config import load_hub_config
 from fieldtwin.hub.metrics import HubMetrics
 from fieldtwin.hub.predict import PredictionError
+from fieldtwin.hub.report import RunFacts, sync_report
 from fieldtwin.hub.service import HubService
 from fieldtwin.hub.store import TwinStore
 from fieldtwin.protocol.keys import KeyRegistry
+from fieldtwin.protocol.messages import PointMeta, Sample
 
 PREDICTION = """
 [prediction]
@@ -42,16 +47,21 @@ GAIN = 2e-5
 
 
 class Plant:
-    """The simulated tank; ``leak`` (m/s) is a loss the model does not know."""
+    """The simulated tank; ``leak`` (m/s) is a loss the model does not know; without
+    ``pump_delivers`` the pump runs but moves no water (a closed valve, a broken
+    impeller) and the level holds."""
 
     def __init__(self, level: float = 2.0) -> None:
         self.level = level
         self.setpoint = 900.0
         self.leak = 0.0
+        self.pump_delivers = True
         self.rng = random.Random(7)
 
     def step(self) -> float:
-        self.level += GAIN * (self.setpoint - 900.0) - self.leak
+        if self.pump_delivers:
+            self.level += GAIN * (self.setpoint - 900.0)
+        self.level -= self.leak
         return self.level + self.rng.gauss(0.0, 0.002)
 
 
@@ -80,24 +90,36 @@ def refit(rig: Rig) -> None:
     service.install_models(fitted, errors, now)
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    files = write_hub_config(tmp_path, stale_s=30.0, extra=PREDICTION)
+def open_rig(
+    tmp_path: Path,
+    extra: str,
+    points: list[PointMeta],
+    first: list[Sample],
+    drift_interval_s: float = 0.2,
+) -> Rig:
+    files = write_hub_config(tmp_path, stale_s=30.0, extra=extra, drift_interval_s=drift_interval_s)
     clock = Clock()
     config = load_hub_config(files.config)
     store = TwinStore.open(config.database, memory_limit="256MB", threads=1)
     service = HubService(config, store, instance="test", metrics=HubMetrics(), clock=clock)
     gw = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
     rig = Rig(files, clock, service, gw, KeyRegistry.of({"hub": files.hub_key.public}))
-    rig.feed(
-        gw.birth(
-            [
-                point("pump-1", "speed_sp", "uint16", unit="rpm", writable=True, min=0, max=1800),
-                point("tank-1", "level", unit="m"),
-            ]
-        )
+    rig.feed(gw.birth(points))
+    rig.feed(gw.data(first))
+    return rig
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = open_rig(
+        tmp_path,
+        PREDICTION,
+        [
+            point("pump-1", "speed_sp", "uint16", unit="rpm", writable=True, min=0, max=1800),
+            point("tank-1", "level", unit="m"),
+        ],
+        [sample("pump-1", "speed_sp", 900, T0)],
     )
-    rig.feed(gw.data([sample("pump-1", "speed_sp", 900, clock.now_ms)]))
     yield rig
     rig.service.close()
 
@@ -228,18 +250,335 @@ def test_a_leak_raises_behaviour_does_not_match_model(rig: Rig) -> None:
     assert document["confidence"] < 1.0
 
 
+def test_a_pump_that_runs_while_the_level_does_not_move_raises_model_drift(rig: Rig) -> None:
+    """The pump is set to 1200 rpm but its water no longer reaches the tank (a closed
+    inlet, a broken impeller): the level holds, with its noise, while the model says it
+    rises. The finding gives what the model expected and what the sensor reported."""
+    plant = history(rig)
+    refit(rig)
+    run(rig, plant, 60)
+    assert rig.service.measure_models(rig.clock.now_ms) == 0
+    plant.pump_delivers = False
+    run(rig, plant, 1, {0: 1200.0})
+    for _ in range(3):
+        run(rig, plant, 20)
+        rig.service.measure_models(rig.clock.now_ms)
+    report, _ = rig.service.sync_cycle(rig.clock.now_ms)
+    (finding,) = [f for f in report.findings if f.rule == "semantic.model"]
+    assert (finding.entity, finding.attribute) == ("tank-1", "level")
+    # over the 30 s window the model expects the level to rise by what 1200 rpm adds
+    # (2e-5 m/s per rpm above 900: 0.18 m); the level stayed where it was
+    rise = finding.detail["expected"] - finding.detail["observed"]
+    assert rise == pytest.approx(30 * GAIN * (1200 - 900), rel=0.25)
+    assert finding.detail["observed"] == pytest.approx(plant.level, abs=0.01)
+    assert finding.detail["score"] > 4
+    assert "pump-1.speed_sp=1200" in finding.description
+
+
+BOILER = """
+[types.boiler.attributes.temperature]
+unit = "degC"
+interval_s = 1.0
+high = { warning = 90.0, critical = 95.0 }
+
+[types.boiler.attributes.heater_power]
+unit = "%"
+writable = true
+min = 0
+max = 100
+max_step = 100
+approvals = 1
+
+[[entities]]
+id = "boiler-1"
+type = "boiler"
+gateway = "gw-01"
+
+[prediction]
+step_s = 1.0
+history_s = 3600.0
+horizon_s = 300.0
+residual_window_s = 30.0
+residual_k = 4.0
+residual_hold_s = 5.0
+
+[[influences]]
+target = "boiler-1.temperature"
+inputs = ["boiler-1.heater_power"]
+description = "the heater warms the water"
+"""
+BOILER_TAU_S = 40.0
+BOILER_GAIN = 0.8
+"""°C above 20 °C per % of heater power reaching the water, at rest."""
+
+
+class Boiler:
+    """A first-order boiler; ``efficiency`` is the share of the heater's power that
+    reaches the water (the simulator's ``fouling`` fault lowers it; 1: clean)."""
+
+    def __init__(self) -> None:
+        self.power = 50.0
+        self.efficiency = 1.0
+        self.temperature = 20 + BOILER_GAIN * self.power
+        self.past = [self.temperature]
+        self.rng = random.Random(11)
+
+    def step(self) -> float:
+        a = math.exp(-1 / BOILER_TAU_S)
+        rest = 20 + BOILER_GAIN * self.power * self.efficiency
+        self.temperature = a * self.temperature + (1 - a) * rest
+        self.past.append(self.temperature)
+        return self.temperature + self.rng.gauss(0.0, 0.05)
+
+
+def run_boiler(
+    rig: Rig, boiler: Boiler, seconds: int, schedule: dict[int, float] | None = None
+) -> None:
+    schedule = schedule or {}
+    for start in range(0, seconds, 60):
+        samples = []
+        for offset in range(min(60, seconds - start)):
+            rig.clock.advance(1000)
+            now = rig.clock.now_ms
+            if start + offset in schedule:
+                boiler.power = schedule[start + offset]
+            if start + offset in schedule or offset % 20 == 0:
+                samples.append(sample("boiler-1", "heater_power", boiler.power, now))
+            samples.append(sample("boiler-1", "temperature", boiler.step(), now))
+        rig.feed(rig.gw.data(samples))
+    rig.service.sync_cycle(rig.clock.now_ms)
+
+
+@pytest.fixture
+def boiler_rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = open_rig(
+        tmp_path,
+        BOILER,
+        [
+            point("boiler-1", "heater_power", unit="%", writable=True, min=0, max=100),
+            point("boiler-1", "temperature", unit="degC"),
+        ],
+        [sample("boiler-1", "heater_power", 50.0, T0)],
+    )
+    yield rig
+    rig.service.close()
+
+
+def test_a_fouled_heater_raises_behaviour_does_not_match_model(boiler_rig: Rig) -> None:
+    """Scale on the element: only half the heater's power reaches the water. The
+    temperature sags towards a lower rest than the power explains; the residual of the
+    learned first-order model says so, with the expected and observed temperatures."""
+    rig = boiler_rig
+    boiler = Boiler()
+    powers = [70.0, 30.0, 60.0, 40.0, 80.0, 50.0, 65.0]  # a new power every 4 min
+    schedule = dict(zip(range(60, 1800, 240), powers, strict=False))
+    run_boiler(rig, boiler, 1800, schedule)
+    refit(rig)
+    model = rig.service.models.models["boiler-1.temperature"]
+    assert model.structure in ("first_order", "arx")
+    assert model.time_constant_s == pytest.approx(BOILER_TAU_S, rel=0.1)
+    run_boiler(rig, boiler, 60)
+    assert rig.service.measure_models(rig.clock.now_ms) == 0
+    boiler.efficiency = 0.5  # fouling, as hardware-sim/faults.py's default
+    for _ in range(3):
+        run_boiler(rig, boiler, 20)
+        rig.service.measure_models(rig.clock.now_ms)
+    report, _ = rig.service.sync_cycle(rig.clock.now_ms)
+    (finding,) = [f for f in report.findings if f.rule == "semantic.model"]
+    assert (finding.entity, finding.attribute) == ("boiler-1", "temperature")
+    assert finding.detail["observed"] < finding.detail["expected"]
+    # over the window (30 s) the model expects the sagging temperature to head back to
+    # the rest the power explains (72 °C at 65 %); it went on sagging instead
+    rest = 20 + BOILER_GAIN * 65
+    window_start = boiler.past[-31]
+    recovered = rest + (window_start - rest) * math.exp(-30 / BOILER_TAU_S)
+    assert finding.detail["expected"] == pytest.approx(recovered, abs=0.5)
+    assert finding.detail["observed"] == pytest.approx(boiler.temperature, abs=0.3)
+    assert finding.detail["observed"] < window_start
+    assert finding.detail["score"] > 4
+    assert "does not behave as its model predicts" in finding.description
+    assert report.health["boiler-1"] == "degraded"
+
+
 def test_risk_is_the_models_probability_of_a_critical_crossing(rig: Rig) -> None:
     plant = history(rig)
     refit(rig)
-    calm = rig.service.risk()
+    calm = rig.service.risk("5m")
     assert calm["points_considered"] == 1
     assert calm["probability"] < 0.05
     assert calm["weak_models"] == []  # a well-excited history: the model is trusted
+    assert (calm["horizon_s"], calm["horizon_basis"]) == (300, "as asked")
     run(rig, plant, 20, {0: 1800.0})  # +0.018 m/s: critical 4.5 m within ~2.5 min
-    risky = rig.service.risk()
+    risky = rig.ok("vic", "twin.risk", {"horizon": "5m"})
     assert risky["probability"] > 0.9
     (factor,) = risky["factors"]
     assert (factor["point"], factor["limit_name"]) == ("tank-1.level", "critical high")
+    # by default the risk looks to the next sync: the drift interval here (0.2 s) is
+    # shorter than the models' 1 s grid, so one grid step, and the ~2 min crossing is
+    # not in it
+    soon = rig.service.risk()
+    assert soon["horizon_s"] == 1.0
+    assert "one model grid step (1 s)" in soon["horizon_basis"]
+    assert soon["probability"] < 0.01
+
+
+def test_the_forecasted_risk_looks_to_the_next_sync(tmp_path: Path) -> None:
+    """With syncs a minute apart, the sync report's forecasted risk is the probability
+    of a critical crossing within that minute: a level rising 1.2 cm/s from ~3.1 m
+    reaches the 4.5 m critical limit in ~2 min, after the next sync (a 5 min look says
+    it will); 90 s later the crossing falls within the next minute. The report names
+    the horizon among its risk factors."""
+    rig = open_rig(
+        tmp_path,
+        PREDICTION,
+        [
+            point("pump-1", "speed_sp", "uint16", unit="rpm", writable=True, min=0, max=1800),
+            point("tank-1", "level", unit="m"),
+        ],
+        [sample("pump-1", "speed_sp", 900, T0)],
+        drift_interval_s=60.0,
+    )
+    try:
+        plant = history(rig)
+        refit(rig)
+        run(rig, plant, 5, {0: 1500.0})
+        assert 4.5 - plant.level > 60 * GAIN * 600 + 0.3
+        before = rig.service.risk()
+        assert (before["horizon_s"], before["horizon_basis"]) == (
+            60.0,
+            "until the next sync (drift interval 60 s)",
+        )
+        assert before["probability"] < 0.05
+        assert rig.service.risk("5m")["probability"] > 0.9
+        run(rig, plant, 90)
+        assert 4.5 - plant.level < 60 * GAIN * 600 - 0.2
+        after = rig.service.risk()
+        assert after["probability"] > 0.9
+        report = sync_report(
+            rig.service.export(),
+            facts(after),
+            [],
+            rig.service.config,
+            tmp_path,
+        )
+        assessment = report["risk_assessment"]
+        assert assessment["forecasted_risk"] == round(after["probability"], 3)
+        assert assessment["forecast_horizon"] == "1m"
+        assert report["next_sync"]["recommended_interval"] == "1m"
+        assert (
+            "forecasted risk over 1m: until the next sync (drift interval 60 s)"
+            in (assessment["risk_factors"])
+        )
+    finally:
+        rig.service.close()
+
+
+def facts(risk: dict[str, Any]) -> RunFacts:
+    """What a demo run observed, reduced to the risk the hub gave."""
+    return RunFacts(
+        broker_url="mqtt://127.0.0.1:1",
+        embedded_broker=False,
+        started_ms=T0,
+        duration_s=1.0,
+        dead=[],
+        silent_gateways=[],
+        missing_entities=[],
+        truth_matches=[],
+        truth_mismatches=[],
+        truth_file=None,
+        status={},
+        audit=[],
+        risk=risk,
+    )
+
+
+def test_an_attribute_without_limits_or_influence_gets_a_trend_model_on_request(
+    tmp_path: Path,
+) -> None:
+    """tank-1.temp has no thresholds and nothing declared drives it: the refit schedule
+    leaves it alone (a site's every point would cost a fit each cycle), and the first
+    twin predict fits its trend, with intervals, and keeps it for refit_s. A setpoint
+    gets no trend: its future is an operator's decision."""
+    rig = open_rig(
+        tmp_path,
+        PREDICTION,
+        [
+            point("pump-1", "speed_sp", "uint16", unit="rpm", writable=True, min=0, max=1800),
+            point("tank-1", "level", unit="m"),
+            point("tank-1", "temp", unit="degC"),
+        ],
+        [sample("pump-1", "speed_sp", 900, T0)],
+    )
+    try:
+        noise = random.Random(5)
+        warming = 0.002  # °C/s
+        temp = 15.0
+        for _ in range(20):  # 20 min at 1 Hz, a frame a minute
+            samples = []
+            for _ in range(60):
+                rig.clock.advance(1000)
+                temp += warming
+                reading = temp + noise.gauss(0.0, 0.02)
+                samples.append(sample("tank-1", "temp", reading, rig.clock.now_ms))
+            rig.feed(rig.gw.data(samples))
+        bank = rig.service.models
+        assert ("tank-1", "temp") not in bank.all_points()
+        _, grids = bank.load(rig.service.store, rig.clock.now_ms)
+        scheduled, _ = bank.fit_all(grids, rig.clock.now_ms)
+        assert "tank-1.temp" not in scheduled
+        result = rig.ok("vic", "twin.predict", {"target": "tank-1.temp", "horizon": "5m"})
+        assert result["model"]["inputs"] == []
+        assert result["model"]["structure"] in ("trend", "first_order")
+        rows = result["forecast"]
+        assert rows[-1]["in_s"] == 300
+        assert rows[-1]["mean"] == pytest.approx(temp + 300 * warming, abs=0.15)
+        low, high = rows[-1]["p95"]
+        assert low < temp + 300 * warming < high
+        assert high - low > rows[0]["p95"][1] - rows[0]["p95"][0]
+        assert result["crossings"] == []  # no limits to cross
+        fitted_ms = bank.models["tank-1.temp"].fitted_ms
+        assert fitted_ms == rig.clock.now_ms
+        listed = {r["target"] for r in rig.ok("vic", "twin.models")}
+        assert "tank-1.temp" in listed
+        # kept: the next request within refit_s uses it; after refit_s it is refitted
+        rig.clock.advance(60_000)
+        rig.ok("vic", "twin.predict", {"target": "tank-1.temp", "horizon": "1m"})
+        assert bank.models["tank-1.temp"].fitted_ms == fitted_ms
+        rig.clock.advance(round(bank.settings.refit_s * 1000))
+        rig.ok("vic", "twin.predict", {"target": "tank-1.temp", "horizon": "1m"})
+        assert bank.models["tank-1.temp"].fitted_ms == rig.clock.now_ms
+        setpoint = rig.ask("vic", "twin.predict", {"target": "pump-1.speed_sp"})
+        assert not setpoint.ok
+        assert "pump-1.speed_sp is a setpoint (writable)" in setpoint.error
+        assert "twin simulate --set pump-1.speed_sp=VALUE" in setpoint.error
+    finally:
+        rig.service.close()
+
+
+def test_trend_models_fitted_on_request_are_bounded(rig: Rig) -> None:
+    """The bank keeps at most ON_DEMAND_KEPT trend models fitted on request, dropping
+    the least recently fitted, and they do not make the refit schedule hurry."""
+    from fieldtwin.hub import predict
+
+    history(rig)
+    refit(rig)
+    bank = rig.service.models
+    now = rig.clock.now_ms
+    # a mature scheduled model: refitted every refit_s (600 s), not every minute
+    mature = dataclasses.replace(bank.models["tank-1.level"], samples=3600)
+    bank.models["tank-1.level"] = mature
+    a_minute_on = now + 61_000
+    assert not bank.due(a_minute_on)
+    young = dataclasses.replace(mature, target="x.y", inputs=(), samples=40)
+    bank.remember({f"x-{i}.y": young for i in range(predict.ON_DEMAND_KEPT + 5)}, now)
+    assert len(bank.on_demand) == predict.ON_DEMAND_KEPT
+    assert "x-0.y" not in bank.models
+    assert "x-5.y" in bank.models
+    assert bank.models["tank-1.level"] is mature  # a scheduled model is never dropped
+    assert not bank.due(a_minute_on)  # young models fitted on request do not count
+    assert bank.fresh("x-5.y", now)
+    assert not bank.fresh("x-5.y", now + round(bank.settings.refit_s * 1000))
+    assert bank.fresh("tank-1.level", now + round(bank.settings.refit_s * 1000))
 
 
 def test_models_survive_a_restart(rig: Rig, tmp_path: Path) -> None:
@@ -346,3 +685,58 @@ def test_how_late_the_last_sample_is_counts_in_grid_steps_up_to_the_usual_gap() 
     assert late["t.x"] == pytest.approx(1000 / 500)
     _, _, late = load_sampled(Samples([(0, 1.0)]), [("t", "x")], 0, 9000, 500)  # type: ignore[arg-type]
     assert late["t.x"] == 0.0
+
+
+def amount(text: str) -> float:
+    """The number in a shown fact ("2.345 m")."""
+    return float(text.split()[0])
+
+
+def test_an_approver_sees_the_predicted_effect_of_the_pending_command(rig: Rig) -> None:
+    """cmd show of a command awaiting approval carries the effect the learned model
+    predicts for sending it now: the level rises by what the model's gain says, the
+    unchanged forecast stays where the present setpoint keeps it; cmd show renders it."""
+    from fieldtwin.hub.render import command_detail
+
+    plant = history(rig)
+    refit(rig)
+    proposed = rig.ok(
+        "olga", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1400, "reason": "fill"}
+    )
+    assert proposed["state"] == "awaiting_approval"
+    shown = rig.ok("piet", "cmd.show", {"cmd_id": proposed["id"]})
+    facts = shown["prediction"]["tank-1.level"]
+    now, later, unchanged = (amount(facts[k]) for k in ("now", "in 5 min", "unchanged"))
+    assert now == pytest.approx(plant.level, abs=0.01)
+    # 400 rpm more than the present 1000 for 300 s: +2.4 m by the plant's gain
+    assert later - unchanged == pytest.approx(300 * GAIN * (1400 - plant.setpoint), abs=0.1)
+    assert later > now + 2.0
+    low, high = (amount(x) for x in facts["95 %"].removesuffix(" m").split("–"))
+    assert low < later < high
+    rendered = command_detail(shown)
+    assert "predicted effect (learned models; nothing sent):" in rendered
+    assert f"tank-1.level: now {facts['now']}, in 5 min {facts['in 5 min']}" in rendered
+    # the 4 m warning is ~3 min away at +0.008 m/s from ~2.3 m
+    assert "warning high 4 m in about" in facts["crosses"]
+    assert "would cross warning high 4 m" in rendered
+
+
+def test_an_approver_is_told_why_there_is_no_predicted_effect(rig: Rig) -> None:
+    """Before any model is fitted, and with a model that explains too little, cmd show
+    says why there is no prediction instead of showing one."""
+    from fieldtwin.hub.render import command_detail
+
+    run(rig, Plant(), 90)
+    proposed = rig.ok(
+        "olga", "cmd.propose", {"target": "pump-1.speed_sp", "value": 1200, "reason": "fill"}
+    )
+    unfitted = rig.ok("piet", "cmd.show", {"cmd_id": proposed["id"]})
+    assert "prediction" not in unfitted
+    assert "no model of tank-1.level yet" in unfitted["prediction_unavailable"]
+    refit(rig)  # a plant that never moved: the model explains nothing
+    weak = rig.ok("piet", "cmd.show", {"cmd_id": proposed["id"]})
+    assert "prediction" not in weak
+    assert "explains too little yet" in weak["prediction_unavailable"]
+    assert "no predicted effect: the model of tank-1.level explains too little yet" in (
+        command_detail(weak)
+    )
