@@ -172,7 +172,7 @@ def register_twin(subparsers: Any) -> None:
 
     predict = actions.add_parser(
         "predict",
-        help="forecast an attribute with 80/95 % intervals and the limits it may cross",
+        help="forecast an attribute with 80/95 %% intervals and the limits it may cross",
         description=(
             "Forecast ENTITY.ATTRIBUTE from its learned model (docs/prediction.md): the "
             "expected value with 80 % and 95 % intervals, and when it is likely to cross "
