@@ -346,3 +346,107 @@ def test_how_late_the_last_sample_is_counts_in_grid_steps_up_to_the_usual_gap() 
     assert late["t.x"] == pytest.approx(1000 / 500)
     _, _, late = load_sampled(Samples([(0, 1.0)]), [("t", "x")], 0, 9000, 500)  # type: ignore[arg-type]
     assert late["t.x"] == 0.0
+
+
+# -- fouling: the boiler's heater warms the water less than its power says -----------------
+
+FOULING = """
+[prediction]
+step_s = 1.0
+history_s = 3600.0
+horizon_s = 300.0
+residual_window_s = 60.0
+residual_k = 4.0
+residual_hold_s = 5.0
+
+[types.boiler.attributes.temperature]
+unit = "degC"
+
+[types.boiler.attributes.heater_power]
+unit = "kW"
+
+[[entities]]
+id = "boiler-1"
+type = "boiler"
+gateway = "gw-01"
+
+[[influences]]
+target = "boiler-1.temperature"
+inputs = ["boiler-1.heater_power"]
+"""
+
+
+class Boiler:
+    """The water plant's boiler (examples/scenarios/water-plant.toml): first order toward
+    ``20 + 3 · efficiency · power`` °C with a 120 s time constant; fouling (the
+    simulator's ``fouling`` fault) lowers ``efficiency`` while the power reads true."""
+
+    def __init__(self) -> None:
+        self.power = 30.0
+        self.efficiency = 1.0
+        self.temperature = 20.0 + 3.0 * self.power
+        self.rng = random.Random(11)
+
+    def step(self) -> float:
+        settle = 20.0 + 3.0 * self.efficiency * self.power
+        self.temperature += (settle - self.temperature) / 120.0
+        return self.temperature + self.rng.gauss(0.0, 0.05)
+
+
+def run_boiler(rig: Rig, boiler: Boiler, seconds: int, schedule: dict[int, float]) -> None:
+    """1 Hz temperature, the power on change and every 20 s; a frame a minute."""
+    for start in range(0, seconds, 60):
+        samples = []
+        for offset in range(min(60, seconds - start)):
+            rig.clock.advance(1000)
+            now = rig.clock.now_ms
+            if start + offset in schedule:
+                boiler.power = schedule[start + offset]
+            if start + offset in schedule or offset % 20 == 0:
+                samples.append(sample("boiler-1", "heater_power", boiler.power, now))
+            samples.append(sample("boiler-1", "temperature", boiler.step(), now))
+        rig.feed(rig.gw.data(samples))
+    rig.service.sync_cycle(rig.clock.now_ms)
+
+
+@pytest.fixture
+def boiler_rig(tmp_path: Path) -> Iterator[Rig]:
+    files = write_hub_config(tmp_path, stale_s=30.0, extra=FOULING)
+    clock = Clock()
+    config = load_hub_config(files.config)
+    store = TwinStore.open(config.database, memory_limit="256MB", threads=1)
+    service = HubService(config, store, instance="test", metrics=HubMetrics(), clock=clock)
+    gw = GatewaySigner("gw-01", files.gateway_keys["gw-01"])
+    rig = Rig(files, clock, service, gw, KeyRegistry.of({"hub": files.hub_key.public}))
+    rig.feed(
+        gw.birth(
+            [
+                point("boiler-1", "temperature", unit="degC"),
+                point("boiler-1", "heater_power", unit="kW"),
+            ]
+        )
+    )
+    yield rig
+    rig.service.close()
+
+
+def test_fouling_raises_behaviour_does_not_match_model(boiler_rig: Rig) -> None:
+    """The e2e fault matrix leaves fouling to this test: a model needs a long history
+    with power steps, more than an end-to-end budget allows."""
+    rig, boiler = boiler_rig, Boiler()
+    steps = {60: 40.0, 660: 20.0, 1260: 45.0, 1860: 25.0, 2460: 35.0}
+    run_boiler(rig, boiler, 3000, steps)
+    refit(rig)
+    run_boiler(rig, boiler, 120, {})
+    assert rig.service.measure_models(rig.clock.now_ms) == 0  # a clean boiler matches
+    boiler.efficiency = 0.5  # scale on the element: half the power reaches the water
+    for _ in range(4):
+        run_boiler(rig, boiler, 20, {})
+        rig.service.measure_models(rig.clock.now_ms)
+    report, _ = rig.service.sync_cycle(rig.clock.now_ms)
+    (finding,) = [f for f in report.findings if f.rule == "semantic.model"]
+    assert (finding.entity, finding.attribute) == ("boiler-1", "temperature")
+    assert finding.detail["observed"] < finding.detail["expected"]  # colder than the power says
+    assert finding.detail["score"] > 4
+    assert "inputs boiler-1.heater_power=" in finding.description
+    assert not [f for f in report.findings if f.rule == "semantic.rate"]
