@@ -33,6 +33,7 @@ Checks (rule ids, also used by reconciliation rules in the config):
   ``residual_hold_s`` (a leak: the level falls faster than pump and valve explain). The
   service measures the misses off the drift loop and hands them in (``model_misses``).
 - ``semantic.frozen``: no change beyond ``frozen_min_change`` for ``frozen_after_s``
+  (counted from the source time of the first sample carrying the value, inclusive)
   while fresh good samples keep arriving (and ``frozen_while`` holds, if given).
 - ``semantic.implausible``: a reading the physics forbids. Either a fresh good/uncertain
   number outside its physical range (``physical_min``/``physical_max`` ± ``physical_margin``,
@@ -626,8 +627,13 @@ class DriftEngine:
         if current.quality != Quality.GOOD:
             return
         entity, attribute = key
+        # Frozen since the source time of the FIRST sample that carried the value (the last
+        # change), not since the first repeat: the repeats only confirm it, and counting
+        # from them would add a sample interval (up to ``max_silence_s`` with report by
+        # exception) to the latency. At the limit it is frozen (>=), so the finding comes
+        # on the first drift cycle at or after last change + ``frozen_after_s``.
         frozen_ms = now_ms - max(current.last_change_ms, self.started_ms)
-        if frozen_ms <= spec.frozen_after_s * 1000:
+        if frozen_ms < round(spec.frozen_after_s * 1000):
             return
         if spec.frozen_while is not None:
             ref_entity, _, ref_attr = spec.frozen_while.rpartition(".")

@@ -1,11 +1,12 @@
 """Simulator → agents → Mosquitto → hub, all real processes (``fieldtwin.hub.demo.Plant``).
 
 One plant for the module (starting it takes a while on a 2-core machine); each test
-injects a fault through the simulator's control interface (or kills, freezes or
-restarts a process), waits for the hub to report the drift it must report, and puts
-the plant back as it found it. Limits are shortened through config overrides so the
-module runs in about a minute and a half; latencies are measured against them with
-slack for polling and scheduling, never tight.
+breaks something the simulator's faults cannot (kills, freezes or restarts a process,
+an undeclared point, a missing entity, replayed frames), waits for the hub to report
+the drift it must report, and puts the plant back as it found it. Every simulator fault
+kind is in the fault matrix, tests/e2e/test_fault_matrix.py. Limits are shortened
+through config overrides; latencies are measured against them with slack for polling
+and scheduling, never tight.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import msgpack
 import pytest
 import pytest_asyncio
 from support.broker import MosquittoBroker
+from support.e2e import cleared, drift_on, wait_for
 from support.plant import plant_logins
 
 from fieldtwin.hub.demo import Plant, PlantOptions, compare_with_truth
@@ -31,8 +33,6 @@ from fieldtwin.hub.store import TwinStore
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
 GATEWAY_SILENT_S = 6.0
-LEVEL_STALE_S = 8.0
-LEVEL_FROZEN_S = 6.0
 MISSING_AFTER_S = 5.0
 SLACK_S = 15.0  # agent polling (1 s), drift cycle (0.5 s), a busy shared machine
 
@@ -43,13 +43,6 @@ HUB_OVERRIDES: dict[str, Any] = {
         "missing_after_s": MISSING_AFTER_S,
     },
     "ingest": {"gap_timeout_s": 2.0, "rebirth_min_interval_s": 2.0},
-    "types": {
-        "tank": {
-            "attributes": {
-                "level": {"stale_after_s": LEVEL_STALE_S, "frozen_after_s": LEVEL_FROZEN_S}
-            }
-        }
-    },
     # declared but never reported: the "missing entity" fault
     "+entities": [
         {"id": "tank-2", "type": "tank", "gateway": "gw-pumps", "static": {"height_m": 5.0}}
@@ -65,8 +58,6 @@ def edit_agent(gateway: str, data: dict[str, Any]) -> None:
     if gateway != "gw-pumps":
         return
     pumps = data["devices"][0]
-    # heartbeats every 2 s, so a stuck (unchanging) level still arrives, fresh
-    pumps["max_silence_s"] = 2
     # reported but not declared: the "undeclared entity" fault
     pumps["points"].append(
         {
@@ -104,17 +95,6 @@ async def plant(
         assert codes.get("hub") == 0, (plant.layout.logs / "hub.log").read_text()[-3000:]
 
 
-async def wait_for(check: Any, within: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.5)
-
-
 async def all_reporting(plant: Plant) -> bool:
     entities = await plant.call("/api/twin")
     declared = [e for e in entities if e["declared"] and e["physical_id"] != "tank-2"]
@@ -122,24 +102,6 @@ async def all_reporting(plant: Plant) -> bool:
     return len(declared) == 7 and all(
         e["attributes"] and e["health"] != "unknown" for e in declared
     )
-
-
-async def drift_on(plant: Plant, rule: str, entity: str, attribute: str = "") -> Any:
-    for item in await plant.call("/api/drift"):
-        if item["rule"] == rule and item["entity"] == entity and item["attribute"] == attribute:
-            return item
-    return None
-
-
-async def inject(plant: Plant, kind: str, **target: Any) -> tuple[int, dict[str, Any]]:
-    params = target.pop("params", {})
-    started = int(time.time() * 1000)
-    fault = await plant.sim_call("POST", "/faults", {"kind": kind, **target, "params": params})
-    return started, fault
-
-
-async def clear_faults(plant: Plant) -> None:
-    await plant.sim_call("POST", "/faults/clear", {})
 
 
 async def detected(
@@ -152,13 +114,6 @@ async def detected(
     latency_s = (item["detected_ms"] - started_ms) / 1000
     assert latency_s <= limit_s + SLACK_S, f"{rule} took {latency_s:.1f} s (limit {limit_s} s)"
     return dict(item)
-
-
-async def cleared(plant: Plant, rule: str, entity: str, attribute: str = "") -> None:
-    async def gone() -> bool:
-        return await drift_on(plant, rule, entity, attribute) is None
-
-    await wait_for(gone, within=60, what=f"{rule} on {entity} to clear")
 
 
 # -- the tests ------------------------------------------------------------------------------
@@ -195,76 +150,6 @@ async def test_structural_missing_and_undeclared(plant: Plant) -> None:
     export = await plant.call("/api/export")
     actions = [a["action"] for a in export["reconciliation"]["recent_actions"]]
     assert any("opened investigation" in a for a in actions)
-
-
-async def test_stuck_level_is_semantic_frozen(plant: Plant) -> None:
-    started, _ = await inject(plant, "stuck", point="tank-1.level")
-    try:
-        item = await detected(plant, "semantic.frozen", "tank-1", "level", started, LEVEL_FROZEN_S)
-        assert item["type"] == "semantic"
-        # heartbeats keep it fresh: frozen, not stale
-        assert await drift_on(plant, "temporal.sensor_stale", "tank-1", "level") is None
-    finally:
-        await clear_faults(plant)
-    await cleared(plant, "semantic.frozen", "tank-1", "level")
-
-
-async def test_out_of_range_is_threshold(plant: Plant) -> None:
-    started, _ = await inject(
-        plant, "spike", point="tank-1.level", duration=60, params={"magnitude": 3.0}
-    )
-    try:
-        item = await detected(plant, "threshold", "tank-1", "level", started, 2.0)
-        assert item["severity"] == "critical"
-        assert "high critical" in item["description"]
-        rate = await drift_on(plant, "semantic.rate", "tank-1", "level")
-        assert rate is not None  # a 3 m jump in a second is not physically possible
-    finally:
-        await clear_faults(plant)
-    await cleared(plant, "threshold", "tank-1", "level")
-
-
-async def test_dropout_is_sensor_stale_with_gateway_alive(plant: Plant) -> None:
-    started, _ = await inject(plant, "dropout", device="field-bus", unit_id=2)
-    try:
-        item = await detected(
-            plant, "temporal.sensor_stale", "pt-1", "pressure", started, LEVEL_STALE_S
-        )
-        assert "while gateway gw-field is alive" in item["description"]
-        assert await drift_on(plant, "temporal.gateway_silent", "gw-field") is None
-        assert await drift_on(plant, "temporal.sensor_stale", "flowmeter-1", "flow") is None
-        twin = {e["physical_id"]: e for e in await plant.call("/api/twin")}
-        assert twin["pt-1"]["health"] in ("stale", "degraded")
-        assert twin["flowmeter-1"]["health"] == "healthy"
-    finally:
-        await clear_faults(plant)
-    await cleared(plant, "temporal.sensor_stale", "pt-1", "pressure")
-
-
-async def test_device_disconnect_is_device_down_while_the_gateway_is_alive(plant: Plant) -> None:
-    """The pump station refuses connections for 20 s: its agent and MQTT session stay up,
-    so the hub raises ``temporal.device_down`` on the station's entities, never
-    ``temporal.gateway_silent`` for gw-pumps (the predictive-twin fidelity defect)."""
-    started, _ = await inject(plant, "disconnect", device="pump-station", duration=40.0)
-    try:
-        item = await detected(
-            plant, "temporal.device_down", "tank-1", "", started, HEARTBEAT_S + 2 * SLACK_S
-        )
-        assert "device pump-station of gateway gw-pumps is down" in item["description"]
-        assert item["severity"] == "critical"
-        assert await drift_on(plant, "temporal.device_down", "pump-1") is not None
-        # for the rest of the fault window (past GATEWAY_SILENT_S), the gateway is alive
-        deadline = started / 1000 + 18
-        while time.time() < deadline:
-            assert await drift_on(plant, "temporal.gateway_silent", "gw-pumps") is None
-            assert await drift_on(plant, "temporal.sensor_stale", "tank-1", "level") is None
-            await asyncio.sleep(1.0)
-        twin = {e["physical_id"]: e for e in await plant.call("/api/twin")}
-        assert twin["tank-1"]["health"] == "stale"
-    finally:
-        await clear_faults(plant)
-    await cleared(plant, "temporal.device_down", "tank-1")
-    assert await drift_on(plant, "temporal.gateway_silent", "gw-pumps") is None
 
 
 async def test_gateway_killed_is_silent_at_once_and_recovers(plant: Plant) -> None:

@@ -229,6 +229,50 @@ def test_semantic_rate_and_frozen(config: HubConfig) -> None:
     assert {r for r, _, _ in rules(report)} == {"temporal.sensor_stale"}
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 10_000),
+    st.sampled_from([100, 250, 500, 1000]),
+    st.integers(0, 999),
+)
+def test_frozen_fires_at_its_limit_within_one_drift_interval(
+    config: HubConfig, changed_after_ms: int, interval_ms: int, phase_ms: int
+) -> None:
+    """``frozen_after_s`` counts from the source time of the first sample carrying the
+    value (the repeats only confirm it); the finding comes on the first drift cycle at or
+    after that time plus the limit: latency = limit + less than one drift interval."""
+    spec = config.schema.spec("tank-1", "level")
+    assert spec is not None
+    assert spec.frozen_after_s is not None
+    limit_ms = round(spec.frozen_after_s * 1000)
+    engine = engine_for(config)
+    changed = T0 + 5_000 + changed_after_ms
+    detected: int | None = None
+    now = T0 + phase_ms % interval_ms
+    while now <= changed + limit_ms + 2 * interval_ms:
+        state = healthy_state(now)
+        # a fresh repeat of the same value every second since the change
+        latest = changed + max(0, now - changed) // 1000 * 1000
+        state.current[("tank-1", "level")] = CurrentValue(2.0, latest, 0, "gw-01", now, changed)
+        frozen = ("semantic.frozen", "tank-1", "level") in rules(engine.evaluate(state, now))
+        if now - changed < limit_ms:
+            assert not frozen, f"frozen after {now - changed} ms (limit {limit_ms} ms)"
+        elif frozen and detected is None:
+            detected = now
+        now += interval_ms
+    assert detected is not None
+    assert limit_ms <= detected - changed < limit_ms + interval_ms
+    # exactly at the limit counts as frozen
+    state = healthy_state(changed + limit_ms)
+    state.current[("tank-1", "level")] = CurrentValue(
+        2.0, changed + limit_ms, 0, "gw-01", changed + limit_ms, changed
+    )
+    fresh = engine_for(config)
+    assert ("semantic.frozen", "tank-1", "level") in rules(
+        fresh.evaluate(state, changed + limit_ms)
+    )
+
+
 def test_findings_keep_their_first_detection_time(config: HubConfig) -> None:
     engine = engine_for(config)
     now = T0 + 1000
