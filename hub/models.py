@@ -644,9 +644,10 @@ def fit(
     _, cand, trained = best
     rows = _rows(complete, cand.dead_time + max(cand.input_lags, 1) + 1, 0, n)
     params = _solve(y, u, cand, rows)
-    if params is None:
-        raise ModelError(f"{target}: the chosen structure {cand.structure} failed on all data")
-    model = _model(target, inputs, cand, params, step_ms)
+    # The structure chosen on the older part can fail on all of it (the instrumented
+    # first-order fit refuses a time constant longer than the history, or a singular
+    # instrument): keep the one fitted on the older part then, judged and working.
+    model = _model(target, inputs, cand, params, step_ms) if params is not None else trained
     x, step_target = _design(y, u, cand, rows)
     coef = np.asarray([*(model.a if cand.ar else ()), *(v for b in model.b for v in b), model.c])
     residual = step_target - x @ coef

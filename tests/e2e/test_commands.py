@@ -20,9 +20,9 @@ import aiomqtt
 import pytest
 import pytest_asyncio
 from support.broker import MosquittoBroker
-from support.plant import plant_logins
+from support.e2e import running_plant, wait_for
 
-from fieldtwin.hub.demo import Plant, PlantOptions
+from fieldtwin.hub.demo import Plant
 from fieldtwin.hub.opclient import OperatorClient, OperatorError, OperatorProfile
 from fieldtwin.protocol.frames import FrameSigner, decode_frame
 from fieldtwin.protocol.keys import KeyRegistry, load_private_key, load_public_key
@@ -55,40 +55,23 @@ def edit_agent(gateway: str, data: dict[str, Any]) -> None:
         data["devices"][0]["timeout_s"] = 10.0
 
 
+async def setpoint_and_level_reported(plant: Plant) -> bool:
+    return bool(await reported(plant, "pump-1.speed_sp") and await reported(plant, "tank-1.level"))
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def plant(
     broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Plant]:
-    state = tmp_path_factory.mktemp("actuation")
-    plant_logins(broker, state)
-    plant = Plant(
-        PlantOptions(
-            state_dir=state,
-            broker_url=broker.url,
-            speed=2.0,
-            hub_overrides=HUB_OVERRIDES,
-            agent_edit=edit_agent,
-        )
-    )
-    try:
-        await plant.start()
-        await wait_for(lambda: reported(plant, "pump-1.speed_sp"), within=90, what="pump setpoint")
-        await wait_for(lambda: reported(plant, "tank-1.level"), within=60, what="tank level")
+    async with running_plant(
+        broker,
+        tmp_path_factory.mktemp("actuation"),
+        setpoint_and_level_reported,
+        speed=2.0,
+        hub_overrides=HUB_OVERRIDES,
+        agent_edit=edit_agent,
+    ) as plant:
         yield plant
-    finally:
-        codes = await plant.stop()
-        assert codes.get("hub") == 0, (plant.layout.logs / "hub.log").read_text()[-3000:]
-
-
-async def wait_for(check: Any, within: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        await asyncio.sleep(0.25)
 
 
 async def reported(plant: Plant, point: str) -> Any:

@@ -26,11 +26,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from support.broker import MosquittoBroker
-from support.e2e import clear_faults, find_drift, inject, wait_for
-from support.plant import plant_logins
+from support.e2e import clear_faults, find_drift, inject, running_plant, wait_for
 
 from fieldtwin.hub.config import AttributeSpec, HubConfig, load_hub_config
-from fieldtwin.hub.demo import Plant, PlantOptions
+from fieldtwin.hub.demo import Plant
 from fieldtwin.hub.drift import DriftEngine
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
@@ -299,25 +298,17 @@ ROUNDS: list[list[Row]] = [
 async def plant(
     broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Plant]:
-    state = tmp_path_factory.mktemp("matrix")
-    plant_logins(broker, state, operators=False)
-    plant = Plant(
-        PlantOptions(
-            state_dir=state,
-            broker_url=broker.url,
-            speed=2.0,
-            heartbeat_s=2.0,
-            hub_overrides=HUB_OVERRIDES,
-            agent_edit=edit_agent,
-        )
-    )
-    try:
-        await plant.start()
-        await wait_for(lambda: everything_reports(plant), within=90, what="every entity reporting")
+    async with running_plant(
+        broker,
+        tmp_path_factory.mktemp("matrix"),
+        everything_reports,
+        operators=False,
+        speed=2.0,
+        heartbeat_s=2.0,
+        hub_overrides=HUB_OVERRIDES,
+        agent_edit=edit_agent,
+    ) as plant:
         yield plant
-    finally:
-        codes = await plant.stop()
-        assert codes.get("hub") == 0, (plant.layout.logs / "hub.log").read_text()[-3000:]
 
 
 def configs_of(plant: Plant) -> Configs:

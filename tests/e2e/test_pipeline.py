@@ -24,10 +24,9 @@ import msgpack
 import pytest
 import pytest_asyncio
 from support.broker import MosquittoBroker
-from support.e2e import cleared, drift_on, wait_for
-from support.plant import plant_logins
+from support.e2e import cleared, drift_on, running_plant, wait_for
 
-from fieldtwin.hub.demo import Plant, PlantOptions, compare_with_truth
+from fieldtwin.hub.demo import Plant, compare_with_truth
 from fieldtwin.hub.store import TwinStore
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
@@ -75,24 +74,16 @@ def edit_agent(gateway: str, data: dict[str, Any]) -> None:
 async def plant(
     broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Plant]:
-    state = tmp_path_factory.mktemp("plant")
-    plant_logins(broker, state, operators=False)
-    plant = Plant(
-        PlantOptions(
-            state_dir=state,
-            broker_url=broker.url,
-            speed=2.0,
-            hub_overrides=HUB_OVERRIDES,
-            agent_edit=edit_agent,
-        )
-    )
-    try:
-        await plant.start()
-        await wait_for(lambda: all_reporting(plant), within=90, what="every entity reporting")
+    async with running_plant(
+        broker,
+        tmp_path_factory.mktemp("plant"),
+        all_reporting,
+        operators=False,
+        speed=2.0,
+        hub_overrides=HUB_OVERRIDES,
+        agent_edit=edit_agent,
+    ) as plant:
         yield plant
-    finally:
-        codes = await plant.stop()
-        assert codes.get("hub") == 0, (plant.layout.logs / "hub.log").read_text()[-3000:]
 
 
 async def all_reporting(plant: Plant) -> bool:

@@ -122,6 +122,27 @@ def test_a_first_order_plant_gets_its_gain_time_constant_and_dead_time(
     assert dead - 1 <= model.dead_time <= dead
 
 
+def test_a_structure_that_fails_on_all_the_history_keeps_its_judged_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The structure chosen on the older part of a long history can fail when refitted
+    on all of it (the instrumented first-order fit refuses a time constant longer than
+    the history): the fit judged on the older part is kept, not "no model" (the
+    prediction bench lost 6 of 240 forecasts to this). Which data make the instrument
+    fail is not reproducible on purpose, so the full-history solve is made to fail."""
+    y, u = first_order(n=2000)
+    real = models._solve
+
+    def fail_on_everything(y_, u_, cand, rows):  # type: ignore[no-untyped-def]
+        return None if len(rows) > 1900 else real(y_, u_, cand, rows)
+
+    monkeypatch.setattr(models, "_solve", fail_on_everything)
+    model = fit(y, u)
+    assert model.structure in ("first_order", "arx")
+    assert model.time_constant_s == pytest.approx(40.0, rel=0.1)
+    assert model.horizon_sigma  # calibrated as usual
+
+
 def test_without_inputs_a_trend_or_mean_reversion_is_fitted() -> None:
     rng = np.random.default_rng(3)
     y = 10 + 0.001 * np.arange(600) + rng.normal(0, 0.01, 600)

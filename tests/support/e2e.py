@@ -4,10 +4,15 @@ polling for a condition, the hub's open drift, and simulator faults."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from fieldtwin.hub.demo import Plant
+from fieldtwin.hub.demo import Plant, PlantOptions
+from support.broker import MosquittoBroker
+from support.plant import plant_logins
 
 
 async def wait_for(check: Any, within: float = 60.0, what: str = "condition") -> Any:
@@ -20,6 +25,28 @@ async def wait_for(check: Any, within: float = 60.0, what: str = "condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(0.5)
+
+
+@contextlib.asynccontextmanager
+async def running_plant(
+    broker: MosquittoBroker,
+    state: Path,
+    ready: Callable[[Plant], Awaitable[Any]],
+    *,
+    operators: bool = True,
+    **options: Any,
+) -> AsyncIterator[Plant]:
+    """The demo's plant on the test session's broker (logins registered), yielded once
+    ``ready`` holds; on exit the hub must have stopped cleanly (its log tail if not)."""
+    plant_logins(broker, state, operators=operators)
+    plant = Plant(PlantOptions(state_dir=state, broker_url=broker.url, **options))
+    try:
+        await plant.start()
+        await wait_for(lambda: ready(plant), within=90, what="the plant reporting")
+        yield plant
+    finally:
+        codes = await plant.stop()
+        assert codes.get("hub") == 0, (plant.layout.logs / "hub.log").read_text()[-3000:]
 
 
 def find_drift(
