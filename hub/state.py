@@ -192,6 +192,7 @@ class MergeResult:
 
     winners: dict[Key, CurrentValue] = field(default_factory=dict)
     rate_events: dict[Key, RateEvent] = field(default_factory=dict)
+    anchors: dict[Key, float] = field(default_factory=dict)
     considered: int = 0
 
 
@@ -218,6 +219,11 @@ class TwinState:
         self.gateways: dict[str, GatewayLink] = {}
         self.points: dict[Key, PointInfo] = {}
         self.rate_events: dict[Key, RateEvent] = {}
+        self.anchors: dict[Key, float] = {}
+        """Per attribute with a ``min_change``, the value at its last change: a change is
+        a move beyond ``min_change`` from there, so a value creeping in steps each below it
+        still changes (compared sample to sample it would look frozen). In memory only:
+        after a restart the first value seen is the anchor."""
         self.first_seen: dict[str, int] = {}
         self.persisted: set[Key] = set()
         """Keys that have a row in the store's ``current`` table."""
@@ -275,8 +281,17 @@ class TwinState:
                     if new_num is None or old_num is None:
                         last_change = ts_ms
                     else:
-                        if abs(new_num - old_num) > spec.min_change:
-                            last_change = ts_ms
+                        if spec.min_change <= 0:
+                            if new_num != old_num:
+                                last_change = ts_ms
+                        else:
+                            anchor = result.anchors.get(key)
+                            if anchor is None:
+                                anchor = self.anchors.get(key, old_num)
+                            if abs(new_num - anchor) > spec.min_change:
+                                last_change = ts_ms
+                                anchor = new_num
+                            result.anchors[key] = anchor
                         if (
                             spec.max_rate is not None
                             and ts_ms > previous.ts_ms
@@ -296,6 +311,7 @@ class TwinState:
     def apply(self, result: MergeResult) -> None:
         self.current.update(result.winners)
         self.rate_events.update(result.rate_events)
+        self.anchors.update(result.anchors)
         for entity, _ in result.winners:
             self.first_seen.setdefault(entity, result.winners[(entity, _)].received_ms)
 

@@ -99,6 +99,40 @@ def test_rate_and_change_tracking() -> None:
     assert state.rate_events[("tank-1", "level")].rate == pytest.approx(3.0)
 
 
+def test_a_value_creeping_below_min_change_per_sample_still_changes() -> None:
+    """A change is a move beyond ``min_change`` from the value at the last change, not
+    from the previous sample: a level rising 4 mm per sample against a 10 mm
+    ``min_change`` changes every third sample (sample to sample it would look frozen),
+    while jitter around one value never does; in one merge batch as across batches."""
+    spec = {("tank-1", "level"): SemanticSpec(min_change=0.01)}
+    state = TwinState()
+    changes = []
+    for i in range(12):
+        value = 2.0 + 0.004 * i
+        state.apply(state.merge(["tank-1"], ["level"], [value], [1000 * i], [0], "gw", 0, spec))
+        changes.append(state.current[("tank-1", "level")].last_change_ms)
+    assert changes[-1] == 9000  # the last move past 10 mm from the previous change
+    assert sorted(set(changes)) == [0, 3000, 6000, 9000]
+    batch = TwinState()
+    result = batch.merge(
+        ["tank-1"] * 12,
+        ["level"] * 12,
+        [2.0 + 0.004 * i for i in range(12)],
+        [1000 * i for i in range(12)],
+        [0] * 12,
+        "gw",
+        0,
+        spec,
+    )
+    batch.apply(result)
+    assert batch.current[("tank-1", "level")].last_change_ms == 9000
+    jitter = TwinState()
+    for i in range(12):
+        value = 2.0 + (0.004 if i % 2 else -0.004)
+        jitter.apply(jitter.merge(["tank-1"], ["level"], [value], [1000 * i], [0], "gw", 0, spec))
+    assert jitter.current[("tank-1", "level")].last_change_ms == 0
+
+
 def test_a_stale_verdict_on_the_same_reading_wins_whatever_the_arrival_order() -> None:
     # An agent reports a reading GOOD, later re-sends it STALE with its original source
     # timestamp: the twin must show it stale, and must not flip back if the GOOD copy
