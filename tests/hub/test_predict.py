@@ -28,7 +28,7 @@ from fieldtwin.hub.store import TwinStore
 from fieldtwin.protocol.keys import KeyRegistry
 from fieldtwin.protocol.messages import PointMeta, Sample
 
-PREDICTION = """
+PREDICTION_SETTINGS = """
 [prediction]
 step_s = 1.0
 history_s = 3600.0
@@ -36,12 +36,16 @@ horizon_s = 300.0
 residual_window_s = 30.0
 residual_k = 4.0
 residual_hold_s = 5.0
-
+"""
+PREDICTION = (
+    PREDICTION_SETTINGS
+    + """
 [[influences]]
 target = "tank-1.level"
 inputs = ["pump-1.speed_sp"]
 description = "the pump fills the tank"
 """
+)
 GAIN = 2e-5
 """m per s per rpm above 900 (the outflow matches 900 rpm)."""
 
@@ -275,7 +279,8 @@ def test_a_pump_that_runs_while_the_level_does_not_move_raises_model_drift(rig: 
     assert "pump-1.speed_sp=1200" in finding.description
 
 
-BOILER = """
+BOILER = (
+    """
 [types.boiler.attributes.temperature]
 unit = "degC"
 interval_s = 1.0
@@ -294,19 +299,15 @@ id = "boiler-1"
 type = "boiler"
 gateway = "gw-01"
 
-[prediction]
-step_s = 1.0
-history_s = 3600.0
-horizon_s = 300.0
-residual_window_s = 30.0
-residual_k = 4.0
-residual_hold_s = 5.0
-
+"""
+    + PREDICTION_SETTINGS
+    + """
 [[influences]]
 target = "boiler-1.temperature"
 inputs = ["boiler-1.heater_power"]
 description = "the heater warms the water"
 """
+)
 BOILER_TAU_S = 40.0
 BOILER_GAIN = 0.8
 """°C above 20 °C per % of heater power reaching the water, at rest."""
