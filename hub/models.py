@@ -1112,5 +1112,12 @@ def window_residual(model: Model, y: Array, u: Array, window_steps: int) -> Resi
     if not (np.all(np.isfinite(y[span])) and np.all(np.isfinite(u[:, span]))):
         return None
     forecast = free_run(model, y, u, np.asarray([origin], dtype=np.int64), window_steps)
-    sigma = max(model.sigma_at(window_steps), 1e-9)
+    # Never finer than the steps in which the value is reported over the window: a model
+    # fitted on a steady plant has a σ of micro-units, and ordinary noise (or a value
+    # carried over a restart's gap) would be thousands of σ (the demo raised "model"
+    # alarms on every drifting-by-noise point after a restart).
+    moves = np.abs(np.diff(y[span]))
+    moves = moves[moves > 0]
+    resolution = float(np.median(moves)) if len(moves) else 0.0
+    sigma = max(model.sigma_at(window_steps), resolution, 1e-9)
     return Residual(model.target, float(forecast[0, -1]), float(y[-1]), sigma, window_steps)

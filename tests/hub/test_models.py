@@ -460,6 +460,30 @@ def test_a_leak_is_a_model_residual_far_beyond_sigma() -> None:
     assert residual.score > 10
 
 
+def test_a_model_of_a_steady_plant_does_not_call_its_noise_a_miss() -> None:
+    """A model fitted while the plant stood still has a σ of micro-units; the residual
+    is judged no finer than the steps the value is reported in over the window, so
+    noise of a few mm (or one step carried over a restart's gap) is not thousands of σ,
+    while a leak of 4 mm per step still is."""
+    n = 600
+    u = np.full(n, 900.0)
+    steady = np.full(n, 2.5)
+    steady[::7] += 1e-6  # what a held grid of a quiet plant looks like
+    model = fit(steady, u)
+    assert model.sigma_at(60) < 1e-4
+    rng = np.random.default_rng(3)
+    noisy = steady.copy()
+    noisy[-60:] = 2.5 + rng.normal(0, 0.003, 60)
+    quiet = models.window_residual(model, noisy, u[None, :], 60)
+    assert quiet is not None
+    assert quiet.score < 4
+    leaking = steady.copy()
+    leaking[-60:] = 2.5 - 0.004 * np.arange(1, 61) + rng.normal(0, 0.001, 60)
+    leak = models.window_residual(model, leaking, u[None, :], 60)
+    assert leak is not None
+    assert leak.score > 10
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(0, 10_000), st.floats(-1e6, 1e6)), min_size=1, max_size=40),
