@@ -60,10 +60,33 @@ MOVING_SHARE = 0.25
 """An input that moves on more than this share of grid steps is measured (noisy), not set."""
 KEPT = 200
 """Newest holds and levels an input's change record keeps."""
+NEW_VALUE_WEIGHT = 1.0
+"""Weight, in values seen, of a value the history has not shown (drawn from the
+input's declared setting range): a young twin's few values do not bound the next."""
 
 
 class ModelError(ValueError):
     """A model cannot be fitted or used (too little data, unknown input)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SettingRange:
+    """Where an operator may put an input: the writable range the schema declares
+    (``min``/``max``) and how far one command may move it (``max_step``). The prior
+    for values the history has not shown yet."""
+
+    low: float
+    high: float
+    max_step: float | None = None
+
+    def around(self, current: Array) -> tuple[Array, Array]:
+        """Per future, the values one change from ``current`` can reach."""
+        low = np.full(len(current), self.low)
+        high = np.full(len(current), self.high)
+        if self.max_step is not None:
+            low = np.maximum(low, current - self.max_step)
+            high = np.minimum(high, current + self.max_step)
+        return low, np.maximum(high, low)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +132,7 @@ class InputChanges:
         rng: np.random.Generator,
         count: int,
         bounds: tuple[float | None, float | None] = (None, None),
+        setting: SettingRange | None = None,
     ) -> Array:
         """``count`` possible futures of the input over ``steps`` (shape count × steps).
 
@@ -117,7 +141,10 @@ class InputChanges:
         likely to move it again at once), or, with the weight of one more hold, a
         memoryless wait at the history's rate (the present hold may outlast all seen
         ones). Later holds likewise. Each new value is one the input held, smoothed by
-        ``bandwidth``, kept within ``bounds``, and away from the value it replaces."""
+        ``bandwidth``, kept within ``bounds``, and away from the value it replaces; with
+        a declared ``setting`` range, a new value is, with the weight of one more value
+        seen (``NEW_VALUE_WEIGHT``), one the history has not shown: uniform over what one
+        command can reach within that range."""
         if self.rate <= 0 or steps <= 0 or not self.levels:
             return np.full((count, steps), current)
         holds = np.asarray(self.holds, dtype=np.float64)
@@ -134,7 +161,7 @@ class InputChanges:
             drawn = holds[rng.integers(len(holds), size=(count, most - 1))]
             waits[:, 1:] = np.where(take, drawn, waits[:, 1:])
         times = np.cumsum(np.maximum(waits, 1.0), axis=1)
-        values = self._new_values(current, rng, count, most, bounds)
+        values = self._new_values(current, rng, count, most, bounds, setting)
         ahead = np.arange(1, steps + 1, dtype=np.float64)
         done = (times[:, None, :] <= ahead[None, :, None]).sum(axis=2)
         picked = np.take_along_axis(values, np.maximum(done - 1, 0), axis=1)
@@ -147,10 +174,14 @@ class InputChanges:
         count: int,
         most: int,
         bounds: tuple[float | None, float | None],
+        setting: SettingRange | None = None,
     ) -> Array:
         """Values after each of ``most`` changes (count × most). A change moves the
         input: a draw nearer the value it leaves than half the smallest step seen is
-        drawn again (a few times), so a switch goes to its other state."""
+        drawn again (a few times), so a switch goes to its other state. With a
+        ``setting`` range a share of the draws (the weight of one more value among those
+        seen) comes from that range, not from the values seen: a twin that has seen six
+        values of a setpoint has not seen where an operator may put it next."""
         levels = np.asarray(self.levels)
         steps = np.abs(np.diff(levels))
         steps = steps[steps > self.tolerance]
@@ -158,6 +189,7 @@ class InputChanges:
         width = self.bandwidth
         low = -np.inf if bounds[0] is None else bounds[0]
         high = np.inf if bounds[1] is None else bounds[1]
+        unseen = NEW_VALUE_WEIGHT / (len(levels) + NEW_VALUE_WEIGHT) if setting else 0.0
         out = np.empty((count, most))
         previous = np.full(count, current)
         for k in range(most):
@@ -167,6 +199,10 @@ class InputChanges:
                 fresh = levels[rng.integers(len(levels), size=int(redo.sum()))]
                 if width > 0:
                     fresh = fresh + rng.normal(0.0, width, len(fresh))
+                if setting is not None:
+                    new = rng.random(len(fresh)) < unseen
+                    reach_low, reach_high = setting.around(previous[redo][new])
+                    fresh[new] = rng.uniform(reach_low, reach_high)
                 drawn[redo] = np.clip(fresh, low, high)
                 redo = np.abs(drawn - previous) < near
                 if not redo.any():
@@ -831,6 +867,7 @@ def simulate(
     bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
     seed: int = 0,
     lag: Mapping[str, float] | None = None,
+    settings: Mapping[str, SettingRange] | None = None,
 ) -> dict[str, Trajectory]:
     """Run every model forward together from the end of ``history`` (series aligned at
     their ends, one grid). A point in ``overrides`` holds that value from the first step
@@ -897,6 +934,7 @@ def simulate(
             rng,
             paths,
             bounds.get(point, (None, None)),
+            (settings or {}).get(point),
         )
     rows = 1 + (paths if varied else 0)  # row 0: every input held
     width = keep + steps + extra

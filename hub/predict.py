@@ -546,6 +546,7 @@ def _trajectories(
         for p in chain
         if (r := physical.get(p)) is not None and label(p) not in fitted
     }
+    settings = {label(p): found for p in chain if (found := setting_range(ctx, p)) is not None}
     trajectories = models.simulate(
         runnable,
         usable,
@@ -555,12 +556,23 @@ def _trajectories(
         overrides=overrides,
         bounds=bounds,
         lag={name: late.get(name, 0.0) for name in runnable},
+        settings=settings,
     )
     for name, trajectory in list(trajectories.items()):
         found = physical.get(parse_point(name))
         if found is not None and trajectory.modelled:
             trajectories[name] = clamp(trajectory, found.low, found.high)
     return trajectories, runnable, errors
+
+
+def setting_range(ctx: Context, point: Point) -> models.SettingRange | None:
+    """The range an operator may set ``point`` to: a writable attribute's declared
+    ``min``/``max`` and one command's ``max_step`` (None when not both declared)."""
+    spec = ctx.config.schema.spec(*point)
+    if spec is None or not spec.writable or spec.min is None or spec.max is None:
+        return None
+    step = spec.command.max_step if spec.command is not None else None
+    return models.SettingRange(spec.min, spec.max, step)
 
 
 def clamp(trajectory: Trajectory, low: float | None, high: float | None) -> Trajectory:

@@ -241,6 +241,36 @@ def test_future_input_changes_follow_the_holds_seen() -> None:
     assert np.all(still.sample(3.0, 499, 50, np.random.default_rng(0), 10) == 3.0)
 
 
+def test_a_young_twin_also_draws_setpoints_it_has_not_seen_from_the_declared_range() -> None:
+    """Six values seen, all 800-900 rpm: without the schema's range the futures never
+    leave them; with it (0-1800 rpm, 600 rpm per command) about one change in seven goes
+    where one command can reach, never beyond, and the median stays where it was."""
+    record = models.learn_changes(steps(700, [800, 850, 900, 820, 870, 900], 100))
+    assert len(record.levels) == 7
+    rng = np.random.default_rng(3)
+    seen = record.sample(900.0, 10, 120, rng, 4000)[:, -1]
+    setting = models.SettingRange(0.0, 1800.0, 600.0)
+    ranged = record.sample(900.0, 10, 120, np.random.default_rng(3), 4000, (0, 1800), setting)
+    ends = ranged[:, -1]
+    assert seen.max() < 900 + 4 * record.bandwidth
+    moved = np.mean(np.any(ranged != 900.0, axis=1))
+    unseen = np.mean((ends > 900 + 4 * record.bandwidth) | (ends < 800 - 4 * record.bandwidth))
+    # weight of one more value among the seven seen: 1/8 of the changes, less the draws
+    # that land among the seen values anyway
+    assert 0.5 / 8 * moved < unseen < 1.2 / 8 * moved
+    once = np.count_nonzero(np.diff(ranged, axis=1), axis=1) == 1
+    assert once.sum() > 1000
+    assert ends[once].min() >= 300 - 1e-9
+    assert ends[once].max() <= 1500 + 1e-9
+    assert ends.min() >= 0
+    assert ends.max() <= 1800
+    assert abs(np.median(ends) - np.median(seen)) < 20
+    # a long history has seen how the setpoint is run: the prior weighs almost nothing
+    old = models.learn_changes(steps(20000, [800, 850, 900, 820, 870, 900], 100))
+    far = old.sample(900.0, 10, 120, np.random.default_rng(3), 4000, (0, 1800), setting)[:, -1]
+    assert np.mean((far > 1000) | (far < 700)) < 0.01
+
+
 def judge_moving_setpoint(seed: int, holds: tuple[int, int]) -> dict[str, float]:
     """A boiler whose operator moves the power setpoint at random: fitted on the first
     2500 s, forecast from origins in the next 1500 s (new random steps nobody could know
