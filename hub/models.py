@@ -247,13 +247,21 @@ def learn_changes(series: Array) -> InputChanges:
     noise = 1.4826 * float(np.median(moving)) if len(moving) > MOVING_SHARE * len(size) else 0.0
     tolerance = max(CHANGE_K * noise, 1e-9 * (1.0 + abs(float(np.median(known)))))
     changed = np.flatnonzero(finite & (np.abs(np.nan_to_num(moves)) > tolerance)) + 1
-    starts = np.concatenate([[0], changed, [len(values)]])
+    # An unknown stretch (before the first sample, or history a drift finding flagged)
+    # ends a level and a hold: what the input did there is not known, so a hold across
+    # it is not counted as one, nor the values either side of it as one level.
+    unknown = ~np.isfinite(values)
+    edges = np.flatnonzero(np.diff(unknown.astype(np.int8))) + 1
+    starts = np.unique(np.concatenate([[0], changed, edges, [len(values)]]))
     levels = [
         float(np.median(segment))
         for a, b in itertools.pairwise(starts)
         if len(segment := values[a:b][np.isfinite(values[a:b])])
     ]
-    holds = np.diff(changed)
+    gaps = np.concatenate([[0], np.cumsum(unknown)])
+    holds = np.asarray(
+        [b - a for a, b in itertools.pairwise(changed) if gaps[b] == gaps[a]], dtype=np.int64
+    )
     observed = int(finite.sum())
     return InputChanges(
         rate=len(changed) / observed,
@@ -290,6 +298,9 @@ class Model:
     fit_s: float | None = None
     """Wall time the fit took (every candidate structure and dead time, the backtests),
     as measured by whoever fitted it; None for models stored before it was kept."""
+    screened_ms: int | None = None
+    """The history it was fitted on left out what the drift findings known at this time
+    flagged (hub/predict.py); None: fitted before the hub did, on everything."""
 
     @property
     def lags(self) -> int:
@@ -370,6 +381,7 @@ class Model:
             "horizon_sigma80": list(self.horizon_sigma80),
             "changes": [c.to_dict() if c is not None else None for c in self.changes],
             **({"fit_s": self.fit_s} if self.fit_s is not None else {}),
+            **({"screened_ms": self.screened_ms} if self.screened_ms is not None else {}),
         }
 
     @classmethod
@@ -389,6 +401,7 @@ class Model:
             fitted_ms=int(data["fitted_ms"]),
             horizon_sigma=tuple(float(x) for x in data["horizon_sigma"]),
             fit_s=float(data["fit_s"]) if data.get("fit_s") is not None else None,
+            screened_ms=(int(data["screened_ms"]) if data.get("screened_ms") is not None else None),
             horizon_sigma80=tuple(float(x) for x in data.get("horizon_sigma80", ())),
             changes=tuple(
                 InputChanges.from_dict(c) if c is not None else None

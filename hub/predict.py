@@ -5,11 +5,14 @@ operator channel and the sync report. See docs/prediction.md.
 
 Who calls what:
 
-- the hub's model loop (hub/runtime.py) loads history on the database thread
-  (``ModelBank.load``), fits off it (``ModelBank.fit_all``, numpy, another thread) and
-  installs the models (``ModelBank.install``: memory and the ``models`` table); every
-  few seconds it measures the models' misses (``ModelBank.misses``), which the drift
-  engine turns into ``semantic.model`` findings;
+- the hub's model loop (hub/runtime.py) loads history on the database thread, with the
+  spans of it drift findings flagged as wrong readings (``ModelBank.load``), fits off it
+  with those spans left out (``ModelBank.fit_all``, numpy, another thread) and installs
+  the models (``ModelBank.install``: memory and the ``models`` table); every few
+  seconds it marks the models fitted on flagged history they did not leave out
+  (``ModelBank.screen``: refitted at once, not judging until then) and measures the
+  others' misses (``ModelBank.misses``), which the drift engine turns into
+  ``semantic.model`` findings;
 - ``forecast``, ``simulate``, ``risk``: the service (live hub) and the read-only file
   reader (hub not running) call the same functions.
 """
@@ -71,6 +74,109 @@ def parse_point(text: str) -> Point:
     return entity, attribute
 
 
+FLAGGING_RULES = ("semantic.frozen", "semantic.implausible", "semantic.rate")
+"""Drift findings that say an attribute's readings were wrong while they were open: a
+fit leaves that history out (docs/prediction.md, "History the twin flagged"). Not
+``semantic.model`` (the model's own verdict: counting it would keep a model from ever
+learning a real change of the plant), nor thresholds (true states of the plant), nor
+temporal or structural findings (missing data, the schema)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Flagged:
+    """History of one point (``entity.attribute``) a drift finding flagged: from
+    ``start_ms`` (its detection less the drift interval it may have waited for, and for
+    a frozen reading less ``frozen_after_s``, the stillness that made it one) to
+    ``end_ms`` (cleared, or when it was read while still open). ``still``: for a frozen
+    reading, how far the value may move and still be the stuck one (the span reaches
+    further back over the readings that held it, to where the value last changed)."""
+
+    point: str
+    rule: str
+    start_ms: int
+    end_ms: int
+    detected_ms: int
+    still: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FitHistory:
+    """What a refit reads on the database thread: the grid times, each point's history
+    on the grid, and the spans drift findings flagged (left out on the worker thread)."""
+
+    times: Array
+    grids: dict[str, Array]
+    flagged: tuple[Flagged, ...] = ()
+
+
+def load_flagged(
+    store: TwinStorePort,
+    config: HubConfig,
+    points: Iterable[Point],
+    start_ms: int,
+    end_ms: int,
+) -> tuple[Flagged, ...]:
+    """The spans of ``points``' history in [start, end] that ``FLAGGING_RULES`` findings
+    flagged, as known at ``end_ms`` (a fit as of a past time does not see later ones)."""
+    wanted = set(points)
+    if not wanted:
+        return ()
+    rows = store.finding_spans(
+        FLAGGING_RULES,
+        sorted({e for e, _ in wanted}),
+        sorted({a for _, a in wanted}),
+        start_ms,
+        end_ms,
+    )
+    interval = round(config.drift.interval_s * 1000)  # a finding waits up to one cycle
+    out: list[Flagged] = []
+    for rule, entity, attribute, detected, cleared in rows:
+        point = (str(entity), str(attribute))
+        if point not in wanted:
+            continue
+        lead, still = interval, None
+        if rule == "semantic.frozen":
+            # frozen is found ``frozen_after_s`` after the value stopped (at least)
+            spec = config.schema.spec(*point)
+            if spec is not None:
+                lead += round((spec.frozen_after_s or 0.0) * 1000)
+            still = spec.frozen_min_change if spec is not None else 0.0
+        end = min(int(cleared), end_ms) if cleared is not None else end_ms
+        out.append(
+            Flagged(label(point), str(rule), int(detected) - lead, end, int(detected), still)
+        )
+    return tuple(out)
+
+
+def exclude(
+    times: Array, grids: Mapping[str, Array], flagged: Iterable[Flagged]
+) -> dict[str, Array]:
+    """``grids`` with every flagged span set to NaN (unknown): a model's regression
+    rows, backtest origins and input change records then skip it, as they skip any
+    gap, instead of the zero-order hold carrying a wrong value (or the last good one)
+    over it. A frozen span reaches back over the readings that held the stuck value."""
+    out = dict(grids)
+    for span in flagged:
+        original = grids.get(span.point)
+        if original is None or not len(original):
+            continue
+        first = int(np.searchsorted(times, span.start_ms, side="left"))
+        last = int(np.searchsorted(times, span.end_ms, side="right"))
+        if span.still is not None and first < len(original):
+            # (on the readings as reported: another span may already hide some of them)
+            stuck = original[min(int(np.searchsorted(times, span.detected_ms)), len(original) - 1)]
+            moved = np.flatnonzero(~(np.abs(original[:first] - stuck) <= span.still))
+            first = int(moved[-1]) + 1 if len(moved) else 0
+        if last <= first:
+            continue
+        series = out[span.point]
+        if series is original:  # copy once, before the first change
+            series = original.copy()
+            out[span.point] = series
+        series[first:last] = np.nan
+    return out
+
+
 def load_grids(
     store: TwinStorePort, points: Iterable[Point], start_ms: int, end_ms: int, step_ms: int
 ) -> tuple[Array, dict[str, Array]]:
@@ -129,6 +235,10 @@ class ModelBank:
     on_demand: dict[str, int] = field(default_factory=dict)
     """Targets of trend models fitted on request (not on the refit schedule), oldest
     fit first, with when each was fitted."""
+    suspect: dict[str, str] = field(default_factory=dict)
+    """Models fitted on history a drift finding flags that their fit did not leave out
+    (a finding detected after the fit, or a model stored before fits left any out), with
+    why: model drift does not judge with them, and they are refitted at once."""
 
     @property
     def settings(self) -> PredictionConfig:
@@ -243,24 +353,26 @@ class ModelBank:
             for target, m in self.models.items()
             if target not in self.on_demand  # refitted on request, not on the schedule
         )
-        if self.errors or not self.models:
+        if self.errors or not self.models or self.suspect:
             every = min(every, 30.0)
         elif young:
             every = min(every, 60.0)
         return bool(now_ms - self.refitted_ms >= every * 1000)
 
-    def load(self, store: TwinStorePort, now_ms: int) -> tuple[Array, dict[str, Array]]:
+    def load(self, store: TwinStorePort, now_ms: int) -> FitHistory:
+        """The history a refit needs (database thread): grids and flagged spans."""
         start = now_ms - round(self.settings.history_s * 1000)
-        return load_grids(store, self.all_points(), start, now_ms, self.step_ms)
+        points = self.all_points()
+        times, grids = load_grids(store, points, start, now_ms, self.step_ms)
+        return FitHistory(times, grids, load_flagged(store, self.config, points, start, now_ms))
 
-    def fit_all(
-        self, grids: Mapping[str, Array], now_ms: int
-    ) -> tuple[dict[str, Model], dict[str, str]]:
-        """Fit every declared influence and trend point (pure: no store, no state)."""
+    def fit_all(self, history: FitHistory, now_ms: int) -> tuple[dict[str, Model], dict[str, str]]:
+        """Fit every declared influence and trend point on ``history`` less what drift
+        findings flagged (pure: no store, no state; the worker thread's part)."""
         return fit_points(
             self.influenced(),
             self.trend_points(),
-            grids,
+            history,
             step_ms=self.step_ms,
             horizon_steps=self.horizon_steps(),
             now_ms=now_ms,
@@ -276,6 +388,7 @@ class ModelBank:
         self.models.update(fitted)
         for target in fitted:
             self.errors.pop(target, None)
+            self.suspect.pop(target, None)
         for target, error in errors.items():
             if target not in fitted:
                 self.errors[target] = error
@@ -302,6 +415,48 @@ class ModelBank:
                 self.models[model.target] = model
                 self.refitted_ms = max(self.refitted_ms, model.fitted_ms)
 
+    def screen(self, flagged: Iterable[Flagged]) -> dict[str, str]:
+        """Mark the models whose fit window [fitted - history_s, fitted] overlaps a
+        flagged span on their target or inputs that their fit did not leave out: one
+        detected after the fit (``screened_ms``), or any, for a model stored before fits
+        left flagged history out. Returns the suspects (also kept in ``suspect``)."""
+        history_ms = round(self.settings.history_s * 1000)
+        spans: dict[str, list[Flagged]] = {}
+        for span in flagged:
+            spans.setdefault(span.point, []).append(span)
+        found: dict[str, str] = {}
+        for target, model in self.models.items():
+            if target in self.on_demand:  # refitted on request, not on the schedule
+                continue
+            known = model.screened_ms if model.screened_ms is not None else -math.inf
+            start = model.fitted_ms - history_ms
+            for point in (target, *model.inputs):
+                hit = next(
+                    (
+                        f
+                        for f in spans.get(point, ())
+                        if f.detected_ms > known
+                        and f.start_ms <= model.fitted_ms
+                        and f.end_ms >= start
+                    ),
+                    None,
+                )
+                if hit is not None:
+                    found[target] = (
+                        f"fitted {iso(model.fitted_ms)} on history of {point} that "
+                        f"{hit.rule} flags (detected {iso(hit.detected_ms)})"
+                    )
+                    break
+        for target in set(found) - set(self.suspect):
+            log.info("model refit due", extra=fields(target=target, reason=found[target]))
+        self.suspect = found
+        return found
+
+    def screen_window_ms(self, now_ms: int) -> int:
+        """From when ``screen`` needs the flagged spans: the oldest model's fit window."""
+        oldest = min((m.fitted_ms for m in self.models.values()), default=now_ms)
+        return min(oldest, now_ms) - round(self.settings.history_s * 1000)
+
     # -- model drift --------------------------------------------------------------------
 
     def recent_window_ms(self) -> int:
@@ -311,7 +466,8 @@ class ModelBank:
 
     def misses(self, grids: Mapping[str, Array], now_ms: int) -> dict[Point, ModelMiss]:
         """Sustained misses of the influence models over the recent window (``grids``
-        holds the last ``recent_window_ms``)."""
+        holds the last ``recent_window_ms``, flagged spans unknown: a window that
+        reaches into one is not judged). Suspect models do not judge."""
         settings = self.settings
         window_steps = max(1, round(settings.residual_window_s * 1000 / self.step_ms))
         out: dict[Point, ModelMiss] = {}
@@ -322,7 +478,7 @@ class ModelBank:
             # No R² gate here: on a plant that sits still R² is near 0 whatever the model,
             # yet its σ is small and a leak stands far out of it. The threshold is in
             # units of the model's own backtest σ, so a poor model judges loosely.
-            if model is None or y is None:
+            if model is None or y is None or name in self.suspect:
                 self._over.pop(name, None)
                 continue
             inputs = [grids.get(i) for i in model.inputs]
@@ -356,12 +512,15 @@ class ModelBank:
 def fit_points(
     influenced: Mapping[Point, Sequence[Point]],
     trends: Sequence[Point],
-    grids: Mapping[str, Array],
+    history: FitHistory,
     *,
     step_ms: int,
     horizon_steps: int,
     now_ms: int,
 ) -> tuple[dict[str, Model], dict[str, str]]:
+    """Fit each influence and trend on ``history`` with its flagged spans left out (a
+    span on an input leaves out the target's rows too: a row needs every value known)."""
+    grids = exclude(history.times, history.grids, history.flagged)
     fitted: dict[str, Model] = {}
     errors: dict[str, str] = {}
     jobs: list[tuple[str, list[str]]] = [
@@ -388,7 +547,7 @@ def fit_points(
             model = models.fit(
                 target, inputs, y, u, step_ms=step_ms, horizon_steps=horizon_steps, now_ms=now_ms
             )
-            fitted[target] = replace(model, fit_s=time.perf_counter() - started)
+            fitted[target] = replace(model, fit_s=time.perf_counter() - started, screened_ms=now_ms)
         except ModelError as exc:
             errors[target] = str(exc)
     return fitted, errors
@@ -465,11 +624,12 @@ def _models_for(
         end = at_ms
     needed = set(missing_trends) | {x for t, i in missing_influenced.items() for x in (t, *i)}
     start = end - round(bank.settings.history_s * 1000)
-    _, grids = load_grids(ctx.store, needed, start, end, bank.step_ms)
+    times, grids = load_grids(ctx.store, needed, start, end, bank.step_ms)
+    flagged = load_flagged(ctx.store, ctx.config, needed, start, end)
     fitted, errors = fit_points(
         missing_influenced,
         missing_trends,
-        grids,
+        FitHistory(times, grids, flagged),
         step_ms=bank.step_ms,
         horizon_steps=bank.horizon_steps(),
         now_ms=end,

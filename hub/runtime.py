@@ -681,8 +681,8 @@ class Hub:
             now = self.now_ms()
             try:
                 if await self.db(service.models_due, now):
-                    _, grids = await self.db(service.models.load, service.store, now)
-                    fitted, errors = await asyncio.to_thread(service.fit_models, grids, now)
+                    history = await self.db(service.models.load, service.store, now)
+                    fitted, errors = await asyncio.to_thread(service.fit_models, history, now)
                     known = set(service.models.errors) | set(service.models.models)
                     await self.db(service.install_models, fitted, errors, now)
                     for target, error in sorted(errors.items()):

@@ -61,6 +61,7 @@ from fieldtwin.hub.ingest import HubSequence, Inbound, IngestCore, IngestOutcome
 from fieldtwin.hub.metrics import HubMetrics, render
 from fieldtwin.hub.operators import READ, RequestGate, VerifiedRequest, permissions
 from fieldtwin.hub.policy import GatewayStatus, PolicyInput, Verdict, check_command
+from fieldtwin.hub.predict import FitHistory, Flagged
 from fieldtwin.hub.state import CurrentValue, decode_value, numeric
 from fieldtwin.hub.storage import TwinStorePort
 from fieldtwin.hub.store import SyncWrite
@@ -300,6 +301,8 @@ class HubService:
         self._health = store.entity_health()
         self.models = predict.ModelBank(config)
         self.models.restore(store.load_models())
+        # a stored model fitted on history a finding flags does not judge until refitted
+        self._screen_models(now)
 
     # -- basics ----------------------------------------------------------------------------
 
@@ -999,14 +1002,12 @@ class HubService:
     ) -> None:
         self.models.install(self.store, fitted, errors, now)
 
-    def fit_models(
-        self, grids: Mapping[str, Any], now: int
-    ) -> tuple[dict[str, Any], dict[str, str]]:
+    def fit_models(self, history: FitHistory, now: int) -> tuple[dict[str, Any], dict[str, str]]:
         """Fit the models (pure CPU: the runtime calls this on a worker thread). A worker
         keeps the fits of its own entities' targets only; the other workers fit and
         store theirs, and it reads those from the store (``_shared_models``). (It still
         fits every target and drops the rest: simpler, and costs CPU only.)"""
-        fitted, errors = self.models.fit_all(grids, now)
+        fitted, errors = self.models.fit_all(history, now)
         if self._fence is None:
             return fitted, errors
 
@@ -1041,12 +1042,32 @@ class HubService:
         if not self.config.prediction.enabled or not self.models.models:
             self.engine.model_misses = {}
             return 0
+        flagged = self._screen_models(now)
         window = self.models.recent_window_ms()
-        _, grids = predict.load_grids(
+        times, grids = predict.load_grids(
             self.store, self.models.all_points(), now - window, now, self.models.step_ms
         )
-        self.engine.model_misses = self.models.misses(grids, now)
+        # a window that reaches into flagged history is not judged: a model run from a
+        # stuck reading misses the recovered one, an echo of the fault, not a new one
+        recent = predict.exclude(times, grids, flagged)
+        self.engine.model_misses = self.models.misses(recent, now)
         return len(self.engine.model_misses)
+
+    def _screen_models(self, now: int) -> tuple[Flagged, ...]:
+        """The flagged spans over every model's fit window, and the models they make
+        suspect (``ModelBank.screen``)."""
+        if not self.config.prediction.enabled or not self.models.models:
+            self.models.suspect = {}
+            return ()
+        flagged = predict.load_flagged(
+            self.store,
+            self.config,
+            self.models.all_points(),
+            self.models.screen_window_ms(now),
+            now,
+        )
+        self.models.screen(flagged)
+        return flagged
 
     def _checkpoint(self, entity: str, attribute: str, now: int) -> Checkpoint | None:
         current = self.ingest.state.current.get((entity, attribute))

@@ -178,6 +178,14 @@ class TwinStorePort(Protocol):
     ) -> list[Row]: ...
     def as_of_rows(self, at_ms: int) -> list[Row]: ...
     def open_drift_rows(self) -> list[Row]: ...
+    def finding_spans(
+        self,
+        rules: Sequence[str],
+        entities: Sequence[str],
+        attributes: Sequence[str],
+        start_ms: int,
+        end_ms: int,
+    ) -> list[Row]: ...
     def audit_tail_rows(self, limit: int) -> list[Row]: ...
     def audit_chain_rows(self) -> list[Row]: ...
     def gateway_rows(self) -> list[Row]: ...
@@ -436,6 +444,29 @@ class StoreReads:
             "SELECT id, rule, drift_type, entity, attribute, severity, strategy, description, "
             "detected_ms FROM drift_events WHERE cleared_ms IS NULL "
             "ORDER BY entity, attribute, rule"
+        )
+
+    def finding_spans(
+        self,
+        rules: Sequence[str],
+        entities: Sequence[str],
+        attributes: Sequence[str],
+        start_ms: int,
+        end_ms: int,
+    ) -> list[Row]:
+        """(rule, entity, attribute, detected_ms, cleared_ms) of the drift findings of
+        ``rules`` on those entities and attributes that were detected by ``end_ms`` and
+        open at some time after ``start_ms`` (cleared_ms None: still open). The model
+        fits leave out the history they flag (hub/predict.py)."""
+        if not rules or not entities or not attributes:
+            return []
+        return self.query(
+            f"""SELECT rule, entity, attribute, detected_ms, cleared_ms FROM drift_events
+                WHERE rule IN ({marks(rules)}) AND entity IN ({marks(entities)})
+                  AND attribute IN ({marks(attributes)}) AND detected_ms <= ?
+                  AND (cleared_ms IS NULL OR cleared_ms >= ?)
+                ORDER BY detected_ms, id""",
+            [*rules, *entities, *attributes, end_ms, start_ms],
         )
 
     def audit_tail_rows(self, limit: int) -> list[Row]:

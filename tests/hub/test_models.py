@@ -3,6 +3,7 @@ model residuals. Synthetic plants with known parameters and seeded noise."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -220,6 +221,17 @@ def test_how_an_input_changed_is_learned_from_its_history() -> None:
     assert models.learn_changes(measured).rate == pytest.approx(1 / 999)
     switch = models.learn_changes(steps(600, [0, 1], 200))
     assert switch.bandwidth == 0  # an on/off input takes its two values, nothing between
+
+
+def test_a_hold_across_unknown_history_is_not_counted() -> None:
+    """History a finding flagged (or none at all) hides what the input did: a hold
+    that spans it is not one, nor the values either side one level."""
+    u = steps(1000, [900, 1200, 700, 1000], 100)
+    u[430:470] = np.nan  # inside the 900 rpm hold from 400 to 500
+    found = models.learn_changes(u)
+    assert found.holds == (100,) * 7  # the hold 400–500 spans the gap: out
+    assert found.levels[:6] == (900, 1200, 700, 1000, 900, 900)
+    assert found.rate == pytest.approx(9 / (999 - 41))
 
 
 def test_future_input_changes_follow_the_holds_seen() -> None:
@@ -563,5 +575,7 @@ def test_a_model_survives_its_storage_round_trip(
         horizon_sigma=(0.01, 0.02),
     )
     assert Model.from_dict(model.to_dict()) == model
+    screened = dataclasses.replace(model, screened_ms=7)
+    assert Model.from_dict(screened.to_dict()) == screened
     assert model.sigma_at(2) == 0.02
     assert model.sigma_at(8) == pytest.approx(0.02 * 2)

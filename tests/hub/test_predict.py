@@ -1,6 +1,7 @@
 """Learned dynamics in the hub service: models fitted from the twin's own history (a real
 DuckDB store fed with signed frames), forecasts with intervals, what-if with the
-interlock verdict, comparison with what happened, risk, and model drift.
+interlock verdict, comparison with what happened, risk, and model drift; fits that
+leave out the history the drift engine flagged (a stuck sensor).
 
 The plant is a tank whose level integrates the pump setpoint's distance from 900 rpm,
 with sensor noise; a leak makes the level fall faster than the setpoint explains."""
@@ -21,7 +22,15 @@ from support.service_rig import T0, Clock, Rig
 
 from fieldtwin.hub.config import load_hub_config
 from fieldtwin.hub.metrics import HubMetrics
-from fieldtwin.hub.predict import PredictionError
+from fieldtwin.hub.models import Model
+from fieldtwin.hub.predict import (
+    FLAGGING_RULES,
+    FitHistory,
+    Flagged,
+    PredictionError,
+    exclude,
+    fit_points,
+)
 from fieldtwin.hub.report import RunFacts, sync_report
 from fieldtwin.hub.service import HubService
 from fieldtwin.hub.store import TwinStore
@@ -60,13 +69,16 @@ class Plant:
         self.setpoint = 900.0
         self.leak = 0.0
         self.pump_delivers = True
+        self.stuck: float | None = None
         self.rng = random.Random(7)
 
     def step(self) -> float:
+        """One second of the plant; the sensor's reading (``stuck``: a frozen sensor)."""
         if self.pump_delivers:
             self.level += GAIN * (self.setpoint - 900.0)
         self.level -= self.leak
-        return self.level + self.rng.gauss(0.0, 0.002)
+        reading = self.level + self.rng.gauss(0.0, 0.002)
+        return reading if self.stuck is None else self.stuck
 
 
 def run(rig: Rig, plant: Plant, seconds: int, schedule: dict[int, float] | None = None) -> None:
@@ -89,8 +101,8 @@ def run(rig: Rig, plant: Plant, seconds: int, schedule: dict[int, float] | None 
 def refit(rig: Rig) -> None:
     service = rig.service
     now = rig.clock.now_ms
-    _, grids = service.models.load(service.store, now)
-    fitted, errors = service.models.fit_all(grids, now)
+    history = service.models.load(service.store, now)
+    fitted, errors = service.models.fit_all(history, now)
     service.install_models(fitted, errors, now)
 
 
@@ -527,8 +539,9 @@ def test_an_attribute_without_limits_or_influence_gets_a_trend_model_on_request(
             rig.feed(rig.gw.data(samples))
         bank = rig.service.models
         assert ("tank-1", "temp") not in bank.all_points()
-        _, grids = bank.load(rig.service.store, rig.clock.now_ms)
-        scheduled, _ = bank.fit_all(grids, rig.clock.now_ms)
+        scheduled, _ = bank.fit_all(
+            bank.load(rig.service.store, rig.clock.now_ms), rig.clock.now_ms
+        )
         assert "tank-1.temp" not in scheduled
         result = rig.ok("vic", "twin.predict", {"target": "tank-1.temp", "horizon": "5m"})
         assert result["model"]["inputs"] == []
@@ -744,3 +757,247 @@ def test_an_approver_is_told_why_there_is_no_predicted_effect(rig: Rig) -> None:
     assert "no predicted effect: the model of tank-1.level explains too little yet" in (
         command_detail(weak)
     )
+
+
+# -- history the twin flagged is not learned ---------------------------------------------
+
+STEPS = {60: 1100.0, 300: 800.0, 540: 1000.0, 780: 700.0, 1020: 1200.0, 1260: 850.0}
+"""Setpoint steps (s from the start): the level rises and falls between ~1 and ~4 m."""
+
+
+def synthetic_tank(seconds: int, stuck: tuple[int, int]) -> tuple[np.ndarray, dict[str, Any]]:
+    """An hour of the tank on a 1 s grid, its sensor stuck at 4.9 m over ``stuck``."""
+    times = np.asarray(T0 + 1000 * np.arange(seconds), dtype=np.float64)
+    setpoint = np.full(seconds, 900.0)
+    for k in range(0, seconds, 1320):
+        for at, value in STEPS.items():
+            setpoint[k + at :] = value
+    noise = np.random.default_rng(3).normal(0.0, 0.002, seconds)
+    level = 2.0 + np.concatenate([[0.0], np.cumsum(GAIN * (setpoint[:-1] - 900.0))]) + noise
+    level[stuck[0] : stuck[1]] = 4.9
+    return times, {"tank-1.level": level, "pump-1.speed_sp": setpoint}
+
+
+def test_a_fit_leaves_out_the_history_a_finding_flagged() -> None:
+    """The level sensor stuck at 4.9 m for 10 minutes while the pump filled the tank
+    (mostly above 900 rpm); the drift engine flagged it (frozen, detected 30 s after it
+    stuck, cleared when it moved again). Fitted without that span the model is the
+    plant's; with it, it learns that filling hardly raises the level."""
+    onset, healed = 1000, 1600
+    times, grids = synthetic_tank(3600, (onset, healed))
+    detected = T0 + 1000 * onset + 30_000
+    frozen = Flagged(
+        "tank-1.level", "semantic.frozen", detected - 200, T0 + 1000 * healed + 500, detected, 0.0
+    )
+    influence = {("tank-1", "level"): (("pump-1", "speed_sp"),)}
+    now = int(times[-1])
+
+    def fitted(flagged: tuple[Flagged, ...]) -> Any:
+        models, errors = fit_points(
+            influence,
+            [],
+            FitHistory(times, grids, flagged),
+            step_ms=1000,
+            horizon_steps=300,
+            now_ms=now,
+        )
+        assert not errors
+        return models["tank-1.level"]
+
+    clean = fitted((frozen,))
+    assert clean.structure == "integrating"
+    assert clean.dead_time == 0
+    assert clean.b[0][0] == pytest.approx(GAIN, rel=0.03)
+    assert clean.screened_ms == now
+    # every stuck reading is out, back to where the value last moved (30 s before the
+    # finding), and the readings after it moved again are in
+    level = exclude(times, grids, (frozen,))["tank-1.level"]
+    assert np.isnan(level[onset:healed]).all()
+    assert np.isfinite(level[:onset]).all()
+    assert np.isfinite(level[healed + 1 :]).all()
+    assert clean.samples == 3600 - (healed - onset) - 1
+    # the same history with the stuck span in: not the plant's model
+    dirty = fitted(())
+    assert dirty.b[0][0] < 0.8 * GAIN
+
+
+def run_watched(rig: Rig, plant: Plant, seconds: int, schedule: dict[int, float]) -> None:
+    """``run`` in frames of 5 s, each followed by a drift cycle, so the drift engine
+    sees a stuck sensor when the hub would (and records when it stuck and moved again)."""
+    for start in range(0, seconds, 5):
+        samples = []
+        for offset in range(start, min(start + 5, seconds)):
+            rig.clock.advance(1000)
+            now = rig.clock.now_ms
+            if offset in schedule:
+                plant.setpoint = schedule[offset]
+            if offset in schedule or offset % 20 == 0:
+                samples.append(sample("pump-1", "speed_sp", int(plant.setpoint), now))
+            samples.append(sample("tank-1", "level", plant.step(), now))
+        rig.feed(rig.gw.data(samples))
+        rig.service.sync_cycle(rig.clock.now_ms)
+
+
+def healthy_minutes(rig: Rig, plant: Plant, service: HubService, minutes: int) -> list[str]:
+    """The healed plant, its pump moved between 500 and 1400 rpm every minute (the level
+    falls and rises 0.3 m per 30 s window); the ``semantic.model`` findings raised."""
+    found: list[str] = []
+    for minute in range(minutes):
+        run_watched(rig, plant, 60, {0: 1400.0 if minute % 2 else 500.0})
+        service.measure_models(rig.clock.now_ms)
+        report, _ = service.sync_cycle(rig.clock.now_ms)
+        found += [f.description for f in report.findings if f.rule == "semantic.model"]
+    return found
+
+
+def reopen(rig: Rig) -> HubService:
+    """The hub restarted on the same store."""
+    rig.service.close()
+    config = load_hub_config(rig.files.config)
+    rig.service = HubService(
+        config,
+        TwinStore.open(config.database, memory_limit="256MB", threads=1),
+        instance="again",
+        metrics=HubMetrics(),
+        clock=rig.clock,
+    )
+    return rig.service
+
+
+def test_a_model_fitted_across_a_stuck_sensor_raises_no_model_drift_once_healed(
+    rig: Rig,
+) -> None:
+    """The demo's case: the level sensor stuck at 4.9 m for 8 minutes (frozen and rate
+    findings), then healed. The model fitted over it is the clean plant's and raises
+    nothing on the healed plant; one that learned the stuck span raises "does not behave
+    as its model predicts" there. Stored by a hub that learned it (before fits left
+    flagged history out), such a model does not judge after a restart, and its refit is
+    due at once."""
+    plant = Plant(level=1.2)
+    run_watched(rig, plant, 600, STEPS)
+    plant.stuck = 4.9
+    run_watched(rig, plant, 480, {120: 700.0, 360: 1200.0})
+    plant.stuck = None
+    run_watched(rig, plant, 720, {0: 1000.0, 240: 850.0, 480: 1100.0})
+    now = rig.clock.now_ms
+    flagged = rig.store.finding_spans(FLAGGING_RULES, ["tank-1"], ["level"], T0, now)
+    assert {"semantic.frozen", "semantic.rate"} <= {row[0] for row in flagged}
+    assert all(row[4] is not None for row in flagged)  # all cleared: the sensor healed
+    bank = rig.service.models
+    history = bank.load(rig.store, now)
+    # the same history, stuck span in: what the hub learned before it left flagged
+    # history out
+    unscreened, _ = fit_points(
+        bank.influenced(),
+        [],
+        dataclasses.replace(history, flagged=()),
+        step_ms=bank.step_ms,
+        horizon_steps=bank.horizon_steps(),
+        now_ms=now,
+    )
+    learned = unscreened["tank-1.level"]
+    assert learned.b[0][0] < 0.5 * GAIN  # filling hardly raises the level, it says
+    fitted, _ = bank.fit_all(history, now)
+    rig.service.install_models(fitted, {}, now)
+    model = bank.models["tank-1.level"]
+    assert model.structure == "integrating"
+    assert model.b[0][0] == pytest.approx(GAIN, rel=0.05)
+    assert model.samples < 1800 - 480
+    assert not bank.suspect
+    assert healthy_minutes(rig, plant, rig.service, 3) == []
+
+    # the model that learned the stuck span raises a false alarm on the healed plant
+    bank.install(rig.store, unscreened, {}, rig.clock.now_ms)
+    false_alarms = healthy_minutes(rig, plant, rig.service, 3)
+    assert false_alarms
+    assert "does not behave as its model predicts" in false_alarms[0]
+
+    # stored as an older hub stored it (no screening) and the hub restarted
+    old = dataclasses.replace(learned, screened_ms=None)
+    rig.store.save_models([(old.target, old.fitted_ms, old.to_dict())])
+    service = reopen(rig)
+    assert service.models.models["tank-1.level"] == old
+    assert "history of tank-1.level that semantic." in service.models.suspect["tank-1.level"]
+    assert healthy_minutes(rig, plant, service, 3) == []  # a suspect does not judge
+    assert service.models_due(rig.clock.now_ms)
+    refit(rig)
+    assert service.models.models["tank-1.level"].screened_ms == rig.clock.now_ms
+    assert not service.models.suspect
+    assert healthy_minutes(rig, plant, service, 2) == []
+
+
+def test_model_drift_does_not_judge_a_window_with_flagged_readings(rig: Rig) -> None:
+    """A clean model, then the sensor sticks for 90 s and heals. While it is stuck the
+    frozen finding says so, and the model, run from readings the twin flags, does not
+    add "does not behave as its model predicts"; nor, once healed, while its window
+    still starts at a stuck reading (the model run from 4.9 m misses the true level: an
+    echo of the fault, for a window's length, not a new one)."""
+    plant = history(rig)
+    refit(rig)
+    rules: dict[str, set[str]] = {}
+
+    def watch(phase: str, seconds: int, schedule: dict[int, float]) -> None:
+        for start in range(0, seconds, 5):
+            run_watched(rig, plant, 5, {0: schedule[start]} if start in schedule else {})
+            rig.service.measure_models(rig.clock.now_ms)
+            report, _ = rig.service.sync_cycle(rig.clock.now_ms)
+            rules.setdefault(phase, set()).update(
+                f.rule for f in report.findings if f.entity == "tank-1"
+            )
+
+    watch("before", 30, {0: 1100.0})
+    plant.stuck = 4.9
+    watch("stuck", 90, {30: 800.0})
+    plant.stuck = None
+    watch("healed", 90, {30: 1100.0})
+    assert "semantic.frozen" in rules["stuck"]
+    assert "semantic.model" not in rules["before"] | rules["stuck"] | rules["healed"]
+
+
+def test_a_finding_detected_after_a_fit_makes_its_model_suspect_until_refitted(
+    rig: Rig,
+) -> None:
+    """A finding the fit knew of was left out; one detected later that flags history
+    inside the fit window (on the target or an input) was not: that model does not
+    judge, and the refit is due at once (every 30 s, not every refit_s)."""
+    bank = rig.service.models
+    fitted = T0 + 3_600_000
+    bank.models = {
+        "tank-1.level": Model(
+            target="tank-1.level",
+            inputs=("pump-1.speed_sp",),
+            structure="integrating",
+            step_ms=1000,
+            dead_time=0,
+            a=(1.0,),
+            b=((GAIN,),),
+            c=-900 * GAIN,
+            r2=0.9,
+            sigma=0.002,
+            samples=3600,
+            fitted_ms=fitted,
+            horizon_sigma=(0.002,),
+            screened_ms=fitted,
+        )
+    }
+    bank.refitted_ms = fitted
+
+    def frozen(point: str, start_s: float, detected_s: float, end_s: float) -> Flagged:
+        at = [fitted + round(1000 * s) for s in (start_s, detected_s, end_s)]
+        return Flagged(point, "semantic.frozen", at[0], at[2], at[1], 0.0)
+
+    assert bank.screen([frozen("tank-1.level", -60, -30, -10)]) == {}  # the fit left it out
+    assert bank.screen([frozen("tank-1.level", 60, 90, 120)]) == {}  # after the fit
+    assert bank.screen([frozen("tank-1.level", -4000, 10, -3700)]) == {}  # before its window
+    assert not bank.due(fitted + 31_000)
+    found = bank.screen([frozen("pump-1.speed_sp", -20, 10, 40)])
+    assert "history of pump-1.speed_sp that semantic.frozen flags" in found["tank-1.level"]
+    assert bank.due(fitted + 31_000)
+    grids = {
+        "tank-1.level": np.linspace(2.0, 5.0, 40),  # far from what the model says
+        "pump-1.speed_sp": np.full(40, 900.0),
+    }
+    assert bank.misses(grids, fitted + 60_000) == {}  # a suspect does not judge
+    bank.suspect = {}
+    bank.misses(grids, fitted + 60_000)
+    assert bank.misses(grids, fitted + 90_000)  # the same model, trusted, does

@@ -221,6 +221,48 @@ def test_a_sync_cycle_stores_alarms_drift_commands_and_audit_together(opener: Op
         store.close()
 
 
+def test_finding_spans_are_the_findings_open_in_a_window(opener: Opener) -> None:
+    """What a model fit leaves out: findings of the rules asked for, on the points asked
+    for, detected by the end of the window and not cleared before its start."""
+
+    def event(number: int, rule: str, attribute: str, detected: int) -> dict[str, object]:
+        return {
+            "id": number,
+            "rule": rule,
+            "drift_type": rule.split(".")[0],
+            "entity": "tank-1",
+            "attribute": attribute,
+            "severity": "warning",
+            "strategy": "alert",
+            "description": rule,
+            "detected_ms": T0 + detected,
+        }
+
+    store = opener()
+    try:
+        store.write_sync(
+            SyncWrite(
+                drift_started=[
+                    event(1, "semantic.frozen", "level", 100),  # cleared at 200
+                    event(2, "semantic.frozen", "level", 1000),  # still open
+                    event(3, "threshold", "level", 150),  # another rule
+                    event(4, "semantic.rate", "temp", 150),  # another point
+                    event(5, "semantic.rate", "level", 5000),  # after the window
+                ],
+                drift_cleared=[(1, T0 + 200), (3, T0 + 300), (4, T0 + 300)],
+            )
+        )
+        rules = ("semantic.frozen", "semantic.rate")
+        found = store.finding_spans(rules, ["tank-1"], ["level"], T0 + 150, T0 + 2000)
+        assert found == [
+            ("semantic.frozen", "tank-1", "level", T0 + 100, T0 + 200),
+            ("semantic.frozen", "tank-1", "level", T0 + 1000, None),
+        ]
+        assert store.finding_spans(rules, ["tank-1"], ["level"], T0 + 201, T0 + 999) == []
+    finally:
+        store.close()
+
+
 def test_hub_seqs_are_reserved_in_blocks_across_restarts(opener: Opener) -> None:
     store = opener()
     epoch, start, ceiling = store.hub_sequence(100)
