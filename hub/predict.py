@@ -706,7 +706,7 @@ def _trajectories(
         for p in chain
         if (r := physical.get(p)) is not None and label(p) not in fitted
     }
-    settings = {label(p): found for p in chain if (found := setting_range(ctx, p)) is not None}
+    settings = {label(p): s for p in chain if (s := setting_range(ctx, p)) is not None}
     trajectories = models.simulate(
         runnable,
         usable,
