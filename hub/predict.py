@@ -182,16 +182,31 @@ def load_grids(
 ) -> tuple[Array, dict[str, Array]]:
     """Each point's good/uncertain numeric history on one grid (zero-order hold), with the
     last sample before the window as its starting value."""
-    times, out, _ = load_sampled(store, points, start_ms, end_ms, step_ms)
+    times, out, _ = load_sampled(store, points, start_ms, end_ms, step_ms, gap_steps=0)
     return times, out
 
 
+GAP_STEPS = 60
+"""Grid steps before a forecast's origin over which each point's usual gap between
+samples is judged (``load_sampled``), however few steps its models need: a forecast
+reads only a model's lags plus two (four steps for a first-order model), which holds
+two samples of a point polled every two steps, too few to know it is polled."""
+
+
 def load_sampled(
-    store: TwinStorePort, points: Iterable[Point], start_ms: int, end_ms: int, step_ms: int
+    store: TwinStorePort,
+    points: Iterable[Point],
+    start_ms: int,
+    end_ms: int,
+    step_ms: int,
+    *,
+    gap_steps: int = GAP_STEPS,
 ) -> tuple[Array, dict[str, Array], dict[str, float]]:
     """``load_grids``, and per point how many grid steps before ``end_ms`` its last
-    sample was taken, at most its usual gap between samples within the window (a point
-    reported on change that did not change is not late; 0 with fewer than 3 samples)."""
+    sample was taken, at most its usual gap between samples (a point reported on change
+    that did not change is not late; 0 with fewer than 3 samples). The gap is judged
+    over the window, or over the last ``gap_steps`` grid steps when that reaches
+    further back."""
     times = models.grid(start_ms, end_ms, step_ms)
     out: dict[str, Array] = {}
     late: dict[str, float] = {}
@@ -200,8 +215,9 @@ def load_sampled(
         return times, out, late
     entities = sorted({e for e, _ in wanted})
     attributes = sorted({a for _, a in wanted})
-    rows = store.numeric_samples(entities, attributes, start_ms, end_ms)
-    before = store.numeric_before(entities, attributes, start_ms)
+    gap_from = min(start_ms, end_ms - gap_steps * step_ms)
+    rows = store.numeric_samples(entities, attributes, gap_from, end_ms)
+    before = store.numeric_before(entities, attributes, gap_from)
     series: dict[Point, tuple[list[int], list[float]]] = {p: ([], []) for p in wanted}
     for entity, attribute, ts_ms, v in before:
         if (entity, attribute) in series and v is not None:
@@ -214,7 +230,7 @@ def load_sampled(
             target[1].append(float(v))
     for point, (ts, vals) in series.items():
         out[label(point)] = models.resample(ts, vals, times)
-        inside = [t for t in ts if start_ms <= t <= end_ms]
+        inside = [t for t in ts if gap_from <= t <= end_ms]
         if len(inside) >= 3:
             usual = float(np.median(np.diff(inside)))
             late[label(point)] = min(end_ms - inside[-1], usual) / step_ms

@@ -527,3 +527,96 @@ async def test_broker_stopped_and_restarted_mid_stream_loses_no_sample(
         keys = [(s.entity, s.attribute, s.ts_ms) for s in view.samples]
         assert len(keys) == len(set(keys))  # no sample applied twice
         assert agent.uplink.stats.connects >= 2
+
+
+def _when_true(truth: list[list[Any]], value: float) -> float | None:
+    """Wall ms at which the simulator's true value (per tick, monotonic) passed ``value``,
+    interpolated between ticks; None outside the range it covered."""
+    walls = [float(row[2]) for row in truth]
+    values = [float(row[3]) for row in truth]
+    if values[-1] < values[0]:
+        values = [-v for v in values]
+        value = -value
+    if not values[0] < value < values[-1]:
+        return None
+    for i in range(1, len(values)):
+        if values[i] >= value:
+            share = (value - values[i - 1]) / (values[i] - values[i - 1])
+            return walls[i - 1] + share * (walls[i] - walls[i - 1])
+    return None
+
+
+async def test_a_reading_is_stamped_when_its_value_was_true(
+    env: AgentEnv, broker: MosquittoBroker, plant: SimProcess
+) -> None:
+    """Both setpoints stepped; the pump's speed (Modbus, 1 rpm noise) and the heater's
+    power (OPC-UA, no noise) then follow first-order lags of 3 s and 2 s. Each reading
+    on the steep part of the response is placed on the simulator's true curve: the
+    time the value was true, against its stamp. OPC-UA carries the tick's time as its
+    SourceTimestamp, so the stamp is exact; Modbus has no source time, and the
+    register holds the last tick's value until the next, so a reading stamped on
+    arrival is between 0 and one tick (100 ms at speed 1) plus the reply's latency
+    after the moment it was true. A stamp at a scheduled poll time, or a state one
+    tick off, would fall outside."""
+    from asyncua import Client, ua
+    from pymodbus.client import AsyncModbusTcpClient
+
+    pumps = devices_from_example("pumps", plant.endpoints)
+    pumps[0]["interval_ms"] = 50
+    boiler = devices_from_example("boiler", plant.endpoints)
+    boiler[0]["interval_ms"] = 50
+    boiler[0]["publishing_interval_ms"] = 50
+    config = env.write_config([*pumps, *boiler])
+    tick_ms = float(plant.endpoints["tick_s"]) * 1000 / float(plant.endpoints["speed"])
+    steps = {"pump-1.speed": "pump-1.speed_sp", "boiler-1.heater_power": "boiler-1.heater_power_sp"}
+    now = plant.truth(*steps.values())["points"]
+    speed_sp = 600 if now["pump-1.speed_sp"]["true"] > 1200 else 1700
+    power_sp = 5.0 if now["boiler-1.heater_power_sp"]["true"] > 25 else 45.0
+    async with (
+        HubPeer(broker, {env.gateway: env.gateway_public}, env.hub_key) as hub,
+        running_agent(config),
+    ):
+        view = hub.gateways[env.gateway]
+        wanted = {("pump-1", "speed"), ("boiler-1", "heater_power")}
+        await hub.wait_for(lambda: good_keys(view.samples) >= wanted, 30, what="both points")
+        since = int(plant.status()["tick"])
+        modbus = AsyncModbusTcpClient(
+            plant.device("pump-station")["host"], port=plant.device("pump-station")["port"]
+        )
+        opcua = Client(plant.device("boiler")["url"], timeout=5)
+        assert await modbus.connect()
+        await opcua.connect()
+        try:
+            index = await opcua.get_namespace_index(plant.device("boiler")["namespace"])
+            node = opcua.get_node(f"ns={index};s=boiler-1.heater_power_sp")
+            assert not (await modbus.write_register(0, speed_sp, device_id=1)).isError()
+            await node.write_value(ua.DataValue(ua.Variant(power_sp, ua.VariantType.Double)))
+        finally:
+            modbus.close()
+            await opcua.disconnect()
+        await asyncio.sleep(2.5)  # the steep part of both responses
+    offsets: dict[str, list[float]] = {}
+    for point in steps:
+        truth = plant.request("GET", f"/truth/history?point={point}&since_tick={since}")["rows"]
+        first, last = float(truth[0][3]), float(truth[-1][3])
+        entity, _, attribute = point.partition(".")
+        for reading in view.values(entity, attribute):
+            assert isinstance(reading.value, int | float)
+            # the steep part only: between 10 % and 90 % of the way
+            share = (reading.value - first) / (last - first)
+            if reading.ts_ms >= truth[0][2] and 0.1 < share < 0.9:
+                when = _when_true(truth, float(reading.value))
+                if when is not None:
+                    offsets.setdefault(point, []).append(reading.ts_ms - when)
+    modbus_offsets = sorted(offsets["pump-1.speed"])
+    opcua_offsets = offsets["boiler-1.heater_power"]
+    assert len(modbus_offsets) >= 5, offsets
+    assert len(opcua_offsets) >= 5, offsets
+    # OPC-UA: the tick's own time (a millisecond of rounding either way)
+    assert all(abs(o) <= 2 for o in opcua_offsets), opcua_offsets
+    # Modbus: never before the value was true (the noise is worth ~10 ms on this
+    # slope), typically within a tick of it, none later than a tick and 250 ms
+    median = modbus_offsets[len(modbus_offsets) // 2]
+    assert modbus_offsets[0] >= -20, modbus_offsets
+    assert 0 <= median <= tick_ms + 50, modbus_offsets
+    assert modbus_offsets[-1] <= tick_ms + 250, modbus_offsets

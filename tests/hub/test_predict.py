@@ -81,8 +81,15 @@ class Plant:
         return reading if self.stuck is None else self.stuck
 
 
-def run(rig: Rig, plant: Plant, seconds: int, schedule: dict[int, float] | None = None) -> None:
-    """``seconds`` of 1 Hz level samples (setpoint changes as scheduled), a frame a minute."""
+def run(
+    rig: Rig,
+    plant: Plant,
+    seconds: int,
+    schedule: dict[int, float] | None = None,
+    every: int = 1,
+) -> None:
+    """``seconds`` of the plant (setpoint changes as scheduled), the level sampled every
+    ``every`` seconds (1 Hz by default), a frame a minute."""
     schedule = schedule or {}
     for start in range(0, seconds, 60):
         samples = []
@@ -93,7 +100,9 @@ def run(rig: Rig, plant: Plant, seconds: int, schedule: dict[int, float] | None 
                 plant.setpoint = schedule[start + offset]
             if start + offset in schedule or offset % 20 == 0:  # on change, and a heartbeat
                 samples.append(sample("pump-1", "speed_sp", int(plant.setpoint), now))
-            samples.append(sample("tank-1", "level", plant.step(), now))
+            level = plant.step()
+            if (start + offset) % every == 0:
+                samples.append(sample("tank-1", "level", level, now))
         rig.feed(rig.gw.data(samples))
     rig.service.sync_cycle(rig.clock.now_ms)
 
@@ -702,6 +711,30 @@ def test_how_late_the_last_sample_is_counts_in_grid_steps_up_to_the_usual_gap() 
     assert late["t.x"] == pytest.approx(1000 / 500)
     _, _, late = load_sampled(Samples([(0, 1.0)]), [("t", "x")], 0, 9000, 500)  # type: ignore[arg-type]
     assert late["t.x"] == 0.0
+
+
+def test_a_sparsely_polled_level_is_forecast_at_its_time_not_at_the_last_reading(
+    rig: Rig,
+) -> None:
+    """The level polled every 4 s on a 1 s grid, rising 1 cm/s, its last reading 3 s old:
+    the forecast runs from when that reading was taken, so a minute ahead it is the
+    level a minute ahead, not the reading's 3 cm behind. A forecast reads only the
+    model's lags plus two grid steps of history, which hold one or two readings of such
+    a point: too few to tell that it is polled (the water-plant bench's tank, polled
+    every two grid steps, trailed the truth by about one)."""
+    plant = Plant(level=1.2)
+    steps = {60: 1100.0, 300: 800.0, 540: 1000.0, 780: 700.0, 1020: 1200.0, 1260: 850.0}
+    run(rig, plant, 1800, steps, every=4)
+    refit(rig)
+    model = rig.service.models.models["tank-1.level"]
+    assert model.structure == "integrating"
+    assert model.lags + 2 < 8  # fewer than three readings in the steps a forecast reads
+    run(rig, plant, 24, {0: 1400.0}, every=4)  # readings at 0, 4, ..., 20 s; now 23 s
+    result = rig.ok("vic", "twin.predict", {"target": "tank-1.level", "horizon": "1m"})
+    last = result["forecast"][-1]
+    assert last["in_s"] == 60
+    true_then = plant.level + 60 * GAIN * (1400 - 900)  # noise-free, the setpoint held
+    assert last["held"] == pytest.approx(true_then, abs=0.01)  # 3 s behind: 0.03 m low
 
 
 def amount(text: str) -> float:
