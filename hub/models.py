@@ -60,9 +60,6 @@ MOVING_SHARE = 0.25
 """An input that moves on more than this share of grid steps is measured (noisy), not set."""
 KEPT = 200
 """Newest holds and levels an input's change record keeps."""
-NEW_VALUE_WEIGHT = 1.0
-"""Weight, in values seen, of a value the history has not shown (drawn from the
-input's declared setting range): a young twin's few values do not bound the next."""
 
 
 class ModelError(ValueError):
@@ -124,6 +121,28 @@ class InputChanges:
             spread = min(spread, robust)
         return float(0.9 * spread * len(levels) ** -0.2)
 
+    @property
+    def near(self) -> float:
+        """Half the smallest step between successive values: closer is the same value."""
+        steps = np.abs(np.diff(np.asarray(self.levels)))
+        steps = steps[steps > self.tolerance]
+        return 0.5 * float(steps.min()) if len(steps) else self.tolerance
+
+    @property
+    def unseen_share(self) -> float:
+        """The chance that the next change goes to a value not held before: Laplace's
+        rule of succession over the changes in the record, (new + 1) / (changes + 2),
+        a value within ``near`` of an earlier one counting as that one. An operator who
+        toggles between two settings soon scores near 0; one who picks a fresh value
+        each time stays near 1; a record with no change says 1/2."""
+        levels = np.asarray(self.levels)
+        if len(levels) < 2:
+            return 0.5
+        apart = np.abs(levels[:, None] - levels[None, :]) > self.near
+        earlier = np.tril(np.ones((len(levels), len(levels)), dtype=np.bool_), k=-1)
+        new = int(np.sum(np.all(apart | ~earlier, axis=1)[1:]))
+        return (new + 1) / (len(levels) - 1 + 2)
+
     def sample(
         self,
         current: float,
@@ -142,9 +161,9 @@ class InputChanges:
         memoryless wait at the history's rate (the present hold may outlast all seen
         ones). Later holds likewise. Each new value is one the input held, smoothed by
         ``bandwidth``, kept within ``bounds``, and away from the value it replaces; with
-        a declared ``setting`` range, a new value is, with the weight of one more value
-        seen (``NEW_VALUE_WEIGHT``), one the history has not shown: uniform over what one
-        command can reach within that range."""
+        a declared ``setting`` range, a new value is, as often as the history's changes
+        went to values not seen before (``unseen_share``), one the history has not
+        shown: uniform over what one command can reach within that range."""
         if self.rate <= 0 or steps <= 0 or not self.levels:
             return np.full((count, steps), current)
         holds = np.asarray(self.holds, dtype=np.float64)
@@ -179,17 +198,15 @@ class InputChanges:
         """Values after each of ``most`` changes (count × most). A change moves the
         input: a draw nearer the value it leaves than half the smallest step seen is
         drawn again (a few times), so a switch goes to its other state. With a
-        ``setting`` range a share of the draws (the weight of one more value among those
-        seen) comes from that range, not from the values seen: a twin that has seen six
-        values of a setpoint has not seen where an operator may put it next."""
+        ``setting`` range a share of the draws (``unseen_share``) comes from that range,
+        not from the values seen: a twin that has seen six values of a setpoint has not
+        seen where an operator may put it next."""
         levels = np.asarray(self.levels)
-        steps = np.abs(np.diff(levels))
-        steps = steps[steps > self.tolerance]
-        near = 0.5 * float(steps.min()) if len(steps) else self.tolerance
+        near = self.near
         width = self.bandwidth
         low = -np.inf if bounds[0] is None else bounds[0]
         high = np.inf if bounds[1] is None else bounds[1]
-        unseen = NEW_VALUE_WEIGHT / (len(levels) + NEW_VALUE_WEIGHT) if setting else 0.0
+        unseen = self.unseen_share if setting else 0.0
         out = np.empty((count, most))
         previous = np.full(count, current)
         for k in range(most):

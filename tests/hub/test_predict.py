@@ -427,10 +427,11 @@ def test_risk_is_the_models_probability_of_a_critical_crossing(rig: Rig) -> None
     refit(rig)
     calm = rig.service.risk("5m")
     assert calm["points_considered"] == 1
-    # not zero: in some futures the operator moves the setpoint again, one in nine of
-    # those moves to a value not seen yet, anywhere in 0-1800 rpm (the top of it reaches
-    # the critical level within 5 min)
-    assert calm["probability"] < 0.1
+    # not zero: this operator moved the setpoint every 4 min, six times of seven to a
+    # value not seen before, so in some futures the next move goes anywhere in
+    # 0-1800 rpm (no max_step declared here), and the top of that range reaches the
+    # critical level within 5 min
+    assert calm["probability"] < 0.3
     assert calm["weak_models"] == []  # a well-excited history: the model is trusted
     assert (calm["horizon_s"], calm["horizon_basis"]) == (300, "as asked")
     run(rig, plant, 20, {0: 1800.0})  # +0.018 m/s: critical 4.5 m within ~2.5 min
