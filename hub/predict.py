@@ -480,12 +480,24 @@ class ModelBank:
         window = round(self.settings.residual_window_s * 1000)
         return window + (lags + 2) * self.step_ms
 
-    def misses(self, grids: Mapping[str, Array], now_ms: int) -> dict[Point, ModelMiss]:
+    def misses(
+        self,
+        grids: Mapping[str, Array],
+        now_ms: int,
+        watched_from: Mapping[str, int] | None = None,
+    ) -> dict[Point, ModelMiss]:
         """Sustained misses of the influence models over the recent window (``grids``
         holds the last ``recent_window_ms``, flagged spans unknown: a window that
-        reaches into one is not judged). Suspect models do not judge."""
+        reaches into one is not judged). Suspect models do not judge.
+
+        ``watched_from``: per point, since when the hub has watched it without a break
+        (this hub run's start, its gateway's last birth). A window that starts earlier
+        reaches over a time nobody watched: after a restart of the plant's processes
+        the values before and after the gap are not one run of the plant, and a model
+        run across it would report the jump as a mismatch."""
         settings = self.settings
         window_steps = max(1, round(settings.residual_window_s * 1000 / self.step_ms))
+        watched = watched_from or {}
         out: dict[Point, ModelMiss] = {}
         for target in self.influenced():
             name = label(target)
@@ -495,6 +507,10 @@ class ModelBank:
             # yet its σ is small and a leak stands far out of it. The threshold is in
             # units of the model's own backtest σ, so a poor model judges loosely.
             if model is None or y is None or name in self.suspect:
+                self._over.pop(name, None)
+                continue
+            begins = now_ms - (window_steps + model.lags) * self.step_ms
+            if any(watched.get(point, 0) > begins for point in (name, *model.inputs)):
                 self._over.pop(name, None)
                 continue
             inputs = [grids.get(i) for i in model.inputs]

@@ -1050,8 +1050,25 @@ class HubService:
         # a window that reaches into flagged history is not judged: a model run from a
         # stuck reading misses the recovered one, an echo of the fault, not a new one
         recent = predict.exclude(times, grids, flagged)
-        self.engine.model_misses = self.models.misses(recent, now)
+        self.engine.model_misses = self.models.misses(recent, now, self._watched_from())
         return len(self.engine.model_misses)
+
+    def _watched_from(self) -> dict[str, int]:
+        """Per modelled point, since when this hub has watched it without a break: its
+        own start, or its gateway's last birth (a reconnect, an agent restart) if later."""
+        state = self.ingest.state
+        out: dict[str, int] = {}
+        for point in self.models.all_points():
+            entity, attribute = point
+            declared = self.config.schema.entities.get(entity)
+            info = state.points.get((entity, attribute))
+            gateway = declared.gateway if declared is not None else None
+            if gateway is None and info is not None:
+                gateway = info.gateway
+            link = state.gateways.get(gateway) if gateway is not None else None
+            birth = link.last_birth_ms if link is not None else 0
+            out[predict.label(point)] = max(self.started_ms, birth)
+        return out
 
     def _screen_models(self, now: int) -> tuple[Flagged, ...]:
         """The flagged spans over every model's fit window, and the models they make
