@@ -1056,16 +1056,9 @@ class HubService:
     def _watched_from(self) -> dict[str, int]:
         """Per modelled point, since when this hub has watched it without a break: its
         own start, or its gateway's last birth (a reconnect, an agent restart) if later."""
-        state = self.ingest.state
         out: dict[str, int] = {}
         for point in self.models.all_points():
-            entity, attribute = point
-            declared = self.config.schema.entities.get(entity)
-            info = state.points.get((entity, attribute))
-            gateway = declared.gateway if declared is not None else None
-            if gateway is None and info is not None:
-                gateway = info.gateway
-            link = state.gateways.get(gateway) if gateway is not None else None
+            link = self.ingest.state.gateways.get(self.engine.gateway_of(point[0]))
             birth = link.last_birth_ms if link is not None else 0
             out[predict.label(point)] = max(self.started_ms, birth)
         return out
